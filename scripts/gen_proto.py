@@ -28,9 +28,8 @@ TARGETS = [
 
 
 def generate(out: Path) -> list[Path]:
-    from grpc_tools import protoc  # development dependency
-
     import grpc_tools
+    from grpc_tools import protoc  # development dependency
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     mypy_plugin = Path(sys.executable).parent / "protoc-gen-mypy"  # from mypy-protobuf

@@ -1,0 +1,1 @@
+"""Benchmarks: ./dev bench (see docs/benchmarks.md)."""

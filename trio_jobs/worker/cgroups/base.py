@@ -1,0 +1,82 @@
+"""The seam between the job logic and cgroup drivers.
+
+A driver owns a parent cgroup (a delegated subtree) and creates one child cgroup per job.
+The job logic only talks to these protocols, so v2, v1 and "none" plug in without it
+changing.
+
+Placement before exec (DESIGN §2): the spawn path starts the job as a tiny ``/bin/sh``
+wrapper that blocks reading a pipe *before* it executes the user's program. While it is
+blocked, the worker calls :meth:`JobCgroup.add_process` with its pid; only then is the pipe
+released and the wrapper ``exec``s the program. So the program, and anything it forks, never
+runs outside the cgroup. This keeps spawning on CPython's vfork/posix_spawn path (no
+``preexec_fn``, which is unsafe with the threads trio uses for ``to_thread``), works the same
+on v1 and v2, and lets the (root) server place a process that already runs as the job's Unix
+user.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..limits import Limits, Usage
+
+
+class CgroupError(Exception):
+    """A cgroup operation failed (the message says which file and why)."""
+
+
+class JobCgroup(Protocol):
+    """One job's cgroup. Every method is safe to call after the job ended."""
+
+    @property
+    def path(self) -> str:
+        """A human-readable location (a directory, or "" when there is none)."""
+        ...
+
+    async def add_process(self, pid: int) -> None:
+        """Move ``pid`` (blocked before exec) into this cgroup. Raises CgroupError."""
+        ...
+
+    async def signal_all(self, sig: int) -> None:
+        """Send ``sig`` to every process of the job (e.g. SIGTERM for a graceful stop)."""
+        ...
+
+    async def kill_all(self) -> None:
+        """SIGKILL every process of the job, atomically with respect to forks."""
+        ...
+
+    async def wait_empty(self) -> None:
+        """Return once no process is left in the cgroup (event driven where possible)."""
+        ...
+
+    async def usage(self) -> Usage:
+        """Current usage (CPU time, peak memory, IO bytes)."""
+        ...
+
+    async def oom_killed(self) -> bool:
+        """Whether the kernel OOM-killed a process of this job."""
+        ...
+
+    async def remove(self) -> None:
+        """Remove the cgroup (killing what is left first). Idempotent."""
+        ...
+
+
+class CgroupDriver(Protocol):
+    """Creates job cgroups. ``name`` is "v2", "v1" or "none"."""
+
+    @property
+    def name(self) -> str: ...
+
+    def describe(self) -> str:
+        """One line for the server's start banner, e.g. "cgroup v1 under /sys/fs/cgroup/*/x"."""
+        ...
+
+    async def prepare(self) -> None:
+        """Set up the parent cgroup; kill and remove job cgroups left by an earlier run."""
+        ...
+
+    async def create(self, job_id: str, limits: Limits) -> JobCgroup:
+        """Create (and configure) the cgroup of a new job. Raises CgroupError."""
+        ...

@@ -284,9 +284,12 @@ def _ensure_dir(pki_dir: Path) -> None:
 def _refuse_existing(paths: Iterable[Path], force: bool) -> None:
     if force:
         return
-    existing = [str(p) for p in paths if os.path.lexists(p)]
+    existing = [p for p in paths if os.path.lexists(p)]
     if existing:
-        raise PkiError(f"refusing to overwrite {', '.join(existing)} (use --force to replace)")
+        names = ", ".join(p.name for p in existing)
+        raise PkiError(
+            f"refusing to overwrite {names} in {existing[0].parent} (use --force to replace)"
+        )
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -23,6 +23,16 @@ from trio_jobs.security.pki import (
     issue_client,
     issue_server,
 )
+from trio_jobs.security.policy import (
+    DEFAULT_SEARCH_PATH,
+    LIMIT_FIELDS,
+    IdentityPolicy,
+    LimitAboveCap,
+    Policy,
+    QuotaExceeded,
+    UnixUser,
+    lookup_unix_user,
+)
 from trio_jobs.security.tls import (
     HANDSHAKE_TIMEOUT,
     client_ssl_context,
@@ -32,20 +42,28 @@ from trio_jobs.security.tls import (
 )
 
 __all__ = [
+    "DEFAULT_SEARCH_PATH",
     "DEV_IDENTITIES",
     "HANDSHAKE_TIMEOUT",
+    "LIMIT_FIELDS",
     "HandshakeRefused",
+    "IdentityPolicy",
+    "LimitAboveCap",
     "PermissionDenied",
     "PkiError",
+    "Policy",
     "PolicyError",
+    "QuotaExceeded",
     "SecurityError",
     "TlsConfigError",
+    "UnixUser",
     "client_ssl_context",
     "identity_from_peercert",
     "init_dev_pki",
     "is_complete_dev_pki",
     "issue_client",
     "issue_server",
+    "lookup_unix_user",
     "negotiated_h2",
     "peer_identity",
     "pki_dir",

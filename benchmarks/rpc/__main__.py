@@ -1,0 +1,155 @@
+"""Run the rpc benchmark: ``python -m benchmarks.rpc [--quick] [--impls ours,grpcio] [--profile]``.
+
+For each peer the runner starts a server process, then a client process that measures the
+three figures against it, then stops the server; the runner itself does no I/O-bound work.
+A full run writes its table into docs/benchmarks.md (between the rpc markers); ``--quick``
+is a smoke run of a few seconds that writes nothing. Exit status 1 if any peer failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Final
+
+from benchmarks.rpc.common import IMPLS, Result, Workload, generate_code, make_pki
+from benchmarks.rpc.report import render_doc_section, render_table, replace_doc_section
+
+ROOT: Final = Path(__file__).resolve().parents[2]
+DOC: Final = ROOT / "docs" / "benchmarks.md"
+START_TIMEOUT: Final = 60.0  # seconds for a server to print READY (imports, key loading)
+
+
+def _worker(*args: str) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.rpc.worker", *args]
+
+
+def _start_server(
+    impl: str, pki: Path, gen: Path, profile: Path | None
+) -> tuple[subprocess.Popen[bytes], int]:
+    extra = ["--profile", str(profile)] if profile is not None else []
+    proc = subprocess.Popen(
+        _worker("server", impl, "--pki", str(pki), "--gen", str(gen), *extra),
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    # A server that hangs before READY is killed, which ends the readline below.
+    watchdog = threading.Timer(START_TIMEOUT, proc.kill)
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+    finally:
+        watchdog.cancel()
+    if not line.startswith("READY "):
+        _stop(proc)
+        raise RuntimeError(f"{impl} server did not start (exit {proc.returncode}): {line!r}")
+    return proc, int(line.split()[1])
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def run_peer(
+    impl: str, pki: Path, gen: Path, work: Workload, timeout: float, profile: Path | None = None
+) -> Result:
+    server, port = _start_server(impl, pki, gen, profile)
+    try:
+        done = subprocess.run(
+            _worker(
+                "client",
+                impl,
+                "--port",
+                str(port),
+                "--pki",
+                str(pki),
+                "--gen",
+                str(gen),
+                "--work",
+                work.to_json(),
+            ),
+            capture_output=True,
+            timeout=timeout,
+            cwd=ROOT,
+            check=False,
+        )
+    finally:
+        _stop(server)
+    if done.returncode != 0:
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-5:]
+        raise RuntimeError(f"{impl} client exited {done.returncode}: " + " | ".join(tail))
+    return Result.from_json(done.stdout.decode().strip().splitlines()[-1])
+
+
+def _print_profile(path: Path, limit: int) -> None:
+    print(f"\ncProfile of our server (top {limit} by internal time; stats in {path}):")
+    stats = pstats.Stats(str(path), stream=sys.stdout)
+    stats.strip_dirs().sort_stats("tottime").print_stats(limit)
+    stats.sort_stats("cumulative").print_stats(limit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.rpc", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
+    parser.add_argument("--no-doc", action="store_true", help=f"do not rewrite {DOC}")
+    parser.add_argument("--profile", type=Path, help="cProfile our server into this file")
+    parser.add_argument("--timeout", type=float, default=600.0, help="per client process")
+    args = parser.parse_args(argv)
+    impls = [i for i in args.impls.split(",") if i]
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown:
+        parser.error(f"unknown peers {unknown}; choose from {list(IMPLS)}")
+    work = Workload.quick() if args.quick else Workload()
+    results: dict[str, Result] = {}
+    failures: dict[str, str] = {}
+    started = time.time()
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="trio-jobs-bench-") as tmp:
+        gen, pki = Path(tmp) / "gen", Path(tmp) / "pki"
+        generate_code(gen)
+        make_pki(pki)
+        for impl in impls:
+            print(f"running {impl} ...", file=sys.stderr, flush=True)
+            profile = args.profile if impl == "ours" else None
+            try:
+                results[impl] = run_peer(impl, pki, gen, work, args.timeout, profile)
+            except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as exc:
+                failures[impl] = str(exc)
+                print(f"{impl} FAILED: {exc}", file=sys.stderr)
+    table = render_table(results, failures)
+    print(table)
+    if args.profile is not None and args.profile.exists():
+        _print_profile(args.profile, 25)
+    if not args.quick and not args.no_doc and results:
+        section = render_doc_section(
+            table,
+            work=work,
+            load_before=load_before,
+            load_after=os.getloadavg(),
+            seconds=time.time() - started,
+            command="python -m benchmarks.rpc",
+        )
+        replace_doc_section(DOC, section)
+        print(f"wrote {DOC}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The rpc benchmark's table, ratios against the targets of issue 3, and the docs section."""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import ssl
+from importlib import metadata
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from benchmarks.rpc.common import Result, Workload
+
+BEGIN: Final = "<!-- rpc-bench:begin (written by python -m benchmarks.rpc) -->"
+END: Final = "<!-- rpc-bench:end -->"
+NAMES: Final = {
+    "ours": "trio_jobs.rpc",
+    "grpcio": "grpcio (aio)",
+    "grpclib": "grpclib",
+    "tls": "bare trio.SSLStream",
+}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _cell(ratio: float | None, target: str | None) -> str:
+    if ratio is None:
+        return "-"
+    if target is None:
+        return f"{ratio:.2f}x"
+    op, bound = target[:2], float(target[2:])
+    ok = ratio <= bound if op == "<=" else ratio >= bound
+    return f"{ratio:.2f}x ({'meets' if ok else 'misses'} {op.replace('<=', '≤').replace('>=', '≥')} {bound})"
+
+
+def render_table(results: dict[str, Result], failures: dict[str, str]) -> str:
+    """Markdown: the figures of each peer, then ours as ratios to grpcio and to bare TLS."""
+    lines = [
+        "| peer | unary c=1 p50 (µs) | unary c=1 p99 (µs) | unary c=64 QPS | streaming MB/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for impl, r in results.items():
+        lines.append(
+            f"| {NAMES[impl]} | {r.unary_p50_us:,.0f} | {r.unary_p99_us:,.0f} | "
+            f"{r.c64_qps:,.0f} | {r.stream_mbps:,.1f} |"
+        )
+    for impl, why in failures.items():
+        lines.append(f"| {NAMES[impl]} | failed: {why[:120]} | | | |")
+    ours, grpcio, tls = results.get("ours"), results.get("grpcio"), results.get("tls")
+    lines += ["", "| ratio | unary p50 | c=64 QPS | streaming |", "|---|---|---|---|"]
+
+    def row(
+        label: str, a: Result | None, b: Result | None, targets: tuple[str | None, ...]
+    ) -> None:
+        if a is None or b is None:
+            return
+        cells = (
+            _cell(_ratio(a.unary_p50_us, b.unary_p50_us), targets[0]),
+            _cell(_ratio(a.c64_qps, b.c64_qps), targets[1]),
+            _cell(_ratio(a.stream_mbps, b.stream_mbps), targets[2]),
+        )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    row("trio_jobs.rpc / grpcio", ours, grpcio, ("<=0.9", ">=1.2", ">=1.2"))
+    row("trio_jobs.rpc / bare TLS", ours, tls, (None, None, ">=0.75"))
+    row("grpclib / grpcio", results.get("grpclib"), grpcio, (None, None, None))
+    row("grpcio / bare TLS", grpcio, tls, (None, None, None))
+    return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _versions() -> str:
+    parts = [f"Python {platform.python_version()}", ssl.OPENSSL_VERSION]
+    for dist in ("trio", "h2", "protobuf", "grpcio", "grpclib"):
+        try:
+            parts.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{dist} (not installed)")
+    return ", ".join(parts)
+
+
+def render_doc_section(
+    table: str,
+    *,
+    work: Workload,
+    load_before: tuple[float, float, float],
+    load_after: tuple[float, float, float],
+    seconds: float,
+    command: str,
+) -> str:
+    import os
+
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join(
+        [
+            BEGIN,
+            f"Run {when} with `{command}` ({seconds:.0f} s).",
+            "",
+            f"- Machine: {_cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}",
+            f"- Software: {_versions()}",
+            f"- Load average (1/5/15 min) before: {'/'.join(f'{x:.2f}' for x in load_before)}, "
+            f"after: {'/'.join(f'{x:.2f}' for x in load_after)}",
+            f"- Workload: {work.unary_calls} sequential unary calls of {work.unary_size} B "
+            f"(after {work.unary_warmup} warm-up), {work.c64_calls} calls by "
+            f"{work.concurrency} tasks on one connection, median of {work.stream_rounds} "
+            f"streaming calls of {work.stream_count} x {work.stream_size // 1024} KiB.",
+            "",
+            table,
+            END,
+        ]
+    )
+
+
+def replace_doc_section(doc: Path, section: str) -> None:
+    """Put ``section`` between the markers of ``doc`` (appended if the markers are missing)."""
+    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    doc.write_text(text, encoding="utf-8")

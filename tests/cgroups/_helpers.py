@@ -1,0 +1,131 @@
+"""Helpers for the cgroup tests: spawn a job the way the worker does, read limits back.
+
+``spawn_in`` starts ``/bin/sh`` blocked on a pipe, puts it into the job cgroup with
+``add_process`` and only then releases it to ``exec`` the program — the worker's placement
+(see trio_jobs/worker/cgroups/base.py), so the driver tests do not depend on the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from trio_jobs.worker.cgroups.v1 import V1JobCgroup
+from trio_jobs.worker.cgroups.v2 import V2JobCgroup
+
+if TYPE_CHECKING:
+    from trio_jobs.worker.cgroups.base import JobCgroup
+
+# stdin is the gate: the wrapper reads one line from it (and exits, without running the
+# program, if the pipe closes first), then execs the program with stdin from /dev/null.
+WRAPPER = 'read -r _ || exit 125; exec "$@" </dev/null'
+
+
+async def spawn_in(
+    job: JobCgroup, argv: list[str], *, stdout: int | None = subprocess.DEVNULL
+) -> trio.Process:
+    r, w = os.pipe()
+    try:
+        proc = await trio.lowlevel.open_process(
+            ["/bin/sh", "-c", WRAPPER, "wrapper", *argv],
+            stdin=r,
+            stdout=stdout,
+            stderr=subprocess.DEVNULL,
+        )
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
+    os.close(r)
+    try:
+        await job.add_process(proc.pid)
+        os.write(w, b"go\n")
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    finally:
+        os.close(w)
+    return proc
+
+
+async def read_lines(proc: trio.Process, count: int) -> list[str]:
+    """Read ``count`` lines of the job's stdout (bounded by the caller's fail_after)."""
+    assert proc.stdout is not None
+    buf = b""
+    while buf.count(b"\n") < count:
+        chunk = await proc.stdout.receive_some(4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode().splitlines()[:count]
+
+
+def cgroup_dir(job: JobCgroup, controller: str) -> Path:
+    """The directory holding ``controller``'s files for this job."""
+    if isinstance(job, V1JobCgroup):
+        return job.dir(controller)
+    assert isinstance(job, V2JobCgroup)
+    return Path(job.path)
+
+
+def read_limit(job: JobCgroup, what: str) -> str:
+    """Read a limit back from the kernel: "memory", "pids" or "cpu"."""
+    files_v1 = {
+        "memory": ("memory", "memory.limit_in_bytes"),
+        "pids": ("pids", "pids.max"),
+        "cpu": ("cpu", "cpu.cfs_quota_us"),
+    }
+    files_v2 = {"memory": "memory.max", "pids": "pids.max", "cpu": "cpu.max"}
+    if isinstance(job, V1JobCgroup):
+        controller, name = files_v1[what]
+        return (job.dir(controller) / name).read_text().strip()
+    return (Path(job.path) / files_v2[what]).read_text().strip()
+
+
+def members(job: JobCgroup) -> set[int]:
+    procs = cgroup_dir(job, "freezer") / "cgroup.procs"
+    try:
+        return {int(p) for p in procs.read_text().split()}
+    except FileNotFoundError:
+        return set()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live descendant of ``pid`` (from /proc/*/stat parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))

@@ -1,0 +1,316 @@
+"""The trio gRPC client: ``connect()`` -> :class:`Channel` -> unary / server_stream calls.
+
+A channel owns one connection and a nursery with its reader task. A call is run by the
+task that makes it: it sends the request, then reads messages and the status from its
+:class:`StreamState`. Cancelling that task (any trio cancel scope) resets the stream with
+RST_STREAM(CANCEL), so the server's handler is cancelled too. ``timeout=`` is sent as
+``grpc-timeout`` and enforced locally as well (DEADLINE_EXCEEDED).
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
+
+import trio
+from google.protobuf.message import DecodeError
+from h2.errors import ErrorCodes
+
+from . import _events as ev
+from ._client_protocol import ClientProtocol
+from ._headers import MetadataError
+from ._options import ChannelOptions
+from ._protocol import StreamGone
+from ._status import Metadata, RpcError, StatusCode, status_from_rst_stream
+from ._transport import StreamState, Transport
+
+if TYPE_CHECKING:
+    import ssl
+    from collections.abc import AsyncIterator
+
+    from google.protobuf.message import Message
+
+R = TypeVar("R", bound="Message")
+_CLEANUP_TIMEOUT: Final = 1.0
+
+
+class _CallState(StreamState):
+    __slots__ = ("initial_metadata", "status")
+
+    def __init__(self, stream_id: int) -> None:
+        super().__init__(stream_id)
+        self.status: ev.CallCompleted | None = None
+        self.initial_metadata: Metadata = ()
+
+
+class Channel(Transport):
+    """One HTTP/2 connection to a gRPC server. Use :func:`connect` or :func:`open_channel`."""
+
+    def __init__(self, stream: trio.abc.Stream, *, authority: str, options: ChannelOptions) -> None:
+        protocol = ClientProtocol(
+            max_receive_message=options.max_receive_message,
+            max_concurrent_streams=options.max_concurrent_streams,
+            max_header_list_size=options.max_header_list_size,
+            stream_window=options.stream_window,
+            connection_window=options.connection_window,
+            max_frame_size=options.max_frame_size,
+            clock=trio.current_time,
+        )
+        super().__init__(stream, protocol, options.read_size)
+        self.proto = protocol
+        self.authority = authority
+        self.options = options
+        self._stream_slots: trio.Semaphore | None = None
+
+    # -- events ----------------------------------------------------------------------
+    def handle_event(self, event: object) -> None:
+        if isinstance(event, ev.MessageReceived):
+            state = self.states.get(event.stream_id)
+            if state is not None:
+                state.messages.append((event.data, event.ack))
+                state.wake()
+        elif isinstance(event, ev.CallCompleted):
+            state = self.states.get(event.stream_id)
+            if isinstance(state, _CallState):
+                state.status = event
+                state.ended = True
+                state.wake()
+        elif isinstance(event, ev.ResponseHeadersReceived):
+            state = self.states.get(event.stream_id)
+            if isinstance(state, _CallState):
+                state.initial_metadata = event.metadata
+        elif isinstance(event, ev.WindowUpdated):
+            self.wake_senders(event.stream_id)
+        elif isinstance(event, ev.StreamReset):
+            state = self.states.get(event.stream_id)
+            if state is not None:
+                code = status_from_rst_stream(event.error_code)
+                state.fail(
+                    RpcError(code, f"stream reset by the server (HTTP/2 error {event.error_code})")
+                )
+        elif isinstance(event, ev.StreamFailed):
+            state = self.states.get(event.stream_id)
+            if state is not None:
+                self.proto.reset_stream(event.stream_id, ErrorCodes.CANCEL)
+                state.fail(RpcError(event.code, event.message))
+        elif isinstance(event, ev.GoAwayReceived):
+            err = RpcError(
+                StatusCode.UNAVAILABLE, "the server is going away; retry on a new connection"
+            )
+            for sid, state in self.states.items():
+                if sid > event.last_stream_id:
+                    state.fail(err)
+        elif isinstance(event, ev.ConnectionFailed):
+            self.connection_lost(
+                RpcError(StatusCode.UNAVAILABLE, f"connection failed: {event.reason}")
+            )
+
+    # -- calls -----------------------------------------------------------------------
+    async def _open(
+        self, method: str, request: Message, grpc_timeout: float | None, metadata: Metadata
+    ) -> _CallState:
+        if self.lost is not None:
+            raise RpcError(self.lost.code, self.lost.message)
+        data = request.SerializeToString()
+        if len(data) > self.options.max_send_message:
+            raise RpcError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"request of {len(data)} bytes exceeds the limit of {self.options.max_send_message}",
+            )
+        try:
+            sid = self.proto.start_request(
+                method, authority=self.authority, metadata=metadata, timeout=grpc_timeout
+            )
+        except MetadataError as exc:
+            raise RpcError(StatusCode.INTERNAL, str(exc)) from exc
+        except StreamGone:
+            raise RpcError(StatusCode.UNAVAILABLE, "the connection is closing; reconnect") from None
+        state = _CallState(sid)
+        self.states[sid] = state
+        await self.send_message(state, data, end_stream=True)
+        return state
+
+    def _close_call(self, state: _CallState) -> bool:
+        """Forget the call; reset it if it is not finished. True if a frame is pending."""
+        self.states.pop(state.stream_id, None)
+        if state.status is None and state.error is None:
+            self.proto.reset_stream(state.stream_id, ErrorCodes.CANCEL)
+        self.proto.release(state.stream_id)
+        return self.proto.has_data_to_send
+
+    async def _next_message(self, state: _CallState) -> bytes | None:
+        """The next response message, or None after an OK status; raises RpcError."""
+        while True:
+            if state.messages:
+                data, ack = state.messages.popleft()
+                self.proto.acknowledge(state.stream_id, ack)
+                if self.proto.has_data_to_send:
+                    await self.flush()
+                return data
+            if state.error is not None:
+                raise state.error
+            if state.status is not None:
+                st = state.status
+                if st.code != StatusCode.OK:
+                    raise RpcError(st.code, st.message, st.metadata)
+                return None
+            await state.wait()
+
+    async def unary(
+        self,
+        method: str,
+        request: Message,
+        response_type: type[R],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (the API contract; sent as grpc-timeout)
+        metadata: Metadata = (),
+    ) -> R:
+        """One request, one response. Raises RpcError with the call's status."""
+        with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
+            state = None
+            try:
+                state = await self._open(method, request, timeout, metadata)
+                data = await self._next_message(state)
+                if data is None:
+                    raise RpcError(StatusCode.INTERNAL, "the server sent no response message")
+                if await self._next_message(state) is not None:
+                    raise RpcError(StatusCode.INTERNAL, "the server sent more than one response")
+                return _parse(response_type, data)
+            finally:
+                if state is not None and self._close_call(state):
+                    await self.flush_quietly(_CLEANUP_TIMEOUT)
+        assert scope.cancelled_caught
+        raise RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+
+    @asynccontextmanager
+    async def server_stream(
+        self,
+        method: str,
+        request: Message,
+        response_type: type[R],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (the API contract; sent as grpc-timeout)
+        metadata: Metadata = (),
+    ) -> AsyncIterator[ResponseStream[R]]:
+        """Server-streaming call: ``async for msg in stream``. Leaving early cancels it."""
+        deadline = trio.current_time() + timeout if timeout is not None else float("inf")
+        state = None
+        try:
+            with trio.move_on_at(deadline) as scope:
+                state = await self._open(method, request, timeout, metadata)
+            if scope.cancelled_caught:
+                raise RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            assert state is not None
+            yield ResponseStream(self, state, response_type, deadline)
+        finally:
+            if state is not None and self._close_call(state):
+                await self.flush_quietly(_CLEANUP_TIMEOUT)
+
+    async def aclose(self) -> None:
+        """Close the connection; calls still running fail with UNAVAILABLE. Idempotent."""
+        self.connection_lost(RpcError(StatusCode.UNAVAILABLE, "channel closed"))
+        await trio.aclose_forcefully(self.stream)
+
+
+class ResponseStream(Generic[R]):
+    """The messages of a server-streaming call, then its status (RpcError if not OK)."""
+
+    def __init__(
+        self, channel: Channel, state: _CallState, response_type: type[R], deadline: float
+    ) -> None:
+        self._channel = channel
+        self._state = state
+        self._type = response_type
+        self._deadline = deadline
+
+    @property
+    def initial_metadata(self) -> Metadata:
+        return self._state.initial_metadata
+
+    @property
+    def trailing_metadata(self) -> Metadata:
+        status = self._state.status
+        return status.metadata if status is not None else ()
+
+    def __aiter__(self) -> ResponseStream[R]:
+        return self
+
+    async def __anext__(self) -> R:
+        with trio.move_on_at(self._deadline):
+            data = await self._channel._next_message(self._state)
+            if data is None:
+                raise StopAsyncIteration
+            return _parse(self._type, data)
+        self._state.fail(RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+        raise RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+
+
+def _parse(response_type: type[R], data: bytes) -> R:
+    try:
+        return response_type.FromString(data)
+    except DecodeError as exc:
+        raise RpcError(StatusCode.INTERNAL, "could not parse the response message") from exc
+
+
+@asynccontextmanager
+async def open_channel(
+    stream: trio.abc.Stream, *, authority: str = "localhost", options: ChannelOptions | None = None
+) -> AsyncIterator[Channel]:
+    """A channel over an established stream (TLS already done, ALPN h2 already checked)."""
+    channel = Channel(stream, authority=authority, options=options or ChannelOptions())
+    try:
+        async with trio.open_nursery() as nursery:
+            channel.proto.initiate()
+            await channel.flush()
+            nursery.start_soon(channel.reader)
+            try:
+                yield channel
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        await channel.aclose()
+
+
+@asynccontextmanager
+async def connect(
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    server_hostname: str | None = None,
+    options: ChannelOptions | None = None,
+) -> AsyncIterator[Channel]:
+    """Connect over TCP (+ TLS with ALPN h2 when ``ssl_context`` is given).
+
+    Raises RpcError(UNAVAILABLE) when the server cannot be reached, the TLS handshake
+    fails, or the server does not speak h2.
+    """
+    opts = options or ChannelOptions()
+    stream: trio.abc.Stream
+    with trio.move_on_after(opts.connect_timeout) as scope:
+        try:
+            tcp = await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            raise RpcError(
+                StatusCode.UNAVAILABLE, f"cannot connect to {host}:{port}: {exc}"
+            ) from exc
+        stream = tcp
+        if ssl_context is not None:
+            tls = trio.SSLStream(tcp, ssl_context, server_hostname=server_hostname or host)
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                await trio.aclose_forcefully(tls)
+                cause = exc.__cause__ or exc
+                raise RpcError(
+                    StatusCode.UNAVAILABLE, f"TLS handshake with {host}:{port} failed: {cause}"
+                ) from exc
+            if tls.selected_alpn_protocol() != "h2":
+                await trio.aclose_forcefully(tls)
+                raise RpcError(StatusCode.UNAVAILABLE, f"{host}:{port} did not negotiate ALPN h2")
+            stream = tls
+    if scope.cancelled_caught:
+        raise RpcError(StatusCode.UNAVAILABLE, f"connecting to {host}:{port} timed out")
+    authority = f"{server_hostname or host}:{port}"
+    async with open_channel(stream, authority=authority, options=opts) as channel:
+        yield channel

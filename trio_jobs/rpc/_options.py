@@ -1,0 +1,59 @@
+"""Tunables of the server and the client, with the defaults documented in architecture.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+KiB: Final = 1024
+MiB: Final = 1024 * KiB
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerLimits:
+    max_concurrent_streams: int = 100
+    """SETTINGS_MAX_CONCURRENT_STREAMS per connection (h2 enforces it)."""
+    max_header_list_size: int = 8 * KiB
+    """SETTINGS_MAX_HEADER_LIST_SIZE; a larger header block closes the connection."""
+    max_receive_message: int = 4 * MiB
+    """Larger request messages get RESOURCE_EXHAUSTED; they are never buffered."""
+    max_send_message: int = 4 * MiB
+    """A handler sending a larger message fails with RESOURCE_EXHAUSTED."""
+    handshake_timeout: float = 10.0
+    """Seconds for TCP accept -> TLS handshake done -> ALPN checked."""
+    max_connections: int = 1000
+    """Connections beyond this are closed right after accept (accept loop keeps going)."""
+    ping_min_interval: float = 10.0
+    """A PING sooner than this after the previous one, with no HEADERS/DATA sent in
+    between, is a strike (grpc-go's default is 5 min; ours allows keepalive >= 10 s)."""
+    max_ping_strikes: int = 2
+    """More strikes than this -> GOAWAY(ENHANCE_YOUR_CALM, "too_many_pings")."""
+    reset_rate: float = 200.0
+    reset_burst: int = 400
+    """Token bucket for streams the client resets while we serve them (Rapid Reset):
+    exhausting it -> GOAWAY(ENHANCE_YOUR_CALM, "too_many_resets")."""
+    drain_timeout: float = 10.0
+    """Default deadline for in-flight calls in :meth:`Server.shutdown`."""
+    shutdown_ping_timeout: float = 2.0
+    """How long graceful shutdown waits for the PING ack between its two GOAWAYs."""
+    stream_window: int = 1 * MiB
+    connection_window: int = 4 * MiB
+    max_frame_size: int = 1 * MiB
+    """Our receive-side HTTP/2 settings: large windows/frames keep h2's per-frame cost low."""
+    read_size: int = 256 * KiB
+    """Bytes read from the transport per receive call."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChannelOptions:
+    max_receive_message: int = 4 * MiB
+    max_send_message: int = 4 * MiB
+    max_concurrent_streams: int = 100
+    """Advertised to the server (it only matters for server-initiated streams: none)."""
+    max_header_list_size: int = 16 * KiB
+    stream_window: int = 1 * MiB
+    connection_window: int = 4 * MiB
+    max_frame_size: int = 1 * MiB
+    read_size: int = 256 * KiB
+    connect_timeout: float = 20.0
+    """Seconds for TCP connect + TLS handshake + ALPN check."""

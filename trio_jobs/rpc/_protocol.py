@@ -1,0 +1,349 @@
+"""Sans-IO core shared by the gRPC server and client protocols.
+
+Theory of operation
+-------------------
+:class:`GrpcProtocol` wraps one ``h2.connection.H2Connection``. ``receive_data(bytes)``
+returns our own events (``_events.py``); every method that produces frames leaves them in
+``data_to_send()``. No I/O, no clock reads except through the injected ``clock``.
+
+Flow control (receive side): a DATA frame's flow-controlled length is acknowledged
+
+* at once when the frame completes no message: those bytes sit in the stream's
+  :class:`MessageDecoder`, whose buffer is bounded by the max message size, and holding
+  their credit back could deadlock a message larger than the stream window;
+* when the application says it consumed the message the frame completed
+  (``MessageReceived.ack`` -> :meth:`acknowledge`). So a peer can have at most one stream
+  window of decoded-but-unconsumed messages in flight per stream: the backpressure policy;
+* at :meth:`release` for whatever is still unacknowledged when the application is done
+  with a stream, and at once for data on discarded, refused or unknown streams, so the
+  connection window never leaks (grpclib#67).
+
+Send side: :meth:`send_data` writes only what the peer's windows allow and returns the
+count; the I/O layer waits for :class:`WindowUpdated` before sending the rest, so nothing
+is buffered beyond what the peer granted.
+
+GOAWAY: h2 moves its connection state machine to CLOSED on any GOAWAY, after which it
+refuses to send or receive anything, which makes graceful shutdown impossible. We install
+a state machine whose GOAWAY transitions keep the connection open and track GOAWAY state
+ourselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, ClassVar, Final
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
+from h2.errors import ErrorCodes
+
+from . import _events as ev
+from ._framing import FramingError, MessageDecoder
+from ._status import StatusCode
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+DEFAULT_WINDOW: Final = 65_535
+
+
+class _GoAwayTolerantStateMachine(H2ConnectionStateMachine):
+    _transitions = {  # noqa: RUF012 (h2's own table is a plain class attribute)
+        **H2ConnectionStateMachine._transitions,
+        **{
+            (state, inp): (None, state)
+            for state in (
+                ConnectionState.IDLE,
+                ConnectionState.CLIENT_OPEN,
+                ConnectionState.SERVER_OPEN,
+            )
+            for inp in (ConnectionInputs.SEND_GOAWAY, ConnectionInputs.RECV_GOAWAY)
+        },
+    }
+
+
+class StreamGone(Exception):
+    """Internal: the stream can no longer be written (reset or closed)."""
+
+
+class _Stream:
+    __slots__ = ("decoder", "discarding", "headers_sent", "remote_ended", "unacked")
+
+    def __init__(self, max_message: int) -> None:
+        self.decoder = MessageDecoder(max_message)
+        self.unacked = 0  # flow-control credit handed to the app, not yet acknowledged
+        self.discarding = False
+        self.headers_sent = False
+        self.remote_ended = False
+
+
+class GrpcProtocol:
+    """Base of :class:`ServerProtocol` and :class:`ClientProtocol`."""
+
+    client_side: ClassVar[bool]
+
+    def __init__(
+        self,
+        *,
+        max_receive_message: int,
+        max_concurrent_streams: int,
+        max_header_list_size: int,
+        stream_window: int,
+        connection_window: int,
+        max_frame_size: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self.max_receive_message = max_receive_message
+        self._clock = clock
+        config = h2.config.H2Configuration(
+            client_side=self.client_side,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            validate_inbound_headers=True,
+        )
+        conn = h2.connection.H2Connection(config)
+        conn.state_machine = _GoAwayTolerantStateMachine()
+        settings: dict[h2.settings.SettingCodes, int] = {
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: max_frame_size,
+        }
+        if self.client_side:
+            settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
+        conn.local_settings = h2.settings.Settings(client=self.client_side, initial_values=settings)
+        conn.max_inbound_frame_size = max_frame_size
+        conn.decoder.max_header_list_size = max_header_list_size
+        self._h2 = conn
+        self._streams: dict[int, _Stream] = {}
+        self._connection_window = connection_window
+        self.closed = False  # a fatal error happened; only data_to_send() is useful now
+        self.goaway_received: int | None = None  # peer's last_stream_id
+        self.goaway_sent: int | None = None  # our last announced last_stream_id
+
+    # -- setup and output ------------------------------------------------------------
+    def initiate(self) -> None:
+        """Queue the preface/SETTINGS and open the connection receive window."""
+        self._h2.initiate_connection()
+        if self._connection_window > DEFAULT_WINDOW:
+            self._h2.increment_flow_control_window(self._connection_window - DEFAULT_WINDOW)
+
+    def data_to_send(self) -> bytes:
+        return self._h2.data_to_send()
+
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._h2._data_to_send)
+
+    # -- input -------------------------------------------------------------------------
+    def receive_data(self, data: bytes | bytearray) -> list[ev.Event]:
+        """Feed bytes from the peer. Never raises: failures become ConnectionFailed."""
+        if self.closed:
+            return []
+        try:
+            h2_events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:  # h2 has queued GOAWAY(error_code)
+            return [self._fail(int(exc.error_code), str(exc) or type(exc).__name__, False)]
+        out: list[ev.Event] = []
+        try:
+            for e in h2_events:
+                self._dispatch(e, out)
+        except h2.exceptions.ProtocolError as exc:
+            out.append(self._fail(int(exc.error_code), str(exc), True))
+        return out
+
+    def _fail(self, code: int, reason: str, send_goaway: bool) -> ev.ConnectionFailed:
+        self.closed = True
+        if send_goaway:
+            self._goaway_raw(code, reason.encode()[:128])
+        return ev.ConnectionFailed(error_code=code, reason=reason)
+
+    def fail(self, code: int, reason: str) -> ev.ConnectionFailed:
+        """Close the connection for a policy violation: queue GOAWAY(code, reason)."""
+        return self._fail(code, reason, True)
+
+    def _dispatch(self, e: h2.events.Event, out: list[ev.Event]) -> None:
+        if isinstance(e, h2.events.DataReceived):
+            self._on_data(e, out)
+        elif isinstance(e, h2.events.WindowUpdated):
+            out.append(ev.WindowUpdated(stream_id=e.stream_id or 0))
+        elif isinstance(e, h2.events.StreamEnded):
+            self._on_stream_ended(e.stream_id or 0, out)
+        elif isinstance(e, h2.events.StreamReset):
+            self._on_stream_reset(e.stream_id or 0, int(e.error_code or 0), out)
+        elif isinstance(e, h2.events.PingReceived):
+            self._on_ping(out)
+        elif isinstance(e, h2.events.PingAckReceived):
+            out.append(ev.PingAcknowledged(data=bytes(e.ping_data or b"")))
+        elif isinstance(e, h2.events.RemoteSettingsChanged):
+            if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in e.changed_settings:
+                out.append(ev.WindowUpdated(stream_id=0))
+        elif isinstance(e, h2.events.ConnectionTerminated):
+            last = e.last_stream_id if e.last_stream_id is not None else 0
+            self.goaway_received = last
+            out.append(
+                ev.GoAwayReceived(
+                    last_stream_id=last,
+                    error_code=int(e.error_code or 0),
+                    debug=bytes(e.additional_data or b""),
+                )
+            )
+        else:
+            self._dispatch_headers(e, out)
+
+    def _dispatch_headers(self, e: h2.events.Event, out: list[ev.Event]) -> None:
+        raise NotImplementedError
+
+    def _on_ping(self, out: list[ev.Event]) -> None:
+        """h2 answers pings itself; the server adds its ping policy here."""
+
+    def _on_data(self, e: h2.events.DataReceived, out: list[ev.Event]) -> None:
+        sid = e.stream_id or 0
+        flow = e.flow_controlled_length or 0
+        st = self._streams.get(sid)
+        if st is None or st.discarding:
+            self._ack(sid, flow)
+            return
+        try:
+            messages = st.decoder.feed(e.data or b"")
+        except FramingError as exc:
+            st.discarding = True
+            self._ack(sid, flow)
+            code = StatusCode.RESOURCE_EXHAUSTED if exc.too_large else StatusCode.INTERNAL
+            out.append(ev.StreamFailed(stream_id=sid, code=code, message=str(exc)))
+            return
+        if not messages:
+            self._ack(sid, flow)
+            return
+        st.unacked += flow
+        last = len(messages) - 1
+        for i, m in enumerate(messages):
+            out.append(ev.MessageReceived(stream_id=sid, data=m, ack=flow if i == last else 0))
+
+    def _on_stream_ended(self, sid: int, out: list[ev.Event]) -> None:
+        st = self._streams.get(sid)
+        if st is None:
+            return
+        st.remote_ended = True
+        if not st.discarding and not st.decoder.at_boundary():
+            st.discarding = True
+            out.append(
+                ev.StreamFailed(
+                    stream_id=sid,
+                    code=StatusCode.INTERNAL,
+                    message="stream ended in the middle of a message",
+                )
+            )
+        out.append(ev.StreamEnded(stream_id=sid))
+
+    def _on_stream_reset(self, sid: int, code: int, out: list[ev.Event]) -> None:
+        st = self._streams.get(sid)
+        if st is None:
+            return
+        st.remote_ended = True
+        st.discarding = True
+        out.append(ev.StreamReset(stream_id=sid, error_code=code))
+
+    # -- flow control ----------------------------------------------------------------
+    def _ack(self, sid: int, n: int) -> None:
+        if n > 0:
+            # h2 credits the connection window even when the stream is already closed.
+            self._h2.acknowledge_received_data(n, sid)
+
+    def acknowledge(self, stream_id: int, n: int) -> None:
+        """The application consumed a message whose ``ack`` was ``n``."""
+        st = self._streams.get(stream_id)
+        if st is None or n <= 0 or self.closed:
+            return
+        n = min(n, st.unacked)
+        st.unacked -= n
+        self._ack(stream_id, n)
+
+    def release(self, stream_id: int) -> None:
+        """The application is done with the stream: return its credit, forget it."""
+        st = self._streams.pop(stream_id, None)
+        if st is not None and st.unacked and not self.closed:
+            self._ack(stream_id, st.unacked)
+
+    def send_window(self, stream_id: int) -> int:
+        """Bytes the peer lets us send on the stream now (0 if it is gone)."""
+        try:
+            return max(self._h2.local_flow_control_window(stream_id), 0)
+        except h2.exceptions.ProtocolError:
+            return 0
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    # -- output ----------------------------------------------------------------------
+    def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> int:
+        """Send as much of ``data`` as the windows allow; return how much was sent.
+
+        ``end_stream`` applies only if everything was sent. Raises StreamGone.
+        """
+        if self.closed or stream_id not in self._streams:
+            raise StreamGone(stream_id)
+        n = min(len(data), self.send_window(stream_id))
+        if n == 0 and len(data):
+            return 0
+        frame = self._h2.max_outbound_frame_size
+        try:
+            off = 0
+            while True:
+                chunk = data[off : off + frame]
+                off += len(chunk)
+                self._h2.send_data(stream_id, chunk, end_stream=end_stream and off >= len(data))
+                if off >= n:
+                    break
+        except h2.exceptions.ProtocolError as exc:
+            raise StreamGone(stream_id) from exc
+        self._on_sent_data()
+        return n
+
+    def _on_sent_data(self) -> None:
+        """Hook for the server's ping policy."""
+
+    def _send_headers(
+        self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool
+    ) -> None:
+        if self.closed:
+            raise StreamGone(stream_id)
+        try:
+            self._h2.send_headers(stream_id, headers, end_stream=end_stream)
+        except h2.exceptions.ProtocolError as exc:
+            raise StreamGone(stream_id) from exc
+        self._on_sent_data()
+
+    def reset_stream(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
+        """RST_STREAM unless the stream is already closed; never raises."""
+        st = self._streams.get(stream_id)
+        if st is not None:
+            st.discarding = True
+        if self.closed:
+            return
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self._h2.reset_stream(stream_id, error_code)
+
+    def ping(self, data: bytes) -> None:
+        if not self.closed:
+            self._h2.ping(data)
+
+    def goaway(self, last_stream_id: int, error_code: int = 0, debug: bytes = b"") -> None:
+        """Announce GOAWAY; the connection stays usable for streams <= last_stream_id."""
+        if not self.closed:
+            self.goaway_sent = last_stream_id
+            self._h2.close_connection(error_code, debug or None, last_stream_id)
+
+    def _goaway_raw(self, code: int, debug: bytes) -> None:
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self._h2.close_connection(code, debug or None)
+
+    @property
+    def highest_inbound_stream_id(self) -> int:
+        return int(self._h2.highest_inbound_stream_id)

@@ -1,0 +1,401 @@
+"""The trio gRPC server: TLS accept, one task per connection, one task per call.
+
+Ownership: ``serve_tcp`` owns a nursery with the accept loops and every connection
+task; a connection task owns a nursery with its reader and its call tasks. Each call has
+its own cancel scope: cancelled on RST_STREAM from the client, at its grpc-timeout
+deadline, and when the drain deadline of a shutdown passes.
+
+Graceful shutdown (PROTOCOL-HTTP2.md, "GOAWAY"): GOAWAY(2^31-1) and a PING; after the
+PING ack (or a bounded wait) GOAWAY(last stream id actually seen); new calls that still
+arrive get UNAVAILABLE; in-flight calls run until the drain deadline, then are cancelled
+with UNAVAILABLE; then the connection is closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+from google.protobuf.message import DecodeError
+
+from . import _events as ev
+from ._options import ServerLimits
+from ._protocol import StreamGone
+from ._server_protocol import ServerProtocol
+from ._service import Method, ServerContext
+from ._status import Metadata, RpcError, StatusCode
+from ._transport import StreamState, Transport, log
+
+if TYPE_CHECKING:
+    import ssl
+    from collections.abc import Callable, Iterable
+
+_MAX_STREAM_ID: Final = 2**31 - 1
+_SHUTDOWN_PING: Final = b"trio-jgo"
+_CLEANUP_TIMEOUT: Final = 2.0
+
+
+class _Call:
+    __slots__ = ("scope", "state", "why")
+
+    def __init__(self, state: StreamState) -> None:
+        self.state = state
+        self.scope = trio.CancelScope()
+        self.why: RpcError | None = None  # why the scope was cancelled (None = deadline)
+
+    def cancel(self, why: RpcError) -> None:
+        if self.why is None:
+            self.why = why
+        self.scope.cancel()
+
+
+class _ServerConnection(Transport):
+    def __init__(
+        self,
+        server: Server,
+        stream: trio.abc.Stream,
+        peer_certificate: dict[str, Any] | None,
+        peer_identity: str | None,
+    ) -> None:
+        limits = server.limits
+        protocol = ServerProtocol(
+            max_receive_message=limits.max_receive_message,
+            max_concurrent_streams=limits.max_concurrent_streams,
+            max_header_list_size=limits.max_header_list_size,
+            stream_window=limits.stream_window,
+            connection_window=limits.connection_window,
+            max_frame_size=limits.max_frame_size,
+            ping_min_interval=limits.ping_min_interval,
+            max_ping_strikes=limits.max_ping_strikes,
+            reset_rate=limits.reset_rate,
+            reset_burst=limits.reset_burst,
+            clock=trio.current_time,
+        )
+        super().__init__(stream, protocol, limits.read_size)
+        self.proto = protocol
+        self.server = server
+        self.peer_certificate = peer_certificate
+        self.peer_identity = peer_identity
+        self.calls: dict[int, _Call] = {}
+        self.idle = trio.Event()  # set whenever no call is running
+        self.idle.set()
+        self.ping_acked = trio.Event()
+        self.nursery: trio.Nursery | None = None
+        self.scope = trio.CancelScope()
+
+    async def run(self) -> None:
+        self.proto.initiate()
+        with self.scope:
+            try:
+                await self.flush()
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    await self.reader()
+                    # The connection is gone: calls cannot answer any more.
+                    for call in self.calls.values():
+                        call.cancel(
+                            self.lost or RpcError(StatusCode.UNAVAILABLE, "connection lost")
+                        )
+            except RpcError:
+                pass
+        self.connection_lost(RpcError(StatusCode.UNAVAILABLE, "connection closed"))
+
+    def handle_event(self, event: object) -> None:
+        if isinstance(event, ev.MessageReceived):
+            state = self.states.get(event.stream_id)
+            if state is not None:
+                state.messages.append((event.data, event.ack))
+                state.wake()
+        elif isinstance(event, ev.RequestReceived):
+            self._start_call(event)
+        elif isinstance(event, ev.StreamEnded):
+            state = self.states.get(event.stream_id)
+            if state is not None:
+                state.ended = True
+                state.wake()
+        elif isinstance(event, ev.WindowUpdated):
+            self.wake_senders(event.stream_id)
+        elif isinstance(event, ev.StreamReset):
+            call = self.calls.get(event.stream_id)
+            if call is not None:
+                err = RpcError(StatusCode.CANCELLED, "cancelled by the client")
+                call.state.fail(err)
+                call.cancel(err)
+        elif isinstance(event, ev.StreamFailed):
+            state = self.states.get(event.stream_id)
+            if state is not None:
+                state.fail(RpcError(event.code, event.message))
+        elif isinstance(event, ev.PingAcknowledged):
+            if event.data == _SHUTDOWN_PING:
+                self.ping_acked.set()
+        elif isinstance(event, ev.ConnectionFailed):
+            log.info("closing connection: %s (code %d)", event.reason, event.error_code)
+        elif isinstance(event, ev.GoAwayReceived):
+            pass  # a client going away just stops opening streams
+
+    def _start_call(self, event: ev.RequestReceived) -> None:
+        assert self.nursery is not None
+        state = StreamState(event.stream_id)
+        call = _Call(state)
+        self.states[event.stream_id] = state
+        self.calls[event.stream_id] = call
+        self.idle = trio.Event()
+        self.nursery.start_soon(self._run_call, event, call)
+
+    async def _run_call(self, event: ev.RequestReceived, call: _Call) -> None:
+        sid = event.stream_id
+        code, message = StatusCode.OK, ""
+        trailing: Metadata = ()
+        ctx: ServerContext | None = None
+        try:
+            deadline = math.inf
+            if event.timeout is not None:
+                deadline = trio.current_time() + event.timeout
+                call.scope.deadline = deadline
+            with call.scope:
+                method = self.server.methods.get(event.method)
+                if self.server.shutting_down:
+                    raise RpcError(StatusCode.UNAVAILABLE, "the server is shutting down; retry")
+                if method is None:
+                    raise RpcError(StatusCode.UNIMPLEMENTED, f"unknown method {event.method}")
+                ctx = ServerContext(
+                    method=event.method,
+                    peer_identity=self.peer_identity,
+                    peer_certificate=self.peer_certificate,
+                    invocation_metadata=event.metadata,
+                    deadline=None if deadline == math.inf else deadline,
+                )
+                request = await self._read_request(call.state, method)
+                await self._invoke(method, request, ctx, call.state)
+            if call.scope.cancelled_caught:
+                why = call.why
+                if why is None:
+                    code, message = StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+                else:
+                    code, message = why.code, why.message
+        except RpcError as exc:
+            code, message, trailing = exc.code, exc.message, exc.trailing_metadata
+        except Exception:
+            log.exception("handler for %s failed", event.method)
+            code, message = StatusCode.UNKNOWN, "internal error in the handler"
+        finally:
+            if ctx is not None and not trailing:
+                trailing = ctx.trailing_metadata
+            await self._finish(sid, call, code, message, trailing)
+
+    async def _read_request(self, state: StreamState, method: Method) -> Any:
+        """Wait for exactly one request message and the end of the request stream."""
+        while not (state.ended and state.messages) and state.error is None:
+            if state.ended and not state.messages:
+                raise RpcError(StatusCode.INTERNAL, "request stream ended without a message")
+            if len(state.messages) > 1:
+                raise RpcError(StatusCode.UNIMPLEMENTED, "client streaming is not supported")
+            await state.wait()
+        if state.error is not None:
+            raise state.error
+        if len(state.messages) > 1:
+            raise RpcError(StatusCode.UNIMPLEMENTED, "client streaming is not supported")
+        data, ack = state.messages.popleft()
+        self.proto.acknowledge(state.stream_id, ack)
+        try:
+            return method.request_type.FromString(data)
+        except DecodeError as exc:
+            raise RpcError(StatusCode.INTERNAL, "could not parse the request message") from exc
+
+    async def _invoke(
+        self, method: Method, request: Any, ctx: ServerContext, state: StreamState
+    ) -> None:
+        max_send = self.server.limits.max_send_message
+
+        async def send(response: Any) -> None:
+            if not isinstance(response, method.response_type):
+                raise TypeError(f"{method.path} must send {method.response_type.__name__}")
+            data = response.SerializeToString()
+            if len(data) > max_send:
+                raise RpcError(
+                    StatusCode.RESOURCE_EXHAUSTED,
+                    f"response of {len(data)} bytes exceeds the limit of {max_send}",
+                )
+            self._send_headers(state)
+            await self.send_message(state, data)
+
+        if method.server_streaming:
+            await method.handler(request, ctx, send)  # type: ignore[call-arg]
+        else:
+            await send(await method.handler(request, ctx))  # type: ignore[call-arg]
+
+    def _send_headers(self, state: StreamState) -> None:
+        if state.error is not None:
+            raise state.error
+        try:
+            self.proto.send_response_headers(state.stream_id)
+        except StreamGone:
+            raise state.error or RpcError(StatusCode.CANCELLED, "stream closed") from None
+
+    async def _finish(
+        self, sid: int, call: _Call, code: StatusCode, message: str, trailing: Any
+    ) -> None:
+        """Send the status (unless the client reset), release the stream, bounded."""
+        try:
+            if not self.proto.is_reset_or_ended(sid) and self.lost is None:
+                with contextlib.suppress(StreamGone):
+                    self.proto.send_trailers(sid, code, message, trailing)
+            self.proto.release(sid)
+            if self.lost is None:
+                await self.flush_quietly(_CLEANUP_TIMEOUT)
+        finally:
+            self.states.pop(sid, None)
+            self.calls.pop(sid, None)
+            if not self.calls:
+                self.idle.set()
+
+    async def graceful_close(self, drain_deadline: float) -> None:
+        """Two-phase GOAWAY, drain until ``drain_deadline``, cancel the rest, close."""
+        limits = self.server.limits
+        try:
+            self.proto.goaway(_MAX_STREAM_ID)
+            self.proto.ping(_SHUTDOWN_PING)
+            await self.flush()
+            with trio.move_on_after(limits.shutdown_ping_timeout):
+                await self.ping_acked.wait()
+            self.proto.goaway(self.proto.highest_inbound_stream_id)
+            await self.flush()
+        except RpcError:
+            pass
+        with trio.move_on_at(drain_deadline):
+            await self.idle.wait()
+        err = RpcError(StatusCode.UNAVAILABLE, "the server is shutting down; retry")
+        for call in list(self.calls.values()):
+            call.cancel(err)
+        with trio.move_on_after(_CLEANUP_TIMEOUT):
+            await self.idle.wait()
+        self.scope.cancel()
+
+
+class Server:
+    """A gRPC server for the given methods (see docs/architecture.md, rpc/)."""
+
+    def __init__(
+        self,
+        methods: Iterable[Method],
+        *,
+        ssl_context: ssl.SSLContext | None,
+        identify: Callable[[dict[str, Any]], str | None] | None = None,
+        limits: ServerLimits | None = None,
+    ) -> None:
+        self.methods: dict[str, Method] = {}
+        for m in methods:
+            if m.path in self.methods:
+                raise ValueError(f"method {m.path} registered twice")
+            self.methods[m.path] = m
+        self.ssl_context = ssl_context
+        self.identify = identify
+        self.limits = limits or ServerLimits()
+        self.shutting_down = False
+        self._connections: set[_ServerConnection] = set()
+        self._accept_scope = trio.CancelScope()
+        self._shutdown_done = trio.Event()
+        self._active = 0
+
+    async def serve_tcp(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on host:port; ``started`` gets the bound addresses; returns after shutdown()."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        try:
+            async with trio.open_nursery() as nursery:
+                with self._accept_scope:
+                    if self.shutting_down:
+                        self._accept_scope.cancel()
+                    bound = [tuple(ln.socket.getsockname()[:2]) for ln in listeners]
+                    async with trio.open_nursery() as accepters:
+                        for ln in listeners:
+                            accepters.start_soon(self._accept_loop, ln, nursery)
+                        task_status.started([(str(h), int(p)) for h, p in bound])
+                # Accepting stopped (shutdown); connections drain inside ``nursery``.
+        finally:
+            for ln in listeners:
+                await ln.aclose()
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # EMFILE and friends: log and keep serving
+                log.warning("accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            if self._active >= self.limits.max_connections:
+                log.warning(
+                    "connection limit %d reached; closing a new connection",
+                    self.limits.max_connections,
+                )
+                await trio.aclose_forcefully(stream)
+                continue
+            nursery.start_soon(self.serve_connection, stream)
+
+    async def serve_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection (TLS handshake first when the server has an ssl_context).
+
+        Returns when the connection is closed; never raises for a peer's misbehaviour.
+        """
+        self._active += 1
+        try:
+            await self._serve_connection(stream)
+        finally:
+            self._active -= 1
+
+    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
+        cert: dict[str, Any] | None = None
+        if self.ssl_context is not None:
+            tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+            with trio.move_on_after(self.limits.handshake_timeout) as hs:
+                try:
+                    await tls.do_handshake()
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    log.info("TLS handshake failed: %s", exc.__cause__ or exc)
+                    await trio.aclose_forcefully(tls)
+                    return
+            if hs.cancelled_caught:
+                log.info("TLS handshake timed out")
+                await trio.aclose_forcefully(tls)
+                return
+            if tls.selected_alpn_protocol() != "h2":
+                log.info("client did not negotiate ALPN h2; closing")
+                await trio.aclose_forcefully(tls)
+                return
+            cert = tls.getpeercert()
+            stream = tls
+        identity = self.identify(cert) if self.identify is not None and cert else None
+        conn = _ServerConnection(self, stream, cert, identity)
+        self._connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._connections.discard(conn)
+            await trio.aclose_forcefully(stream)
+
+    async def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting, drain every connection within ``drain_timeout``, close them.
+
+        Idempotent: a second call waits for the first to finish.
+        """
+        if self.shutting_down:
+            await self._shutdown_done.wait()
+            return
+        self.shutting_down = True
+        self._accept_scope.cancel()
+        timeout = self.limits.drain_timeout if drain_timeout is None else drain_timeout
+        deadline = trio.current_time() + timeout
+        try:
+            async with trio.open_nursery() as nursery:
+                for conn in list(self._connections):
+                    nursery.start_soon(conn.graceful_close, deadline)
+        finally:
+            self._shutdown_done.set()

@@ -1,0 +1,133 @@
+"""Server-side handler registration: Method, ServerContext, descriptors, health."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn, final
+
+from google.protobuf import message_factory
+
+from . import health_pb2
+from ._headers import MetadataError, encode_metadata
+from ._status import Metadata, RpcError, StatusCode
+
+if TYPE_CHECKING:
+    from google.protobuf.descriptor import ServiceDescriptor
+    from google.protobuf.message import Message
+
+UnaryHandler = Callable[[Any, "ServerContext"], Awaitable[Any]]
+StreamHandler = Callable[[Any, "ServerContext", Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+
+@final
+@dataclass(frozen=True, kw_only=True)
+class Method:
+    """One RPC the server answers: ``path`` is ``/package.Service/Method``."""
+
+    path: str
+    request_type: type[Message]
+    response_type: type[Message]
+    handler: UnaryHandler | StreamHandler
+    server_streaming: bool = False
+
+
+@final
+class ServerContext:
+    """What a handler knows about its call, and how it sets the outcome."""
+
+    __slots__ = (
+        "deadline",
+        "invocation_metadata",
+        "method",
+        "peer_certificate",
+        "peer_identity",
+        "trailing_metadata",
+    )
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        peer_identity: str | None,
+        peer_certificate: dict[str, Any] | None,
+        invocation_metadata: Metadata,
+        deadline: float | None,
+    ) -> None:
+        self.method = method
+        self.peer_identity = peer_identity
+        self.peer_certificate = peer_certificate
+        self.invocation_metadata = invocation_metadata
+        self.deadline = deadline  # trio.current_time() based, None = no deadline
+        self.trailing_metadata: Metadata = ()
+
+    def set_trailing_metadata(self, md: Metadata) -> None:
+        """Metadata sent with the status; validated now (raises ValueError if invalid)."""
+        try:
+            encode_metadata(md)
+        except MetadataError as exc:
+            raise ValueError(str(exc)) from exc
+        self.trailing_metadata = tuple(md)
+
+    def abort(self, code: StatusCode, message: str) -> NoReturn:
+        """End the call with ``code`` (not OK) and ``message``."""
+        if code == StatusCode.OK:
+            raise ValueError("abort() needs an error code, not OK")
+        raise RpcError(code, message, self.trailing_metadata)
+
+
+def service_from_descriptor(descriptor: ServiceDescriptor, impl: object) -> list[Method]:
+    """Methods of ``descriptor`` bound to ``impl``'s async methods of the same names.
+
+    Unary and server-streaming RPCs only; raises ValueError for a client-streaming
+    method and TypeError when ``impl`` lacks one.
+    """
+    methods = []
+    for m in descriptor.methods:
+        if m.client_streaming:
+            raise ValueError(f"{descriptor.full_name}.{m.name}: client streaming is not supported")
+        handler = getattr(impl, m.name, None)
+        if handler is None or not callable(handler):
+            raise TypeError(f"{type(impl).__name__} has no method {m.name}")
+        methods.append(
+            Method(
+                path=f"/{descriptor.full_name}/{m.name}",
+                request_type=message_factory.GetMessageClass(m.input_type),
+                response_type=message_factory.GetMessageClass(m.output_type),
+                handler=handler,
+                server_streaming=m.server_streaming,
+            )
+        )
+    return methods
+
+
+def health_service(status: Callable[[str], bool] | None = None) -> list[Method]:
+    """``grpc.health.v1.Health/Check``; ``status(service)`` says whether it is serving.
+
+    Without ``status`` the server reports SERVING for "" and NOT_FOUND for any named
+    service (what grpc's reference health server does for unknown services).
+    """
+
+    async def check(
+        request: health_pb2.HealthCheckRequest, ctx: ServerContext
+    ) -> health_pb2.HealthCheckResponse:
+        if status is None:
+            if request.service:
+                ctx.abort(StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            serving = True
+        else:
+            serving = status(request.service)
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+    return [
+        Method(
+            path="/grpc.health.v1.Health/Check",
+            request_type=health_pb2.HealthCheckRequest,
+            response_type=health_pb2.HealthCheckResponse,
+            handler=check,
+        )
+    ]

@@ -1,0 +1,170 @@
+"""The trio side shared by server and client connections: one reader, one writer.
+
+Theory of operation
+-------------------
+A connection owns a trio stream and a sans-IO protocol. The reader task loops
+``receive_some -> protocol.receive_data -> handle events -> flush``; it flushes inline,
+so when the peer stops reading our answers (PING/SETTINGS acks, RST_STREAMs) the reader
+stops reading too and nothing queues without bound. Every write goes through
+:meth:`flush` (a lock and ``data_to_send()``), so exactly one task writes at a time.
+
+Each stream has a :class:`StreamState`: the decoded messages not consumed yet (bounded by
+the stream window because their flow-control credit is only returned on consumption),
+whether the peer ended, and the error that ends it. Whoever waits on a stream - for a
+message or for send window - is woken when the stream or the connection fails
+(grpclib#8/#216): :meth:`connection_lost` fails every state.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from ._framing import PREFIX_SIZE, encode_message
+from ._protocol import StreamGone
+from ._status import RpcError, StatusCode
+
+if TYPE_CHECKING:
+    from ._protocol import GrpcProtocol
+
+log: Final = logging.getLogger("trio_jobs.rpc")
+_COPY_LIMIT: Final = 256 * 1024
+
+
+class StreamState:
+    """One stream as seen by the task that owns it. Not shared between tasks."""
+
+    __slots__ = ("_wakeup", "ended", "error", "messages", "stream_id")
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.messages: collections.deque[tuple[bytes, int]] = collections.deque()
+        self.ended = False
+        self.error: RpcError | None = None
+        self._wakeup = trio.Event()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def wait(self) -> None:
+        """Sleep until :meth:`wake` is called (returns at once if it was meanwhile)."""
+        event = self._wakeup
+        await event.wait()
+        if event is self._wakeup:
+            self._wakeup = trio.Event()
+
+    def fail(self, error: RpcError) -> None:
+        if self.error is None:
+            self.error = error
+        self.wake()
+
+
+class Transport:
+    """Base of the server and client connections (see module docstring)."""
+
+    def __init__(self, stream: trio.abc.Stream, protocol: GrpcProtocol, read_size: int) -> None:
+        self.stream = stream
+        self.protocol = protocol
+        self.read_size = read_size
+        self.states: dict[int, StreamState] = {}
+        self._write_lock = trio.Lock()
+        self.lost: RpcError | None = None  # set once the connection is unusable
+
+    async def flush(self) -> None:
+        """Write whatever the protocol has queued. Raises RpcError(UNAVAILABLE) if broken."""
+        async with self._write_lock:
+            data = self.protocol.data_to_send()
+            if not data:
+                return
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.connection_lost(RpcError(StatusCode.UNAVAILABLE, "connection lost"))
+                raise RpcError(StatusCode.UNAVAILABLE, "connection lost") from exc
+
+    async def flush_quietly(self, limit: float) -> None:
+        """Best-effort flush for cleanup paths: bounded, shielded, never raises."""
+        with trio.move_on_after(limit, shield=True):
+            with contextlib.suppress(RpcError):
+                await self.flush()
+
+    async def reader(self) -> None:
+        """Pump bytes until EOF, a transport error or a fatal protocol error."""
+        reason = RpcError(StatusCode.UNAVAILABLE, "connection closed by peer")
+        try:
+            while not self.protocol.closed:
+                data = await self.stream.receive_some(self.read_size)
+                if not data:
+                    break
+                for event in self.protocol.receive_data(data):
+                    self.handle_event(event)
+                if self.protocol.has_data_to_send:
+                    await self.flush()
+            else:
+                reason = RpcError(StatusCode.UNAVAILABLE, "connection closed (protocol error)")
+                await self.flush_quietly(1.0)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            reason = RpcError(StatusCode.UNAVAILABLE, "connection lost")
+        except RpcError as exc:
+            reason = exc
+        finally:
+            self.connection_lost(reason)
+
+    def handle_event(self, event: object) -> None:
+        raise NotImplementedError
+
+    def connection_lost(self, error: RpcError) -> None:
+        """Fail every stream and wake every waiter; idempotent."""
+        if self.lost is None:
+            self.lost = error
+        for state in self.states.values():
+            state.fail(error)
+
+    def wake_senders(self, stream_id: int) -> None:
+        if stream_id == 0:
+            for state in self.states.values():
+                state.wake()
+        elif (one := self.states.get(stream_id)) is not None:
+            one.wake()
+
+    async def send_message(
+        self, state: StreamState, payload: bytes, *, end_stream: bool = False
+    ) -> None:
+        """Send one message, waiting for flow-control window as needed.
+
+        At most one window of the message is handed to the protocol at a time, so a peer
+        that does not read makes this wait instead of making us buffer. Cancel-safe in the
+        sense that a cancelled send leaves a partial message: the caller must reset the
+        stream (all callers do, since cancellation ends the call).
+        """
+        if len(payload) < _COPY_LIMIT:
+            await self._send_view(state, memoryview(encode_message(payload)), end_stream)
+        else:  # avoid copying a large payload: the prefix, then the body
+            await self._send_view(state, memoryview(_prefix(payload)), False, flush=False)
+            await self._send_view(state, memoryview(payload), end_stream)
+
+    async def _send_view(
+        self, state: StreamState, view: memoryview, end_stream: bool, *, flush: bool = True
+    ) -> None:
+        while True:
+            if state.error is not None:
+                raise state.error
+            try:
+                n = self.protocol.send_data(state.stream_id, view, end_stream)
+            except StreamGone:
+                raise state.error or RpcError(StatusCode.CANCELLED, "stream closed") from None
+            view = view[n:]
+            if not view:
+                break
+            await self.flush()
+            await state.wait()
+        if flush:
+            await self.flush()
+
+
+def _prefix(payload: bytes) -> bytes:
+    return len(payload).to_bytes(PREFIX_SIZE, "big")

@@ -1,0 +1,169 @@
+"""Job records in SQLite (stdlib ``sqlite3``), kept off the event loop.
+
+One connection, used by one thread at a time: every operation runs in ``trio.to_thread``
+while holding a ``trio.Lock``, so calls are serialised and the loop never waits on the disk.
+Thread hops are not cancellable (the statement completes), so a record is never half written.
+The database is in WAL mode; ``synchronous=NORMAL`` is durable against a process crash
+(what LOST recovery needs), not necessarily against power loss.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final, TypeVar, final
+
+import trio
+
+from .errors import WorkerClosed, WorkerError
+from .limits import Limits, Usage
+from .spec import JobState, JobStatus
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    command TEXT NOT NULL,
+    args TEXT NOT NULL,
+    state TEXT NOT NULL,
+    exit_code INTEGER,
+    signal INTEGER,
+    stopped_by_user INTEGER NOT NULL,
+    oom_killed INTEGER NOT NULL,
+    stopped_by_shutdown INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    ended_at TEXT,
+    limits TEXT NOT NULL,
+    usage TEXT NOT NULL,
+    output_bytes INTEGER NOT NULL,
+    output_truncated INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq);
+"""
+COLUMNS: Final = (
+    "job_id", "owner", "command", "args", "state", "exit_code", "signal", "stopped_by_user",
+    "oom_killed", "stopped_by_shutdown", "created_at", "ended_at", "limits", "usage",
+    "output_bytes", "output_truncated",
+)
+
+
+T = TypeVar("T")
+
+
+def _to_row(s: JobStatus) -> tuple[Any, ...]:
+    return (
+        s.job_id, s.owner, s.command, json.dumps(list(s.args)), s.state.value, s.exit_code,
+        s.signal, int(s.stopped_by_user), int(s.oom_killed), int(s.stopped_by_shutdown),
+        s.created_at.isoformat(), s.ended_at.isoformat() if s.ended_at else None,
+        json.dumps(asdict(s.limits)), json.dumps(asdict(s.usage)), s.output_bytes,
+        int(s.output_truncated),
+    )
+
+
+def _from_row(row: sqlite3.Row) -> JobStatus:
+    return JobStatus(
+        job_id=row["job_id"], owner=row["owner"], command=row["command"],
+        args=tuple(json.loads(row["args"])), state=JobState(row["state"]),
+        exit_code=row["exit_code"], signal=row["signal"],
+        stopped_by_user=bool(row["stopped_by_user"]), oom_killed=bool(row["oom_killed"]),
+        stopped_by_shutdown=bool(row["stopped_by_shutdown"]),
+        created_at=datetime.fromisoformat(row["created_at"]),
+        ended_at=datetime.fromisoformat(row["ended_at"]) if row["ended_at"] else None,
+        limits=Limits(**json.loads(row["limits"])), usage=Usage(**json.loads(row["usage"])),
+        output_bytes=row["output_bytes"], output_truncated=bool(row["output_truncated"]),
+    )
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@final
+class JobStore:
+    """Persistent job records. Open with :meth:`open`, close with :meth:`aclose`."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._lock = trio.Lock()
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path) -> JobStore:
+        def connect() -> sqlite3.Connection:
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            try:
+                conn.row_factory = sqlite3.Row
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA busy_timeout=5000")
+                conn.executescript(SCHEMA)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        try:
+            conn = await trio.to_thread.run_sync(connect)
+        except sqlite3.Error as exc:
+            raise WorkerError(f"cannot open the job store {path}: {exc}") from exc
+        return cls(conn)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        async with self._lock:
+            if self._closed:
+                raise WorkerClosed("the worker is closed")
+            try:
+                return await trio.to_thread.run_sync(fn, self._conn)
+            except sqlite3.Error as exc:
+                raise WorkerError(f"job store error: {exc}") from exc
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def insert(self, status: JobStatus) -> None:
+        marks = ", ".join("?" * len(COLUMNS))
+        sql = f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({marks})"
+        row = _to_row(status)
+        await self._run(lambda c: c.execute(sql, row))
+
+    async def update(self, status: JobStatus) -> None:
+        sets = ", ".join(f"{c} = ?" for c in COLUMNS[1:])
+        row = _to_row(status)
+        await self._run(lambda c: c.execute(f"UPDATE jobs SET {sets} WHERE job_id = ?",
+                                            (*row[1:], row[0])))
+
+    async def get(self, job_id: str) -> JobStatus | None:
+        def get(c: sqlite3.Connection) -> JobStatus | None:
+            row = c.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            return None if row is None else _from_row(row)
+
+        return await self._run(get)
+
+    async def list(self, owner: str | None = None) -> list[JobStatus]:
+        def select(c: sqlite3.Connection) -> list[JobStatus]:
+            if owner is None:
+                rows = c.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
+            else:
+                rows = c.execute("SELECT * FROM jobs WHERE owner = ? ORDER BY seq",
+                                 (owner,)).fetchall()
+            return [_from_row(r) for r in rows]
+
+        return await self._run(select)
+
+    async def aclose(self) -> None:
+        """Close the database. Idempotent; waits for a running statement to finish."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        with trio.CancelScope(shield=True):  # closing is quick and must happen
+            async with self._lock:
+                self._closed = True
+                await trio.to_thread.run_sync(self._conn.close)

@@ -1,0 +1,255 @@
+"""The Worker: starts, stops, follows and lists jobs on this host. Embeddable in any trio app.
+
+Ownership: :func:`open_worker` owns the store and a nursery; each job is a task in that
+nursery (:meth:`Job.run`) which owns the job's process, cgroup and output pump. Leaving
+``open_worker`` stops every running job (reason: shutdown) with the default grace period,
+persists their records, and closes the store -- also when the body was cancelled or raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, final
+
+import trio
+
+from .cgroups.base import CgroupError
+from .cgroups.none import NoCgroupDriver
+from .errors import InvalidArgument, JobNotFound, WorkerClosed, WorkerError
+from .job import CLEANUP_TIMEOUT, Job
+from .output import DEFAULT_MAX_CHUNK, DEFAULT_TAIL_SIZE, OutputLog, OutputReader
+from .spec import JobState, JobStatus, StopResult, check_transition
+from .store import JobStore, utcnow
+from .validate import prepare
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from .cgroups.base import CgroupDriver
+    from .spec import JobSpec
+
+log = logging.getLogger("trio_jobs.worker")
+
+DEFAULT_OUTPUT_CAP: Final = 1 << 30
+DB_NAME: Final = "jobs.sqlite3"
+OUTPUT_DIR: Final = "output"
+
+
+@asynccontextmanager
+async def open_worker(
+    data_dir: Path | str, *, cgroups: CgroupDriver | None = None,
+    output_cap: int = DEFAULT_OUTPUT_CAP, default_grace: float = 5.0,
+    tail_size: int = DEFAULT_TAIL_SIZE,
+) -> AsyncIterator[Worker]:
+    """Open the store in ``data_dir`` (created 0700 if missing), mark leftovers LOST (the
+    driver's ``prepare()`` removes their cgroups), and yield a :class:`Worker`.
+
+    ``cgroups=None`` uses :class:`NoCgroupDriver` (no limits). On exit every running job is
+    stopped (SIGTERM, ``default_grace``, SIGKILL) and recorded as stopped by shutdown.
+    """
+    if output_cap < 0 or tail_size < 1:
+        raise ValueError("output_cap must be >= 0 and tail_size >= 1")
+    _check_grace(default_grace)
+    data_dir = Path(data_dir)
+    out_dir = data_dir / OUTPUT_DIR
+
+    def make_dirs() -> None:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        out_dir.mkdir(mode=0o700, exist_ok=True)
+
+    try:
+        await trio.to_thread.run_sync(make_dirs)
+    except OSError as exc:
+        raise WorkerError(f"cannot create the data directory {data_dir}: {exc}") from exc
+    driver: CgroupDriver = cgroups if cgroups is not None else NoCgroupDriver()
+    try:
+        await driver.prepare()
+    except CgroupError as exc:
+        raise WorkerError(f"cannot prepare the cgroup driver {driver.name}: {exc}") from exc
+    store = await JobStore.open(data_dir / DB_NAME)
+    try:
+        ended = await _recover(store, out_dir)
+        async with trio.open_nursery() as nursery:
+            worker = Worker(_store=store, _driver=driver, _nursery=nursery, _out_dir=out_dir,
+                            _output_cap=output_cap, _default_grace=default_grace,
+                            _tail_size=tail_size, _ended=ended)
+            try:
+                yield worker
+            finally:
+                # Shielded, with a deadline: the jobs get their grace period even when the
+                # body was cancelled; past the deadline the job tasks are cancelled, and their
+                # own shielded cleanup SIGKILLs and records them.
+                with trio.move_on_after(default_grace + CLEANUP_TIMEOUT, shield=True):
+                    await worker.shutdown()
+                nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+
+
+async def _recover(store: JobStore, out_dir: Path) -> dict[str, tuple[int, bool]]:
+    """Mark jobs that were RUNNING when an earlier worker died as LOST; index the output."""
+    ended: dict[str, tuple[int, bool]] = {}
+    for status in await store.list():
+        if status.state is JobState.RUNNING:
+            check_transition(status.state, JobState.LOST)
+            path = out_dir / f"{status.job_id}.out"
+            size = await trio.to_thread.run_sync(_file_size, path)
+            status = JobStatus(**{**status.__dict__, "state": JobState.LOST,
+                                  "ended_at": utcnow(), "output_bytes": size})
+            await store.update(status)
+            log.warning("job %s was running when the previous server stopped: marked LOST",
+                        status.job_id)
+        ended[status.job_id] = (status.output_bytes, status.output_truncated)
+    return ended
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _check_grace(grace: float) -> None:
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or not math.isfinite(grace) \
+            or grace < 0:
+        raise InvalidArgument(f"grace period must be a finite number of seconds >= 0, not {grace!r}")
+
+
+@final
+class Worker:
+    """Use through :func:`open_worker`. Methods are safe to call from many tasks at once."""
+
+    def __init__(self, *, _store: JobStore, _driver: CgroupDriver, _nursery: trio.Nursery,
+                 _out_dir: Path, _output_cap: int, _default_grace: float, _tail_size: int,
+                 _ended: dict[str, tuple[int, bool]]) -> None:
+        self._store = _store
+        self._driver = _driver
+        self._nursery = _nursery
+        self._out_dir = _out_dir
+        self._output_cap = _output_cap
+        self._default_grace = _default_grace
+        self._tail_size = _tail_size
+        self._jobs: dict[str, Job] = {}  # started in this run and not yet recorded as ended
+        self._ended = _ended  # job id -> (output_bytes, output_truncated) of ended jobs
+        self._closed = False
+
+    @property
+    def cgroup_driver_name(self) -> str:
+        return self._driver.name
+
+    @property
+    def cgroup_driver(self) -> CgroupDriver:
+        return self._driver
+
+    async def start(self, spec: JobSpec) -> JobStatus:
+        """Validate ``spec``, start the job, return its RUNNING status once the process runs.
+
+        Raises InvalidJobSpec (nothing was created), WorkerClosed, or WorkerError (e.g. the
+        cgroup could not be created).
+        """
+        if self._closed:
+            raise WorkerClosed("the worker is shutting down and starts no new jobs")
+        prepared = await trio.to_thread.run_sync(prepare, spec)
+        job_id = str(uuid.uuid4())
+        path = self._out_dir / f"{job_id}.out"
+        try:
+            output = await OutputLog.create(path, cap=self._output_cap, tail_size=self._tail_size)
+        except OSError as exc:
+            raise WorkerError(f"cannot create the output file {path}: {exc}") from exc
+        job = Job(job_id=job_id, spec=spec, prepared=prepared, driver=self._driver,
+                  store=self._store, output=output)
+        try:
+            status: JobStatus = await self._nursery.start(self._run_job, job)
+        except BaseException as exc:
+            output.finish()
+            with trio.move_on_after(5, shield=True):
+                await trio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+            if isinstance(exc, CgroupError):
+                raise WorkerError(f"cannot set up the job's cgroup: {exc}") from exc
+            raise
+        return status
+
+    async def _run_job(self, job: Job, *, task_status: trio.TaskStatus[JobStatus]) -> None:
+        self._jobs[job.job_id] = job
+        try:
+            await job.run(task_status=task_status)
+        except Exception:
+            if not job.started:
+                raise  # to start(), via nursery.start
+            log.exception("job %s: supervisor failed", job.job_id)  # never take down others
+        finally:
+            if job.ended:
+                self._ended[job.job_id] = (job.output.size, job.output.truncated)
+            del self._jobs[job.job_id]
+
+    async def stop(self, job_id: str, *, grace: float | None = None) -> StopResult:
+        """Stop a job: SIGTERM, ``grace`` seconds (default: the worker's), SIGKILL.
+
+        Returns once the job has ended. Stopping an ended job returns its status with
+        ``force_ended`` False. Raises JobNotFound.
+        """
+        if grace is None:
+            grace = self._default_grace
+        _check_grace(grace)
+        job = self._jobs.get(job_id)
+        if job is not None and job.started:
+            return await job.stop(grace, "user")
+        return StopResult(status=await self.status(job_id), force_ended=False)
+
+    async def status(self, job_id: str) -> JobStatus:
+        """The job's status (usage is read live while it runs). Raises JobNotFound."""
+        job = self._jobs.get(job_id)
+        if job is not None and job.started:
+            return await job.status()
+        if not isinstance(job_id, str):
+            raise JobNotFound(f"no job {job_id!r}")
+        status = await self._store.get(job_id)
+        if status is None:
+            raise JobNotFound(f"no job {job_id}; `list` shows the jobs that exist")
+        return status
+
+    async def list(self, *, owner: str | None = None) -> list[JobStatus]:
+        """Jobs in start order: every job (``owner=None``) or those of ``owner``."""
+        records = await self._store.list(owner)
+        result = []
+        for record in records:
+            job = self._jobs.get(record.job_id)
+            result.append(await job.status(live_usage=False) if job is not None and job.started
+                          else record)
+        return result
+
+    def follow(self, job_id: str, offset: int = 0, *, wait: bool = True,
+               max_chunk: int = DEFAULT_MAX_CHUNK) -> OutputReader:
+        """An async iterator of the job's output from ``offset`` (see OutputReader).
+
+        Raises JobNotFound, or InvalidArgument for a negative offset or max_chunk < 1.
+        """
+        job = self._jobs.get(job_id)
+        if job is not None and job.started:
+            return job.output.follow(offset, wait=wait, max_chunk=max_chunk)
+        if self._store.closed:
+            raise WorkerClosed("the worker is closed")
+        try:
+            size, truncated = self._ended[job_id]
+        except (KeyError, TypeError):
+            raise JobNotFound(f"no job {job_id!r}; `list` shows the jobs that exist") from None
+        path = self._out_dir / f"{job_id}.out"
+        return OutputLog.ended_log(path, size=size, truncated=truncated).follow(
+            offset, wait=wait, max_chunk=max_chunk)
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Start no new jobs; stop every running one (reason: shutdown) and wait. Idempotent."""
+        if grace is None:
+            grace = self._default_grace
+        _check_grace(grace)
+        self._closed = True
+        async with trio.open_nursery() as nursery:
+            for job in list(self._jobs.values()):
+                if job.started:
+                    nursery.start_soon(job.stop, grace, "shutdown")
+

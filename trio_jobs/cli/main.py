@@ -1,0 +1,188 @@
+"""``trio-jobs``: argument parsing, dispatch, and the one-line error reporting.
+
+No traceback reaches the user: a :class:`CliError` becomes ``trio-jobs: error: MESSAGE`` and
+its exit code, Ctrl-C becomes ``trio-jobs: interrupted`` and 130, and anything unexpected is
+reported in one line as an internal error (set ``TRIO_JOBS_DEBUG=1`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from . import units
+from .errors import EXIT_CODES_HELP, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, CliError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+PROG = "trio-jobs"
+
+DESCRIPTION = """\
+Run Linux processes ("jobs") on a trio-jobs server over gRPC with mutual TLS.
+
+environment:
+  TRIO_JOBS_HOME      state directory: pki/, jobs.sqlite3, output files
+                      (default $XDG_STATE_HOME/trio-jobs, else ~/.local/state/trio-jobs)
+  TRIO_JOBS_SERVER    server address for client commands (default localhost:4567)
+  TRIO_JOBS_IDENTITY  which certificate of TRIO_JOBS_HOME/pki to use (default admin)
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line: ``trio-jobs: error: ...`` and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__.removeprefix("parse_")
+    return convert
+
+
+def _offset(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"invalid offset {text!r}: use a byte offset, 0 or more")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=EXIT_CODES_HELP, formatter_class=fmt)
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    conn = _Parser(add_help=False)
+    g = conn.add_argument_group("connection")
+    g.add_argument("--server", metavar="HOST:PORT", help="server address (default $TRIO_JOBS_SERVER or localhost:4567)")
+    g.add_argument("--identity", metavar="NAME", help="use TRIO_JOBS_HOME/pki/NAME.{crt,key} (default $TRIO_JOBS_IDENTITY or admin)")
+    g.add_argument("--cert", metavar="FILE", help="client certificate (overrides --identity)")
+    g.add_argument("--key", metavar="FILE", help="client private key")
+    g.add_argument("--ca", metavar="FILE", help="CA certificate to verify the server (default TRIO_JOBS_HOME/pki/ca.crt)")
+
+    job = _Parser(add_help=False)
+    job.add_argument("job_pos", nargs="?", metavar="JOB", help="job id (as printed by start)")
+    job.add_argument("--job", metavar="JOB", help="job id (same as the positional JOB)")
+
+    def add(name: str, help_text: str, parents: Sequence[_Parser] = ()) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_text, description=help_text, parents=list(parents), epilog=EXIT_CODES_HELP, formatter_class=fmt
+        )
+        return p
+
+    p = add("serve", "run the server (first run creates the development PKI and state)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=4567, help="port (default 4567; 0 = any free port)")
+    p.add_argument("--data-dir", metavar="D", help="job records and output (default TRIO_JOBS_HOME)")
+    p.add_argument("--policy", metavar="F", help="authorization policy, TOML (default: built-in)")
+    p.add_argument("--pki", metavar="D", help="PKI directory with ca/server certs (default TRIO_JOBS_HOME/pki)")
+    p.add_argument("--cert", metavar="FILE", help="server certificate (with --key and --ca, instead of --pki)")
+    p.add_argument("--key", metavar="FILE", help="server private key")
+    p.add_argument("--ca", metavar="FILE", help="CA that signs client certificates")
+    p.add_argument("--cgroup-parent", metavar="P", help="cgroup to create job cgroups under (default: the server's own)")
+    p.add_argument("--require-limits", action="store_true", help="refuse to start without usable cgroups")
+    p.set_defaults(func=None)
+
+    p = add("start", "start a job; prints its id", [conn])
+    p.add_argument("--cpus", type=_typed(units.parse_cpus), help="CPUs, e.g. 1.5 or 500m (default 2)")
+    p.add_argument("--memory", type=_typed(units.parse_size), help="memory, e.g. 512M, 1G (default 1000M)")
+    p.add_argument("--pids", type=_typed(units.parse_count), help="max processes (default 4096)")
+    p.add_argument("--io-read-bps", type=_typed(units.parse_size), metavar="RATE", help="disk read bytes/s, e.g. 10M")
+    p.add_argument("--io-write-bps", type=_typed(units.parse_size), metavar="RATE", help="disk write bytes/s, e.g. 10M")
+    p.add_argument("--io-read-iops", type=_typed(units.parse_count), metavar="N", help="disk read operations/s")
+    p.add_argument("--io-write-iops", type=_typed(units.parse_count), metavar="N", help="disk write operations/s")
+    p.add_argument("-e", "--env", action="append", metavar="K=V", help="set an environment variable (repeatable)")
+    p.add_argument("--cwd", metavar="D", help="working directory, absolute (default /)")
+    p.add_argument("-f", "--follow", action="store_true", help="then follow the output and exit like tail")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]", help="the program and its arguments")
+
+    p = add("stop", "stop a job: SIGTERM, grace period, SIGKILL", [job, conn])
+    p.add_argument("--grace", type=_typed(units.parse_duration), help="grace period, e.g. 5s, 500ms, 0 (default 5s)")
+    p.add_argument("--json", action="store_true", help="print the final status as JSON")
+
+    p = add("status", "show a job's status", [job, conn])
+    p.add_argument("--json", action="store_true", help="proto3 JSON with the proto's field names")
+
+    p = add("tail", "write a job's output to stdout; exits with the job's status", [job, conn])
+    p.add_argument("--no-follow", action="store_true", help="print what exists and exit 0")
+    p.add_argument("--offset", type=_typed(_offset), default=0, help="start at this byte offset (default 0)")
+
+    p = add("list", "list your jobs (oldest first)", [conn])
+    p.add_argument("--all", action="store_true", help="every user's jobs (admins only)")
+    p.add_argument("--json", action="store_true", help="ListJobsResponse as proto3 JSON")
+
+    add("certs", "manage certificates (init, issue ...): see 'trio-jobs certs --help'")
+    return parser
+
+
+def _run_async(fn: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
+    import trio
+
+    return trio.run(fn, args)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from . import commands
+
+    if args.command == "serve":
+        from .serve import cmd_serve
+
+        return cmd_serve(args)
+    handlers = {
+        "start": commands.cmd_start,
+        "stop": commands.cmd_stop,
+        "status": commands.cmd_status,
+        "tail": commands.cmd_tail,
+        "list": commands.cmd_list,
+    }
+    return _run_async(handlers[args.command], args)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["certs"]:
+            from ..security.certs_cli import main as certs_main
+
+            return certs_main(argv[1:], prog=f"{PROG} certs")
+        args = build_parser().parse_args(argv)
+        return dispatch(args)
+    except BaseException as exc:
+        if isinstance(exc, SystemExit):
+            raise
+        leaves = _leaves(exc)
+        if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+            sys.stderr.write(f"{PROG}: interrupted\n")
+            return EXIT_INTERRUPTED
+        for leaf in leaves:
+            if isinstance(leaf, CliError):
+                sys.stderr.write(f"{PROG}: error: {leaf.message}\n")
+                return leaf.exit_code
+        if os.environ.get("TRIO_JOBS_DEBUG"):
+            traceback.print_exception(exc)
+        leaf = leaves[0]
+        sys.stderr.write(
+            f"{PROG}: error: internal error ({type(leaf).__name__}: {leaf}); "
+            "set TRIO_JOBS_DEBUG=1 for details and report it\n"
+        )
+        return EXIT_ERROR

@@ -1,0 +1,144 @@
+"""``trio-jobs serve``: zero-config first run, banner, and the server's lifecycle.
+
+The first line on stdout is always ``trio-jobs listening on HOST:PORT`` (with the real port
+when ``--port 0`` was given), so scripts and tests can learn the address; the rest of the
+banner is for people. SIGINT/SIGTERM shut down gracefully, a second one at once (see
+:mod:`trio_jobs.server`); either way the exit code is 0.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..security.errors import SecurityError
+from ..security.paths import state_home
+from .errors import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, CliError
+
+if TYPE_CHECKING:
+    import argparse
+    import ssl
+
+    from ..security.policy import Policy
+    from ..server import ServerInfo
+    from ..worker.cgroups.base import CgroupDriver
+
+
+def _ssl_context(args: argparse.Namespace, home: Path) -> tuple[ssl.SSLContext, Path | None]:
+    """The server context, creating the development PKI on first run. Returns (ctx, pki dir)."""
+    from ..security.pki import init_dev_pki, is_complete_dev_pki
+    from ..security.tls import server_ssl_context
+
+    given = [args.cert, args.key, args.ca]
+    if any(given):
+        if not all(given):
+            raise CliError("--cert, --key and --ca go together: give all three", EXIT_USAGE)
+        if args.pki:
+            raise CliError("give either --pki or --cert/--key/--ca, not both", EXIT_USAGE)
+        cert, key, ca, pki = Path(args.cert), Path(args.key), Path(args.ca), None
+    else:
+        pki = Path(args.pki) if args.pki else home / "pki"
+        try:
+            if not is_complete_dev_pki(pki):
+                if pki.exists() and any(pki.iterdir()):
+                    raise CliError(
+                        f"{pki} holds an incomplete PKI; remove it to have a new one made, or pass --cert/--key/--ca",
+                        EXIT_CONFIG,
+                    )
+                init_dev_pki(pki)
+                print(f"created the development PKI in {pki}", file=sys.stderr)
+        except SecurityError as exc:
+            raise CliError(f"cannot create the development PKI in {pki}: {exc}", EXIT_CONFIG) from None
+        cert, key, ca = pki / "server.crt", pki / "server.key", pki / "ca.crt"
+    try:
+        return server_ssl_context(cert=cert, key=key, ca=ca), pki
+    except (SecurityError, OSError) as exc:
+        raise CliError(f"cannot use the server certificate {cert}: {exc}", EXIT_CONFIG) from None
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    from ..security.policy import Policy
+
+    if not args.policy:
+        return Policy.default()
+    try:
+        return Policy.load(Path(args.policy))
+    except (SecurityError, OSError) as exc:
+        raise CliError(f"cannot load the policy {args.policy}: {exc}", EXIT_CONFIG) from None
+
+
+def _banner(info: ServerInfo, home: Path, data_dir: Path, pki: Path | None, driver: str) -> str:
+    host, port = info.addresses[0]
+    shown_host = f"[{host}]" if ":" in host else host
+    lines = [f"trio-jobs listening on {shown_host}:{port}"]
+    lines += [f"  also on {h}:{p}" for h, p in info.addresses[1:]]
+    lines.append(f"cgroups: {driver}")
+    lines.append(f"data: {data_dir}" + (f"  pki: {pki}" if pki else ""))
+    exports = []
+    default_home = state_home({k: v for k, v in os.environ.items() if k != "TRIO_JOBS_HOME"})
+    if pki is not None and home.resolve() != default_home.resolve():
+        exports.append(f"TRIO_JOBS_HOME={shlex.quote(str(home))}")
+    connect_host = "localhost" if host in ("127.0.0.1", "::1", "0.0.0.0", "::") else shown_host
+    if (connect_host, port) != ("localhost", 4567):
+        exports.append(f"TRIO_JOBS_SERVER={connect_host}:{port}")
+    lines.append("connect from another terminal (identities: admin, alice, bob via TRIO_JOBS_IDENTITY):")
+    if exports:
+        lines.append("  export " + " ".join(exports))
+    lines += [
+        "  trio-jobs start -- echo hello        # prints the job id",
+        "  trio-jobs tail JOB",
+        "  trio-jobs list",
+        "stop the server with Ctrl-C (twice: stop jobs at once)",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not sys.platform.startswith("linux"):
+        raise CliError(f"trio-jobs serve needs Linux (processes in cgroups); this is {sys.platform}", EXIT_CONFIG)
+    home = state_home()
+    data_dir = Path(args.data_dir) if args.data_dir else home
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise CliError(f"cannot create the data directory {data_dir}: {exc.strerror}", EXIT_CONFIG) from None
+    ctx, pki = _ssl_context(args, home)
+    policy = _policy(args)
+    from ..worker.cgroups.base import CgroupError
+    from ..worker.cgroups.detect import detect_driver
+
+    try:
+        driver = detect_driver(parent=args.cgroup_parent, require=args.require_limits)
+    except CgroupError as exc:
+        raise CliError(f"cgroups: {exc}", EXIT_CONFIG) from None
+    if driver.name == "none":
+        print(
+            "trio-jobs: WARNING: no usable cgroups: jobs run WITHOUT cpu/memory/io/pids limits "
+            "(use --require-limits to refuse instead)",
+            file=sys.stderr,
+        )
+    trio.run(_serve, args, ctx, policy, driver, home, data_dir, pki)
+    return EXIT_OK
+
+
+async def _serve(
+    args: argparse.Namespace,
+    ctx: ssl.SSLContext,
+    policy: Policy,
+    driver: CgroupDriver,
+    home: Path,
+    data_dir: Path,
+    pki: Path | None,
+) -> None:
+    from ..server import ServerConfig, serve
+
+    config = ServerConfig(host=args.host, port=args.port, data_dir=data_dir, ssl_context=ctx, policy=policy, cgroups=driver)
+    async with trio.open_nursery() as nursery:
+        info: ServerInfo = await nursery.start(serve, config)
+        print(_banner(info, home, data_dir, pki, driver.describe()), flush=True)
+    print("trio-jobs: server stopped", file=sys.stderr, flush=True)

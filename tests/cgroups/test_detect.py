@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -159,10 +158,6 @@ def test_no_proc_is_refused(tmp_path: Path) -> None:
         _detect(parent=None, require=True, root=tmp_path, pid=PID)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("trio_jobs.worker.cgroups.none") is None,
-    reason="the worker's NoCgroupDriver (cgroups/none.py) is not written yet",
-)
 def test_without_cgroups_the_none_driver_is_used_loudly(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

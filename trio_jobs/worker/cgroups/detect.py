@@ -21,20 +21,19 @@ there before), our own cgroup is taken to be the one above it.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final
 
 from ._layout import Mount, parse_mountinfo, parse_proc_cgroup, resolve_parent
 from .base import CgroupError
+from .none import NoCgroupDriver
 from .v1 import V1_CONTROLLERS, V1Driver
 from .v2 import SUPERVISOR_LEAF, V2_CONTROLLERS, V2Driver
 
 if TYPE_CHECKING:
-    from ..limits import Limits
-    from .base import CgroupDriver, JobCgroup
+    from .base import CgroupDriver
 
 log = logging.getLogger(__name__)
 
@@ -156,36 +155,6 @@ def _try_v1(mounts: list[Mount], own: dict[str, str], parent: str, root: Path) -
     )
 
 
-@final
-class _ExplainedDriver:
-    """The worker's NoCgroupDriver, with the reason no cgroups are used in ``describe()``."""
-
-    def __init__(self, inner: CgroupDriver, reason: str) -> None:
-        self._inner = inner
-        self._reason = reason
-
-    @property
-    def name(self) -> str:
-        return self._inner.name
-
-    def describe(self) -> str:
-        return f"{self._inner.describe()}: {self._reason}"
-
-    async def prepare(self) -> None:
-        await self._inner.prepare()
-
-    async def create(self, job_id: str, limits: Limits) -> JobCgroup:
-        return await self._inner.create(job_id, limits)
-
-
-def _none_driver(reason: str) -> CgroupDriver:
-    # none.py belongs to the worker; imported lazily so this module does not depend on it
-    # at import time.
-    module = importlib.import_module(".none", __package__)
-    inner: CgroupDriver = module.NoCgroupDriver()
-    return _ExplainedDriver(inner, reason)
-
-
 def _detect(*, parent: str | None, require: bool, root: Path, pid: int) -> CgroupDriver:
     parent = DEFAULT_PARENT if parent is None else parent
     mountinfo = _read(root / "proc" / "self" / "mountinfo")
@@ -206,4 +175,4 @@ def _detect(*, parent: str | None, require: bool, root: Path, pid: int) -> Cgrou
     if require:
         raise CgroupError(message + "; refusing to run jobs without resource limits")
     log.warning("jobs will run WITHOUT cpu/memory/io/pids limits: %s", message)
-    return _none_driver(message)
+    return NoCgroupDriver(message)

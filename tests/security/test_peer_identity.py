@@ -47,3 +47,20 @@ def test_cn_among_other_attributes() -> None:
 )
 def test_missing_or_ambiguous_is_none(peer: dict[str, Any] | None) -> None:
     assert identity_from_peercert(peer) is None
+
+
+def test_security_layer_imports_neither_worker_nor_rpc() -> None:
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import trio_jobs.security, trio_jobs.security.certs_cli
+bad = sorted(m for m in sys.modules if m.split(".")[:2] in (["trio_jobs", "worker"], ["trio_jobs", "rpc"]) or m == "trio")
+print(bad)
+sys.exit(1 if bad else 0)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

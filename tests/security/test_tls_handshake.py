@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from trio_jobs.security import HandshakeRefused, peer_identity, require_h2, tls
+from trio_jobs.security import (
+    HandshakeRefused,
+    TlsConfigError,
+    negotiated_h2,
+    peer_identity,
+    require_h2,
+    tls,
+)
 from trio_jobs.security.pki import (
     generate_ca,
     generate_client,
@@ -235,3 +242,43 @@ async def test_client_without_h2_alpn_is_closed(dev_pki: Path, alpn: list[str]) 
 async def test_server_offers_no_session_tickets(dev_pki: Path) -> None:
     """Every connection is a full handshake that re-verifies the client certificate."""
     assert server_ctx(dev_pki).num_tickets == 0
+
+
+def test_context_errors_name_the_file(dev_pki: Path, tmp_path: Path) -> None:
+    crt, key, ca = dev_pki / "alice.crt", dev_pki / "alice.key", dev_pki / "ca.crt"
+    with pytest.raises(TlsConfigError, match=r"CA certificate file .*nope\.crt does not exist"):
+        tls.client_ssl_context(cert=crt, key=key, ca=tmp_path / "nope.crt")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(TlsConfigError, match="cannot load the CA certificate"):
+        tls.server_ssl_context(cert=crt, key=key, ca=garbage)
+    with pytest.raises(TlsConfigError, match="not a matching pair"):
+        tls.client_ssl_context(cert=crt, key=dev_pki / "bob.key", ca=ca)
+    with pytest.raises(TlsConfigError, match="private key file"):
+        tls.client_ssl_context(cert=crt, key=tmp_path, ca=ca)
+
+
+def test_contexts_are_tls13_only_with_h2(dev_pki: Path) -> None:
+    for ctx in (server_ctx(dev_pki), client_ctx(dev_pki, "alice")):
+        assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
+        assert ctx.verify_mode == ssl.CERT_REQUIRED
+        assert ctx.options & ssl.OP_NO_COMPRESSION
+        assert ctx.verify_flags & ssl.VERIFY_X509_STRICT
+    assert client_ctx(dev_pki, "alice").check_hostname
+
+
+class _Alpn:
+    def __init__(self, selected: str | None) -> None:
+        self.selected = selected
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self.selected
+
+
+def test_require_h2() -> None:
+    assert negotiated_h2(_Alpn("h2"))
+    require_h2(_Alpn("h2"))
+    for other in (None, "http/1.1", "h2c"):
+        assert not negotiated_h2(_Alpn(other))
+        with pytest.raises(HandshakeRefused):
+            require_h2(_Alpn(other))

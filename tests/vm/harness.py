@@ -163,7 +163,7 @@ def run_guest_pytest(
         try:
             qemu_out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            failure = f"timed out after {timeout:.0f} s (qemu killed)"
+            failure = f"timed out after {timeout:g} s (qemu killed)"
             qemu_out = _stop(proc)
         except BaseException:
             _stop(proc)

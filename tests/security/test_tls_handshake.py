@@ -215,12 +215,11 @@ async def test_server_certificate_as_client_certificate_is_refused(dev_pki: Path
     assert_refused(out, "unsuitable certificate purpose")
 
 
-async def test_client_certificate_cannot_serve(dev_pki: Path) -> None:
+async def test_client_certificate_cannot_serve(dev_pki: Path, tmp_path: Path) -> None:
     """The mirror image: a client certificate presented by a server fails the client's check."""
     ca = load_pair(dev_pki, "ca")
-    tmp = dev_pki.parent / "fake-server"
-    tmp.mkdir(exist_ok=True)
-    write_pair(tmp, "alice-as-server", generate_client(ca, "alice"), force=True)
+    tmp = tmp_path
+    write_pair(tmp, "alice-as-server", generate_client(ca, "alice"))
     sctx = tls.server_ssl_context(
         cert=tmp / "alice-as-server.crt", key=tmp / "alice-as-server.key", ca=dev_pki / "ca.crt"
     )

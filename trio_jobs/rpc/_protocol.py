@@ -71,12 +71,13 @@ class StreamGone(Exception):
 
 
 class _Stream:
-    __slots__ = ("decoder", "discarding", "headers_sent", "remote_ended", "unacked")
+    __slots__ = ("decoder", "discarding", "headers_sent", "remote_ended", "reset", "unacked")
 
     def __init__(self, max_message: int) -> None:
         self.decoder = MessageDecoder(max_message)
         self.unacked = 0  # flow-control credit handed to the app, not yet acknowledged
-        self.discarding = False
+        self.discarding = False  # drop (and credit back) any further DATA
+        self.reset = False  # RST_STREAM sent or received: nothing more can be sent
         self.headers_sent = False
         self.remote_ended = False
 
@@ -246,7 +247,7 @@ class GrpcProtocol:
         if st is None:
             return
         st.remote_ended = True
-        st.discarding = True
+        st.discarding = st.reset = True
         out.append(ev.StreamReset(stream_id=sid, error_code=code))
 
     # -- flow control ----------------------------------------------------------------
@@ -324,7 +325,7 @@ class GrpcProtocol:
         """RST_STREAM unless the stream is already closed; never raises."""
         st = self._streams.get(stream_id)
         if st is not None:
-            st.discarding = True
+            st.discarding = st.reset = True
         if self.closed:
             return
         with contextlib.suppress(h2.exceptions.ProtocolError):

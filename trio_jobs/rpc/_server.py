@@ -239,7 +239,7 @@ class _ServerConnection(Transport):
     ) -> None:
         """Send the status (unless the client reset), release the stream, bounded."""
         try:
-            if not self.proto.is_reset_or_ended(sid) and self.lost is None:
+            if not self.proto.is_reset(sid) and self.lost is None:
                 with contextlib.suppress(StreamGone):
                     self.proto.send_trailers(sid, code, message, trailing)
             self.proto.release(sid)

@@ -209,6 +209,7 @@ class ServerProtocol(GrpcProtocol):
         if not st.remote_ended:
             self.reset_stream(stream_id, ErrorCodes.NO_ERROR)
 
-    def is_reset_or_ended(self, stream_id: int) -> bool:
+    def is_reset(self, stream_id: int) -> bool:
+        """True when nothing can be sent on the stream any more (reset, or unknown)."""
         st = self._streams.get(stream_id)
-        return st is None or st.discarding
+        return st is None or st.reset

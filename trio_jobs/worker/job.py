@@ -254,13 +254,15 @@ class Job:
     async def stop(self, grace: float, reason: Reason = "user") -> StopResult:
         """SIGTERM, wait ``grace`` seconds, SIGKILL; return once ended. See the module doc."""
         assert self._cgroup is not None
-        if self._final is None:
-            if grace > 0 and self._note_signal(reason):
-                await _quietly(self._cgroup.signal_all(signal.SIGTERM), self.job_id, "SIGTERM")
-                with trio.move_on_after(grace):
-                    await self._ended.wait()
-            if self._final is None and self._note_signal(reason):
-                await _quietly(self._cgroup.kill_all(), self.job_id, "SIGKILL")
+        if self._final is not None:  # already ended: not an error, and not our doing
+            await trio.lowlevel.checkpoint()
+            return StopResult(status=self._final, force_ended=False)
+        if grace > 0 and self._note_signal(reason):
+            await _quietly(self._cgroup.signal_all(signal.SIGTERM), self.job_id, "SIGTERM")
+            with trio.move_on_after(grace):
+                await self._ended.wait()
+        if self._final is None and self._note_signal(reason):
+            await _quietly(self._cgroup.kill_all(), self.job_id, "SIGKILL")
         final = await self.wait_ended()
         forced = final.state is JobState.KILLED and (final.stopped_by_user
                                                      or final.stopped_by_shutdown)

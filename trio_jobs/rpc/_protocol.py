@@ -297,7 +297,7 @@ class GrpcProtocol:
         try:
             off = 0
             while True:
-                chunk = data[off : off + frame]
+                chunk = data[off : min(off + frame, n)]
                 off += len(chunk)
                 self._h2.send_data(stream_id, chunk, end_stream=end_stream and off >= len(data))
                 if off >= n:

@@ -1,0 +1,83 @@
+"""Bad input gets a clear InvalidJobSpec from start(), and no job record or output file."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import pytest
+
+from trio_jobs.worker import DEFAULT_LIMITS, InvalidJobSpec, JobSpec, Limits, RunAs
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from trio_jobs.worker import Worker
+
+
+def _files(tmp: Path) -> dict[str, str]:
+    text = tmp / "script.txt"
+    text.write_text("echo no shebang\n")
+    text.chmod(0o755)
+    plain = tmp / "not-executable"
+    plain.write_text("#!/bin/sh\necho hi\n")
+    plain.chmod(0o644)
+    nobody_only = tmp / "root-only"
+    nobody_only.write_text("#!/bin/sh\necho hi\n")
+    nobody_only.chmod(0o700)
+    return {"text": str(text), "plain": str(plain), "root_only": str(nobody_only)}
+
+
+CASES: dict[str, tuple[dict[str, object], str]] = {
+    "empty command": ({"command": ""}, "command is empty"),
+    "missing program": ({"command": "no-such-program-xyz"}, "not found"),
+    "missing path": ({"command": "/no/such/program"}, "no such file"),
+    "a directory": ({"command": "/usr"}, "is a directory"),
+    "not executable": ({"command": "{plain}"}, "not executable"),
+    "no #! and not ELF": ({"command": "{text}"}, "not an ELF binary"),
+    "not executable by the run-as user": (
+        {"command": "{root_only}", "run_as": RunAs(uid=65534, gid=65534, name="nobody")},
+        "not executable by user nobody"),
+    "NUL in command": ({"command": "ec\0ho"}, "NUL"),
+    "NUL in an argument": ({"command": "echo", "args": ("a", "b\0c")}, "argument 2 contains a NUL"),
+    "NUL in an env value": ({"command": "echo", "env": {"A": "x\0"}}, "NUL"),
+    "NUL in an env name": ({"command": "echo", "env": {"A\0B": "x"}}, "NUL"),
+    "= in an env name": ({"command": "echo", "env": {"A=B": "x"}}, "contains '='"),
+    "empty env name": ({"command": "echo", "env": {"": "x"}}, "name is empty"),
+    "non-string argument": ({"command": "echo", "args": (1,)}, "must be a string"),
+    "missing working dir": ({"command": "echo", "working_dir": "/no/such/dir"}, "working_dir"),
+    "relative working dir": ({"command": "echo", "working_dir": "tmp"}, "absolute"),
+    "working dir is a file": ({"command": "echo", "working_dir": "/etc/passwd"},
+                              "not a directory"),
+    "zero memory": ({"command": "echo", "limits": Limits(memory_bytes=0)}, "memory_bytes"),
+    "negative cpu": ({"command": "echo", "limits": Limits(cpu_millis=-5)}, "cpu_millis"),
+    "bool limit": ({"command": "echo", "limits": Limits(pids_max=True)}, "pids_max"),
+    "empty owner": ({"command": "echo", "owner": ""}, "owner"),
+    "huge argument": ({"command": "echo", "args": ("x" * 200_000,)}, "longer than"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_bad_spec_is_refused_without_a_record(worker: Worker, tmp_path: Path,
+                                                     case: str) -> None:
+    if case == "not executable by the run-as user" and os.geteuid() != 0:
+        pytest.skip("needs root to own a 0700 file that user nobody cannot execute")
+    fields, message = CASES[case]
+    files = _files(tmp_path)
+    kwargs = {"owner": "tester", **fields}
+    if isinstance(kwargs["command"], str):
+        kwargs["command"] = kwargs["command"].format(**files) if "{" in kwargs["command"] \
+            else kwargs["command"]
+    spec = JobSpec(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(InvalidJobSpec, match=message):
+        await worker.start(spec)
+    assert await worker.list() == []
+    assert os.listdir(tmp_path / "data" / "output") == []
+
+
+async def test_a_valid_spec_with_limits_runs(worker: Worker) -> None:
+    status = await worker.start(JobSpec(command="true", owner="o",
+                                        limits=Limits(memory_bytes=1 << 30).merged_over(
+                                            DEFAULT_LIMITS)))
+    assert status.limits.memory_bytes == 1 << 30
+    assert len(await worker.list()) == 1

@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.profile is not None and args.profile.exists():
         _print_profile(args.profile, 25)
-    if not args.quick and not args.no_doc and results:
+    # A profiled run is slower than it should be: it never goes into the docs.
+    if not args.quick and not args.no_doc and args.profile is None and results:
         section = render_doc_section(
             table,
             work=work,

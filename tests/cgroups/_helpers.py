@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trio_jobs.worker.cgroups.v1 import V1JobCgroup
-from trio_jobs.worker.cgroups.v2 import V2JobCgroup
+from trio_jobs.worker.cgroups.v1 import V1Driver, V1JobCgroup
+from trio_jobs.worker.cgroups.v2 import V2Driver, V2JobCgroup
 
 if TYPE_CHECKING:
     from trio_jobs.worker.cgroups.base import JobCgroup
@@ -129,3 +129,18 @@ def alive(pid: int) -> bool:
 
 def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
+
+
+def boost_cpu_weight(driver: V1Driver | V2Driver) -> None:
+    """Give the test's own parent cgroup 10x the default CPU weight.
+
+    On a shared host (teammates' tests and benchmarks running) every busy process in the root
+    cgroup weighs as much as our whole job subtree, so an unlimited job may get less CPU than
+    a 0.5-CPU cap would allow and the CPU tests could not tell the cap from the load. The
+    caps themselves (cpu.max / cfs_quota) are independent of weights. This only writes to the
+    parent the test created.
+    """
+    if isinstance(driver, V1Driver):
+        (driver.parent_dir("cpu") / "cpu.shares").write_text("10240")
+    else:
+        (driver.parent_dir / "cpu.weight").write_text("1000")

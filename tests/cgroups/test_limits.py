@@ -20,7 +20,7 @@ import trio
 from trio_jobs.worker.cgroups.devices import disk_of
 from trio_jobs.worker.limits import Limits, MiB
 
-from ._helpers import members, read_limit, read_lines, spawn_in
+from ._helpers import boost_cpu_weight, members, read_limit, read_lines, spawn_in
 
 if TYPE_CHECKING:
     from .conftest import Driver
@@ -60,33 +60,50 @@ async def test_memory_limit_oom_kills(driver: Driver, limited: bool) -> None:
 
 # Four busy processes (processes, not Python threads, so the GIL cannot be what limits them).
 BUSY4 = "for i in 1 2 3 4; do (while :; do :; done) & done; echo started; wait"
-CPU_WINDOW = 1.5  # wall seconds measured
+CPU_WINDOW = 2.0  # wall seconds measured
+CPU_CASES = {"half": Limits(cpu_millis=500), "tenth": Limits(cpu_millis=100), "none": Limits()}
 
 
-async def _cpu_per_wall(driver: Driver, limits: Limits) -> float:
-    job = await driver.create(str(uuid.uuid4()), limits)
-    with trio.fail_after(30):
-        proc = await spawn_in(job, ["/bin/sh", "-c", BUSY4], stdout=subprocess.PIPE)
-        assert await read_lines(proc, 1) == ["started"]
-        u0, t0 = (await job.usage()).cpu_usec, trio.current_time()
-        await trio.sleep(CPU_WINDOW)  # the measurement window itself, not a wait for an event
-        u1, t1 = (await job.usage()).cpu_usec, trio.current_time()
-        await job.kill_all()
-        await job.wait_empty()
-        await proc.wait()
-    await job.remove()
-    return (u1 - u0) / 1e6 / (t1 - t0)
+async def _cpu_per_wall(driver: Driver) -> dict[str, float]:
+    """CPU-s per wall-s of a busy job per case, all measured in the same window.
+
+    Concurrent runs share whatever CPU the (shared, sometimes busy) host gives us at that
+    moment, so the comparison between them holds even when that changes from second to
+    second.
+    """
+    boost_cpu_weight(driver)
+    jobs = {k: await driver.create(str(uuid.uuid4()), lim) for k, lim in CPU_CASES.items()}
+    procs: list[trio.Process] = []
+    try:
+        with trio.fail_after(30):
+            for job in jobs.values():
+                proc = await spawn_in(job, ["/bin/sh", "-c", BUSY4], stdout=subprocess.PIPE)
+                procs.append(proc)
+                assert await read_lines(proc, 1) == ["started"]
+            u0 = {k: (await j.usage()).cpu_usec for k, j in jobs.items()}
+            t0 = trio.current_time()
+            await trio.sleep(CPU_WINDOW)  # the measurement window itself, not a wait
+            u1 = {k: (await j.usage()).cpu_usec for k, j in jobs.items()}
+            t1 = trio.current_time()
+    finally:
+        with trio.move_on_after(10, shield=True):
+            for job in jobs.values():
+                await job.remove()
+            for proc in procs:
+                await proc.wait()
+    return {k: (u1[k] - u0[k]) / 1e6 / (t1 - t0) for k in jobs}
 
 
 @pytest.mark.slow
 async def test_cpu_limit_half_a_cpu(driver: Driver) -> None:
-    limited = await _cpu_per_wall(driver, Limits(cpu_millis=500))
-    unlimited = await _cpu_per_wall(driver, Limits())
-    assert limited <= 0.6, f"0.5 CPU limit gave {limited:.2f} CPU-s per s"
-    # "Far more" without the limit: on a 2-CPU host four busy processes get most of both
-    # CPUs; leave room for teammates' load.
-    assert unlimited > 0.9, (limited, unlimited)
-    assert unlimited >= 1.5 * limited, (limited, unlimited)
+    r = await _cpu_per_wall(driver)
+    assert r["half"] <= 0.6, f"0.5 CPU limit gave {r['half']:.2f} CPU-s per s"
+    assert r["tenth"] <= 0.13, f"0.1 CPU limit gave {r['tenth']:.2f} CPU-s per s"
+    if sum(r.values()) < 0.5:
+        pytest.skip(f"the host gave only {sum(r.values()):.2f} CPU-s per s to 12 busy processes")
+    # "Far more" without a limit, in the same window. On an idle 2-CPU host: ~0.5/0.1/1.4.
+    assert r["none"] >= 2 * r["tenth"], r
+    assert r["none"] > r["tenth"] + 0.1, r
 
 
 def _io_dir(tmp_path: Path) -> Path:

@@ -1,0 +1,245 @@
+"""The Must-show list end to end: jobs run by ``open_worker(data_dir, cgroups=driver)``.
+
+Bomb-like jobs check their own limit file first (from /proc/self/cgroup) and refuse to run
+(exit 3) when it does not hold the expected value, so a broken driver fails the test instead
+of loading the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from trio_jobs.worker import JobSpec, JobState, Limits, MiB, open_worker
+
+from ._helpers import alive, boost_cpu_weight, descendants, open_fds
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from trio_jobs.worker import JobStatus, Worker
+
+    from .conftest import Driver
+
+pytestmark = pytest.mark.cgroups
+
+PY = sys.executable
+
+# Prints the value of a limit of the calling process's own cgroup, v1 or v2.
+OWN_LIMIT = """
+def own_limit(v2_file, v1_controller, v1_file):
+    for line in open("/proc/self/cgroup").read().splitlines():
+        hid, ctl, path = line.split(":", 2)
+        if hid == "0" and ctl == "" and __import__("os").path.exists(
+                "/sys/fs/cgroup" + path + "/" + v2_file):
+            return open("/sys/fs/cgroup" + path + "/" + v2_file).read().strip()
+        if v1_controller in ctl.split(","):
+            return open("/sys/fs/cgroup/" + v1_controller + path + "/" + v1_file).read().strip()
+"""
+
+MEMORY_BOMB = (
+    OWN_LIMIT
+    + """
+import sys
+expected = sys.argv[1]
+if expected != "max" and own_limit("memory.max", "memory", "memory.limit_in_bytes") != expected:
+    sys.exit(3)
+b = b"\\x01" * (200 * 1000 * 1000)
+print(len(b) // 1000000)
+"""
+)
+
+FORK_LOOP = (
+    OWN_LIMIT
+    + """
+import os, signal, sys
+if own_limit("pids.max", "pids", "pids.max") != "64":
+    sys.exit(3)
+made = failed = 0
+for _ in range(300):  # bounded: a few hundred forks, never an exponential bomb
+    try:
+        pid = os.fork()
+    except OSError:
+        failed += 1
+        continue
+    if pid == 0:
+        signal.pause()
+        os._exit(0)
+    made += 1
+print(made, failed, flush=True)
+signal.pause()
+"""
+)
+
+
+def _spec(command: str, *args: str, limits: Limits | None = None) -> JobSpec:
+    return JobSpec(command=command, args=args, owner="tester", limits=limits or Limits())
+
+
+@pytest.fixture
+async def worker(driver: Driver, tmp_path: Path) -> AsyncIterator[Worker]:
+    async with open_worker(tmp_path / "data", cgroups=driver, default_grace=1.0) as w:
+        assert w.cgroup_driver_name == driver.name
+        yield w
+
+
+async def _output(worker: Worker, job_id: str) -> bytes:
+    out = bytearray()
+    reader = worker.follow(job_id)
+    try:
+        async for chunk in reader:
+            out += chunk.data
+    finally:
+        await reader.aclose()
+    return bytes(out)
+
+
+async def _first_lines(worker: Worker, job_id: str, count: int) -> list[str]:
+    out = bytearray()
+    reader = worker.follow(job_id)
+    try:
+        async for chunk in reader:
+            out += chunk.data
+            if out.count(b"\n") >= count:
+                break
+    finally:
+        await reader.aclose()
+    return out.decode().splitlines()[:count]
+
+
+async def _run(worker: Worker, spec: JobSpec) -> tuple[JobStatus, bytes]:
+    started = await worker.start(spec)
+    out = await _output(worker, started.job_id)
+    return await worker.status(started.job_id), out
+
+
+@pytest.mark.parametrize("limited", [True, False])
+async def test_memory_job_is_oom_killed_only_under_the_limit(worker: Worker, limited: bool) -> None:
+    limits = Limits(memory_bytes=64 * MiB) if limited else Limits()
+    expected = str(64 * MiB) if limited else "max"
+    with trio.fail_after(60):
+        status, out = await _run(worker, _spec(PY, "-c", MEMORY_BOMB, expected, limits=limits))
+    if limited:
+        assert status.state is JobState.KILLED, (status, out)
+        assert status.signal == signal.SIGKILL
+        assert status.oom_killed
+        assert status.usage.memory_peak_bytes <= 65 * MiB
+    else:
+        assert status.state is JobState.EXITED, (status, out)
+        assert status.exit_code == 0
+        assert out == b"200\n"
+        assert not status.oom_killed
+
+
+BUSY4 = "for i in 1 2 3 4; do (while :; do :; done) & done; echo started; wait"
+CPU_CASES = {"half": Limits(cpu_millis=500), "tenth": Limits(cpu_millis=100), "none": Limits()}
+
+
+@pytest.mark.slow
+async def test_cpu_limit_through_the_worker(worker: Worker, driver: Driver) -> None:
+    boost_cpu_weight(driver)
+    # All three jobs run in the same window (see tests/cgroups/test_limits.py), measured
+    # through the live usage of the worker's status.
+    with trio.fail_after(30):
+        ids = {}
+        for case, limits in CPU_CASES.items():
+            job = await worker.start(_spec("/bin/sh", "-c", BUSY4, limits=limits))
+            assert await _first_lines(worker, job.job_id, 1) == ["started"]
+            ids[case] = job.job_id
+        u0 = {k: (await worker.status(i)).usage.cpu_usec for k, i in ids.items()}
+        t0 = trio.current_time()
+        await trio.sleep(2.0)  # the measurement window itself
+        u1 = {k: (await worker.status(i)).usage.cpu_usec for k, i in ids.items()}
+        t1 = trio.current_time()
+        for i in ids.values():
+            assert (await worker.stop(i, grace=0)).force_ended
+    r = {k: (u1[k] - u0[k]) / 1e6 / (t1 - t0) for k in ids}
+    assert r["half"] <= 0.6, r
+    assert r["tenth"] <= 0.13, r
+    if sum(r.values()) < 0.5:
+        pytest.skip(f"the host gave only {sum(r.values()):.2f} CPU-s per s to 12 busy processes")
+    assert r["none"] >= 2 * r["tenth"], r
+    assert r["none"] > r["tenth"] + 0.1, r
+
+
+async def test_fork_loop_is_contained_and_stoppable(worker: Worker) -> None:
+    with trio.fail_after(60):
+        job = await worker.start(_spec(PY, "-c", FORK_LOOP, limits=Limits(pids_max=64)))
+        lines = await _first_lines(worker, job.job_id, 1)
+        assert lines, await worker.status(job.job_id)
+        made, failed = (int(x) for x in lines[0].split())
+        assert (made, failed) == (63, 300 - 63)
+        assert (await trio.run_process(["true"])).returncode == 0  # the host still forks
+        result = await worker.stop(job.job_id, grace=0)
+    assert result.force_ended
+    assert result.status.state is JobState.KILLED
+    assert result.status.stopped_by_user
+
+
+async def test_stop_leaves_no_descendant_alive(worker: Worker) -> None:
+    script = (
+        "setsid sleep 1000 & echo $!; "
+        "(sleep 1000 & echo $!); "
+        "(setsid sh -c 'sleep 1000 & echo $!' &); "
+        "trap '' TERM; sleep 1000"
+    )
+    with trio.fail_after(30):
+        job = await worker.start(_spec("/bin/sh", "-c", script))
+        pids = [int(x) for x in await _first_lines(worker, job.job_id, 3)]
+        assert all(alive(p) for p in pids)
+        result = await worker.stop(job.job_id, grace=0.2)
+    assert result.force_ended
+    for p in pids:
+        assert not alive(p)
+
+
+async def test_job_that_forks_at_once_is_entirely_inside(worker: Worker, driver: Driver) -> None:
+    script = "sleep 60 & (sleep 60 &); sleep 60 | cat & echo $$; exec sleep 60"
+    with trio.fail_after(30):
+        job = await worker.start(_spec("/bin/sh", "-c", script))
+        (main,) = (int(x) for x in await _first_lines(worker, job.job_id, 1))
+        path = await _job_procs_file(driver, job.job_id)
+        inside = {int(p) for p in (await trio.Path(path).read_text()).split()}
+        assert descendants(main) | {main} <= inside
+        assert len(inside) >= 5
+        await worker.stop(job.job_id, grace=0)
+    assert not await trio.Path(path).exists()  # removed after the job
+
+
+async def _job_procs_file(driver: Driver, job_id: str) -> str:
+    from trio_jobs.worker.cgroups.v1 import V1Driver
+
+    if isinstance(driver, V1Driver):
+        return str(driver.parent_dir("freezer") / job_id / "cgroup.procs")
+    return str(driver.parent_dir / job_id / "cgroup.procs")
+
+
+@pytest.mark.slow
+async def test_no_cgroup_process_or_fd_left_after_200_jobs(driver: Driver, tmp_path: Path) -> None:
+    fds_before = open_fds()
+    count = 200
+    with trio.fail_after(240):
+        async with open_worker(tmp_path / "data", cgroups=driver) as worker:
+            for i in range(count):
+                script = "setsid sleep 1000 & exit 0" if i % 20 == 0 else "exit 0"
+                status, _ = await _run(worker, _spec("/bin/sh", "-c", script))
+                assert status.state is JobState.EXITED
+                assert status.exit_code == 0
+    from trio_jobs.worker.cgroups.v1 import V1Driver
+
+    if isinstance(driver, V1Driver):
+        parents = {
+            driver.parent_dir(c) for c in ("cpu", "cpuacct", "memory", "blkio", "pids", "freezer")
+        }
+    else:
+        parents = {driver.parent_dir}
+    for parent in parents:
+        assert [e.name for e in parent.iterdir() if e.is_dir()] == []
+    assert descendants(os.getpid()) == set()
+    assert open_fds() == fds_before

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from .rpc import Channel
 
 _SERVICE: Final = "/trio_jobs.v1.JobService/"
+# Trailing metadata of a followed StreamOutput (see trio_jobs.service).
+FINAL_STATUS_KEY: Final = "trio-jobs-final-status-bin"
 _R = TypeVar("_R", bound=Message)
 DEFAULT_SERVER: Final = "localhost:4567"
 
@@ -355,6 +357,10 @@ class JobsClient:
                             state.sink_failed = True
                             raise
                         state.offset += len(data)
+                for key, value in stream.trailing_metadata:
+                    if key == FINAL_STATUS_KEY and isinstance(value, bytes):
+                        # the server sent the ended job's status with the trailers
+                        return JobInfo.from_proto(pb.JobStatus.FromString(value))
         except RpcError as exc:
             raise _translate(exc) from exc
         except (OSError, trio.BrokenResourceError) as exc:

@@ -65,11 +65,18 @@ def _policy(args: argparse.Namespace) -> Policy:
     from ..security.policy import Policy
 
     if not args.policy:
-        return Policy.default()
+        policy = Policy.default()
+        try:
+            policy.check_users()
+        except SecurityError as exc:
+            raise CliError(f"the built-in policy does not fit this host: {exc}; pass --policy F", EXIT_CONFIG) from None
+        return policy
     try:
-        return Policy.load(Path(args.policy))
+        policy = Policy.load(Path(args.policy))
+        policy.check_users()  # a run_as user that does not exist fails now, not at StartJob
     except (SecurityError, OSError) as exc:
         raise CliError(f"cannot load the policy {args.policy}: {exc}", EXIT_CONFIG) from None
+    return policy
 
 
 def _banner(info: ServerInfo, home: Path, data_dir: Path, pki: Path | None, driver: str) -> str:

@@ -1,0 +1,205 @@
+"""End-to-end fixtures: the real ``trio-jobs`` entry point in subprocesses.
+
+Each test gets its own ``TRIO_JOBS_HOME`` in tmp_path, a server on 127.0.0.1 port 0 (it
+prints ``trio-jobs listening on HOST:PORT`` as its first stdout line, which is how we learn
+the port) and its own cgroup parent with a unique name, so concurrent test runs never touch
+each other's cgroups. Every wait is bounded; nothing sleeps to wait for something.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Final
+
+import pytest
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+CLI: Final = (sys.executable, "-m", "trio_jobs.cli")
+STARTUP_TIMEOUT: Final = 60.0
+COMMAND_TIMEOUT: Final = 60.0
+_LISTEN_RE: Final = re.compile(rb"trio-jobs listening on (\S+):(\d+)")
+
+
+def read_line(stream: IO[bytes], timeout: float) -> bytes:
+    """One line from a pipe, or TimeoutError (select-based: no sleeping)."""
+    fd = stream.fileno()
+    buf = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while not buf.endswith(b"\n"):
+            if not sel.select(timeout):
+                raise TimeoutError(f"no complete line within {timeout}s (got {buf!r})")
+            byte = os.read(fd, 1)
+            if not byte:
+                break
+            buf += byte
+    return buf
+
+
+def read_until(stream: IO[bytes], marker: bytes, timeout: float) -> bytes:
+    """Read from a pipe until ``marker`` has been seen (raises TimeoutError/EOFError)."""
+    fd = stream.fileno()
+    buf = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while marker not in buf:
+            if not sel.select(timeout):
+                raise TimeoutError(f"{marker!r} not seen within {timeout}s")
+            data = os.read(fd, 65536)
+            if not data:
+                raise EOFError(f"EOF before {marker!r}")
+            buf += data
+    return buf
+
+
+class Host:
+    """A TRIO_JOBS_HOME with (at most) one running server and a way to run client commands."""
+
+    def __init__(self, home: Path, logs: Path) -> None:
+        self.home = home
+        self.logs = logs
+        self.cgroup_parent = f"trio-jobs-e2e-{uuid.uuid4().hex[:12]}"
+        self.server: subprocess.Popen[bytes] | None = None
+        self.address = ""
+        self.banner = ""
+        self._starts = 0
+
+    def env(self, identity: str | None = None, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_JOBS_")}
+        env["TRIO_JOBS_HOME"] = str(self.home)
+        if self.address:
+            env["TRIO_JOBS_SERVER"] = self.address
+        if identity:
+            env["TRIO_JOBS_IDENTITY"] = identity
+        env.update(extra)
+        return env
+
+    def start_server(self, *extra: str) -> str:
+        assert self.server is None, "a server is already running"
+        self._starts += 1
+        stderr = (self.logs / f"server-{self._starts}.stderr").open("wb")
+        proc = subprocess.Popen(
+            [*CLI, "serve", "--port", "0", "--cgroup-parent", self.cgroup_parent, *extra],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=self.env(),
+        )
+        stderr.close()
+        self.server = proc
+        assert proc.stdout is not None
+        try:
+            first = read_line(proc.stdout, STARTUP_TIMEOUT)
+        except TimeoutError:
+            self.kill_server()
+            raise
+        m = _LISTEN_RE.match(first)
+        if m is None:
+            proc.wait(timeout=COMMAND_TIMEOUT)
+            raise AssertionError(f"server did not start: {first!r}; stderr: {self.server_stderr()}")
+        self.address = f"{m.group(1).decode()}:{m.group(2).decode()}"
+        rest = read_until(proc.stdout, b"Ctrl-C", STARTUP_TIMEOUT)
+        self.banner = (first + rest).decode()
+        return self.address
+
+    def server_stderr(self) -> str:
+        return (self.logs / f"server-{self._starts}.stderr").read_text(errors="replace")
+
+    def stop_server(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        assert self.server is not None
+        self.server.send_signal(sig)
+        try:
+            code = self.server.wait(timeout=timeout)
+        finally:
+            self._forget()
+        return code
+
+    def kill_server(self) -> None:
+        if self.server is not None:
+            self.server.kill()
+            self.server.wait(timeout=COMMAND_TIMEOUT)
+            self._forget()
+
+    def _forget(self) -> None:
+        if self.server is not None and self.server.stdout is not None:
+            self.server.stdout.close()
+        self.server = None
+
+    def run(
+        self, *args: str, identity: str | None = None, timeout: float = COMMAND_TIMEOUT, check: bool = True
+    ) -> subprocess.CompletedProcess[bytes]:
+        result = subprocess.run([*CLI, *args], env=self.env(identity), capture_output=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"trio-jobs {' '.join(args)} exited {result.returncode}: {result.stderr.decode(errors='replace')}"
+            )
+        return result
+
+    def popen(self, *args: str, identity: str | None = None) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([*CLI, *args], env=self.env(identity), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def start(self, *argv: str, identity: str | None = None, options: Sequence[str] = ()) -> str:
+        out = self.run("start", *options, "--", *argv, identity=identity).stdout.decode()
+        job_id = out.strip()
+        assert re.fullmatch(r"[0-9a-f-]{36}", job_id), out
+        return job_id
+
+    def close(self) -> None:
+        if self.server is not None:
+            try:
+                self.stop_server(signal.SIGTERM, timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill_server()
+        _remove_cgroup_dirs(self.cgroup_parent)
+
+
+def _remove_cgroup_dirs(name: str) -> None:
+    """Remove directories named ``name`` that a killed test server may have left (ours only)."""
+    root = Path("/sys/fs/cgroup")
+    if not root.is_dir():
+        return
+    for proc_line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, own = proc_line.split(":", 2)
+        for sub in [root / c for c in (controllers.split(",") if controllers else [""])] + [root / controllers]:
+            base = (sub / own.lstrip("/") / name) if own != "/" else sub / name
+            if base.is_dir():
+                for child in sorted(base.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                    if child.is_dir():
+                        _kill_and_rmdir(child)
+                _kill_and_rmdir(base)
+
+
+def _kill_and_rmdir(d: Path) -> None:
+    try:
+        for pid in (d / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        d.rmdir()
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Host]:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    h = Host(tmp_path / "home", logs)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def served(host: Host) -> Host:
+    host.start_server()
+    return host

@@ -1,0 +1,169 @@
+"""The trio-jobs server: worker + gRPC server + policy + signals, assembled.
+
+Ownership (one nursery tree): :func:`serve` owns the worker (``open_worker``), which owns the
+jobs; inside it a nursery owns the gRPC listeners and the signal watcher.
+
+Lifecycle:
+
+- ready: ``task_status.started(ServerInfo)`` once the listeners are bound (port 0 -> the real
+  port is in ``ServerInfo.addresses``).
+- first SIGINT/SIGTERM (or :meth:`ServerHandle.request_shutdown`): stop accepting and send
+  GOAWAY (``Server.shutdown``), while -- at the same time -- every running job is stopped with
+  its grace period (``Worker.shutdown``). Both run together because a ``tail -f`` stream only
+  ends when its job ends: draining the calls first would wait for the jobs. Records are
+  persisted and cgroups removed by the worker; then ``serve`` returns (exit 0).
+- a second signal: stop at once -- jobs are SIGKILLed (grace 0) and the drain is cut short.
+  Still a clean exit: records say "killed by shutdown".
+- ``shutdown_timeout`` bounds the whole graceful phase; past it the second-signal path runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, final
+
+import trio
+
+from .rpc import Server, health_service, service_from_descriptor
+from .security.identity import identity_from_peercert
+from .service import JobService
+from .v1 import jobs_pb2
+from .worker import CgroupError, open_worker
+from .worker.cgroups.v1 import V1Driver
+from .worker.cgroups.v2 import V2Driver
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    import ssl
+    from pathlib import Path
+
+    from .security.policy import Policy
+    from .worker import Worker
+    from .worker.cgroups.base import CgroupDriver
+
+SHUTDOWN_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+# The graceful phase: the default job grace period (5 s) plus time to reap and persist.
+DEFAULT_SHUTDOWN_TIMEOUT: Final = 15.0
+FORCED_DRAIN_TIMEOUT: Final = 2.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 4567
+    data_dir: Path
+    ssl_context: ssl.SSLContext
+    policy: Policy
+    cgroups: CgroupDriver | None = None  # None: the worker runs jobs without cgroups
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    handle_signals: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerInfo:
+    addresses: list[tuple[str, int]]
+    cgroup_driver: str
+    handle: ServerHandle = field(repr=False)
+
+
+@final
+class ServerHandle:
+    """Lets an embedding program (or a test) ask for the same shutdown a signal causes."""
+
+    def __init__(self) -> None:
+        self._requests = 0
+        self._changed = trio.Event()
+
+    def request_shutdown(self) -> None:
+        """First call: graceful shutdown. Second call: immediate."""
+        self._requests += 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait_for(self, count: int) -> None:
+        while self._requests < count:
+            await self._changed.wait()
+
+
+async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the server until shut down (see the module docstring). Returns normally then."""
+    handle = ServerHandle()
+    async with trio.open_nursery() as outer:
+        # The watcher outlives the worker: a signal while jobs are being stopped must reach
+        # us (as "hurry up"), never the default handler.
+        if config.handle_signals:
+            await outer.start(_watch_signals, handle)
+        async with open_worker(config.data_dir, cgroups=config.cgroups) as worker:
+            service = JobService(worker, config.policy)
+            shutting_down = False
+
+            def healthy(_service_name: str) -> bool:
+                return not shutting_down
+
+            methods = [
+                *service_from_descriptor(jobs_pb2.DESCRIPTOR.services_by_name["JobService"], service),
+                *health_service(healthy),
+            ]
+            server = Server(methods, ssl_context=config.ssl_context, identify=identity_from_peercert)
+            async with trio.open_nursery() as nursery:
+                addresses = await nursery.start(server.serve_tcp, config.host, config.port)
+                task_status.started(
+                    ServerInfo(addresses=list(addresses), cgroup_driver=worker.cgroup_driver_name, handle=handle)
+                )
+                await handle._wait_for(1)
+                shutting_down = True
+                if not await _graceful(server, worker, handle, config.shutdown_timeout):
+                    # Second request or timeout: kill the jobs now, cut the drain short.
+                    async with trio.open_nursery() as forced:
+                        forced.start_soon(worker.shutdown, 0.0)
+                        forced.start_soon(server.shutdown, FORCED_DRAIN_TIMEOUT)
+                nursery.cancel_scope.cancel()
+        await _remove_cgroup_parent(config.cgroups)
+        outer.cancel_scope.cancel()
+
+
+async def _remove_cgroup_parent(driver: CgroupDriver | None) -> None:
+    """After a clean shutdown no job is left: remove the parent cgroups the driver made."""
+    if isinstance(driver, V1Driver | V2Driver):
+        try:
+            await driver.remove_parent()
+        except CgroupError as exc:
+            log.warning("could not remove the jobs' parent cgroup: %s", exc)
+
+
+async def _graceful(server: Server, worker: Worker, handle: ServerHandle, limit: float) -> bool:
+    """GOAWAY + drain and stopping the jobs, together. False if cut short (2nd signal/timeout)."""
+    finished = False
+    async with trio.open_nursery() as phase:
+
+        async def both() -> None:
+            nonlocal finished
+            with trio.move_on_after(limit):
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(server.shutdown, limit)
+                    inner.start_soon(worker.shutdown)
+                finished = True
+            phase.cancel_scope.cancel()
+
+        async def second_request() -> None:
+            await handle._wait_for(2)
+            phase.cancel_scope.cancel()
+
+        phase.start_soon(both)
+        phase.start_soon(second_request)
+    return finished
+
+
+async def _cancel_on(handle: ServerHandle, scope: trio.CancelScope) -> None:
+    await handle._wait_for(2)
+    scope.cancel()
+
+
+async def _watch_signals(handle: ServerHandle, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+        task_status.started()
+        async for _ in signals:
+            handle.request_shutdown()

@@ -1,0 +1,345 @@
+"""JobService: the proto API (``trio_jobs.v1``) mapped onto the worker and the policy.
+
+This module is the only bridge between :mod:`trio_jobs.worker` (jobs, no protobuf) and
+:mod:`trio_jobs.rpc` (gRPC, no jobs). Every handler:
+
+1. looks the caller up in the policy by ``ctx.peer_identity`` (unknown -> PERMISSION_DENIED);
+2. validates the request (-> INVALID_ARGUMENT with a message saying what to fix);
+3. calls the worker, translating its errors at the boundary (``WorkerClosed`` ->
+   UNAVAILABLE, ``JobNotFound`` -> NOT_FOUND, ``InvalidJobSpec`` -> INVALID_ARGUMENT).
+
+Another user's job is reported exactly like a job that does not exist (same code, same
+message), so nobody learns which job ids exist. A job id that is not a UUID is
+INVALID_ARGUMENT: it can never name a job, and saying so helps the user more.
+
+The program of a StartJob is resolved here, against the job's fixed PATH (never the server's
+and never the ``PATH`` of the request's env), and the *resolved* absolute path is what the
+policy checks and what the worker executes, so the check and the execution cannot disagree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from dataclasses import fields
+from typing import TYPE_CHECKING, Final, NoReturn, final
+
+import trio
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from .rpc import RpcError, StatusCode
+from .security.errors import PermissionDenied, PolicyError
+from .security.policy import LimitAboveCap, QuotaExceeded
+from .v1 import jobs_pb2 as pb
+from .worker import (
+    DEFAULT_LIMITS,
+    JOB_PATH,
+    InvalidArgument,
+    InvalidJobSpec,
+    JobNotFound,
+    JobSpec,
+    JobState,
+    Limits,
+    RunAs,
+    Usage,
+    WorkerClosed,
+)
+from .worker.validate import resolve_program
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Mapping
+    from datetime import datetime
+
+    from .rpc import ServerContext
+    from .security.policy import IdentityPolicy, Policy, UnixUser
+    from .worker import JobStatus, Worker
+
+
+MAX_GRACE_SECONDS: Final = 3600.0
+"""An upper bound on StopJob's grace period, so one request cannot pin a job for years."""
+
+MAX_ARGS_BYTES: Final = 1 << 20
+"""argv + env of one job, in bytes (the kernel's own limit is a few MiB; keep well under)."""
+
+_STATES: Final = {
+    JobState.RUNNING: pb.JOB_STATE_RUNNING,
+    JobState.EXITED: pb.JOB_STATE_EXITED,
+    JobState.KILLED: pb.JOB_STATE_KILLED,
+    JobState.LOST: pb.JOB_STATE_LOST,
+}
+
+LIMIT_FIELDS: Final = tuple(f.name for f in fields(Limits))
+
+FINAL_STATUS_KEY: Final = "trio-jobs-final-status-bin"
+"""Trailing metadata of a followed StreamOutput: the ended job's serialized JobStatus."""
+
+
+# -- conversions -------------------------------------------------------------------------
+
+
+def _timestamp(when: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(when)
+    return ts
+
+
+def limits_to_proto(limits: Limits) -> pb.ResourceLimits:
+    """Unset (unlimited) fields stay unset in the proto."""
+    msg = pb.ResourceLimits()
+    for name in LIMIT_FIELDS:
+        value = getattr(limits, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def usage_to_proto(usage: Usage) -> pb.ResourceUsage:
+    return pb.ResourceUsage(
+        cpu_usec=usage.cpu_usec,
+        memory_peak_bytes=usage.memory_peak_bytes,
+        io_read_bytes=usage.io_read_bytes,
+        io_write_bytes=usage.io_write_bytes,
+    )
+
+
+def status_to_proto(status: JobStatus) -> pb.JobStatus:
+    msg = pb.JobStatus(
+        job_id=status.job_id,
+        owner=status.owner,
+        command=status.command,
+        args=list(status.args),
+        state=_STATES[status.state],
+        stopped_by_user=status.stopped_by_user,
+        oom_killed=status.oom_killed,
+        stopped_by_shutdown=status.stopped_by_shutdown,
+        created_at=_timestamp(status.created_at),
+        limits=limits_to_proto(status.limits),
+        usage=usage_to_proto(status.usage),
+        output_bytes=status.output_bytes,
+        output_truncated=status.output_truncated,
+    )
+    if status.exit_code is not None:
+        msg.exit_code = status.exit_code
+    if status.signal is not None:
+        msg.signal = status.signal
+    if status.ended_at is not None:
+        msg.ended_at.CopyFrom(_timestamp(status.ended_at))
+    return msg
+
+
+def effective_limits(requested: pb.ResourceLimits, caps: Mapping[str, int]) -> Limits:
+    """The request's limits with the defaults filled in, checked against the caller's caps.
+
+    A default above the cap is lowered to the cap (the user asked for nothing); a requested
+    value above it is left for ``Policy.check_limits`` to refuse (the user asked for it).
+    Raises ValueError (non-positive value) with the message for the user.
+    """
+    values: dict[str, int | None] = {}
+    present = {field.name: int(value) for field, value in requested.ListFields()}
+    for name in LIMIT_FIELDS:
+        cap = caps.get(name)
+        default: int | None = getattr(DEFAULT_LIMITS, name)
+        if name in present:
+            value = present[name]
+            if value <= 0:
+                raise ValueError(f"limit {name} must be greater than zero (got {value}); leave it unset for the default")
+            values[name] = value
+        elif default is None:
+            values[name] = cap
+        else:
+            values[name] = default if cap is None else min(default, cap)
+    return Limits(**values)
+
+
+def run_as_of(user: UnixUser | None) -> RunAs | None:
+    if user is None:
+        return None
+    return RunAs(uid=user.uid, gid=user.gid, groups=user.groups, name=user.name, home=user.home)
+
+
+def _abort(code: StatusCode, message: str) -> NoReturn:
+    raise RpcError(code, message)
+
+
+@final
+class JobService:
+    """The ``trio_jobs.v1.JobService`` handlers. Serve with
+    ``service_from_descriptor(jobs_pb2.DESCRIPTOR.services_by_name["JobService"], JobService(...))``.
+
+    The service does not own the worker; whoever opened the worker closes it.
+    """
+
+    def __init__(self, worker: Worker, policy: Policy) -> None:
+        self._worker = worker
+        self._policy = policy
+        # StartJob checks "fewer than N running" and then starts; two concurrent requests of
+        # one user must not both pass the check, so checks and starts are serialized.
+        self._start_lock = trio.Lock()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _caller(self, ctx: ServerContext) -> IdentityPolicy:
+        try:
+            return self._policy.lookup(ctx.peer_identity)
+        except PermissionDenied as exc:
+            _abort(StatusCode.PERMISSION_DENIED, str(exc))
+
+    @staticmethod
+    def _job_id(raw: str) -> str:
+        try:
+            return str(uuid.UUID(raw))
+        except ValueError:
+            shown = raw if len(raw) <= 64 else raw[:64] + "..."
+            _abort(
+                StatusCode.INVALID_ARGUMENT,
+                f"job id {shown!r} is not a UUID; use the id that 'trio-jobs start' printed "
+                "(see 'trio-jobs list')",
+            )
+
+    @staticmethod
+    def _not_found(job_id: str) -> NoReturn:
+        _abort(StatusCode.NOT_FOUND, f"no job {job_id} of yours; see 'trio-jobs list' for your jobs")
+
+    async def _visible_status(self, who: IdentityPolicy, job_id: str) -> JobStatus:
+        try:
+            status = await self._worker.status(job_id)
+        except JobNotFound:
+            self._not_found(job_id)
+        except WorkerClosed:
+            self._unavailable()
+        if status.owner != who.name and not who.admin:
+            self._not_found(job_id)
+        return status
+
+    @staticmethod
+    def _unavailable() -> NoReturn:
+        _abort(StatusCode.UNAVAILABLE, "the server is shutting down; retry once it is back")
+
+    # -- RPCs ------------------------------------------------------------------------------
+
+    async def StartJob(self, request: pb.StartJobRequest, ctx: ServerContext) -> pb.StartJobResponse:
+        who = self._caller(ctx)
+        if not request.command:
+            _abort(StatusCode.INVALID_ARGUMENT, "no command given; pass the program to run, e.g. 'echo'")
+        working_dir = request.working_dir or "/"
+        if not os.path.isabs(working_dir):
+            _abort(StatusCode.INVALID_ARGUMENT, f"working_dir {working_dir!r} must be an absolute path")
+        size = len(request.command) + sum(len(a) + 1 for a in request.args)
+        size += sum(len(k) + len(v) + 2 for k, v in request.env.items())
+        if size > MAX_ARGS_BYTES:
+            _abort(StatusCode.INVALID_ARGUMENT, f"command, args and env take {size} bytes, over the limit of {MAX_ARGS_BYTES}")
+        for text in (request.command, *request.args, *request.env.keys(), *request.env.values()):
+            if "\0" in text:
+                _abort(StatusCode.INVALID_ARGUMENT, "command, args and env must not contain NUL characters")
+        for key in request.env:
+            if not key or "=" in key:
+                _abort(StatusCode.INVALID_ARGUMENT, f"environment variable name {key!r} is invalid (empty or contains '=')")
+        try:
+            limits = effective_limits(request.limits, who.max_limits)
+        except ValueError as exc:
+            _abort(StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            self._policy.check_limits(who, {name: getattr(limits, name) for name in LIMIT_FIELDS})
+            run_as = run_as_of(await trio.to_thread.run_sync(self._policy.resolve_run_as, who))
+            program = await trio.to_thread.run_sync(resolve_program, request.command, JOB_PATH, working_dir, run_as)
+            self._policy.check_program(who, program, search_path=JOB_PATH)
+        except InvalidJobSpec as exc:
+            _abort(StatusCode.INVALID_ARGUMENT, f"{exc}; give the full path of a program installed on the server")
+        except LimitAboveCap as exc:
+            _abort(StatusCode.INVALID_ARGUMENT, str(exc))
+        except PermissionDenied as exc:
+            _abort(StatusCode.PERMISSION_DENIED, str(exc))
+        except PolicyError as exc:
+            _abort(StatusCode.FAILED_PRECONDITION, f"{exc}; ask the server's operator to fix the policy")
+        spec = JobSpec(
+            command=program,
+            args=tuple(request.args),
+            env=dict(request.env),
+            working_dir=working_dir,
+            limits=limits,
+            owner=who.name,
+            run_as=run_as,
+        )
+        async with self._start_lock:
+            try:
+                running = [j for j in await self._worker.list(owner=who.name) if j.state is JobState.RUNNING]
+                self._policy.check_running_jobs(who, len(running))
+                status = await self._worker.start(spec)
+            except QuotaExceeded as exc:
+                _abort(StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            except InvalidJobSpec as exc:
+                _abort(StatusCode.INVALID_ARGUMENT, str(exc))
+            except WorkerClosed:
+                self._unavailable()
+        return pb.StartJobResponse(job_id=status.job_id, status=status_to_proto(status))
+
+    async def StopJob(self, request: pb.StopJobRequest, ctx: ServerContext) -> pb.StopJobResponse:
+        who = self._caller(ctx)
+        job_id = self._job_id(request.job_id)
+        grace: float | None = None
+        if request.HasField("grace_period"):
+            d = request.grace_period
+            if d.seconds < 0 or d.nanos < 0:
+                _abort(StatusCode.INVALID_ARGUMENT, "grace_period must not be negative; use 0 to kill at once")
+            if d.nanos >= 1_000_000_000:
+                _abort(StatusCode.INVALID_ARGUMENT, "grace_period.nanos must be below 1e9")
+            grace = d.seconds + d.nanos / 1e9
+            if grace > MAX_GRACE_SECONDS:
+                _abort(StatusCode.INVALID_ARGUMENT, f"grace_period {grace:g}s is too long; use at most {MAX_GRACE_SECONDS:g}s")
+        await self._visible_status(who, job_id)
+        try:
+            result = await self._worker.stop(job_id, grace=grace)
+        except JobNotFound:
+            self._not_found(job_id)
+        except WorkerClosed:
+            self._unavailable()
+        return pb.StopJobResponse(status=status_to_proto(result.status), force_ended=result.force_ended)
+
+    async def GetJobStatus(self, request: pb.GetJobStatusRequest, ctx: ServerContext) -> pb.JobStatus:
+        who = self._caller(ctx)
+        return status_to_proto(await self._visible_status(who, self._job_id(request.job_id)))
+
+    async def StreamOutput(
+        self,
+        request: pb.StreamOutputRequest,
+        ctx: ServerContext,
+        send: Callable[[pb.OutputChunk], Awaitable[None]],
+    ) -> None:
+        who = self._caller(ctx)
+        job_id = self._job_id(request.job_id)
+        if request.offset < 0:
+            _abort(StatusCode.INVALID_ARGUMENT, f"offset {request.offset} is negative; use 0 for the start")
+        await self._visible_status(who, job_id)
+        try:
+            reader = self._worker.follow(job_id, request.offset, wait=request.follow)
+        except InvalidArgument as exc:
+            _abort(StatusCode.INVALID_ARGUMENT, str(exc))
+        except JobNotFound:
+            self._not_found(job_id)
+        except WorkerClosed:
+            self._unavailable()
+        try:
+            # The reader keeps only an offset; `send` waits for the client's flow-control
+            # window, so a slow follower holds back only itself.
+            async for chunk in reader:
+                await send(pb.OutputChunk(data=chunk.data, offset=chunk.offset))
+        finally:
+            await reader.aclose()
+        if request.follow:
+            # The job has ended. Its final status rides in the trailers, so a follower needs
+            # no second call -- which a server that is shutting down (GOAWAY) would refuse.
+            with contextlib.suppress(JobNotFound, WorkerClosed):
+                final = status_to_proto(await self._worker.status(job_id))
+                ctx.set_trailing_metadata(((FINAL_STATUS_KEY, final.SerializeToString()),))
+
+    async def ListJobs(self, request: pb.ListJobsRequest, ctx: ServerContext) -> pb.ListJobsResponse:
+        who = self._caller(ctx)
+        if request.all_users and not who.admin:
+            _abort(StatusCode.PERMISSION_DENIED, "only admins may list every user's jobs; drop --all to list yours")
+        try:
+            jobs = await self._worker.list(owner=None if request.all_users else who.name)
+        except WorkerClosed:
+            self._unavailable()
+        jobs = sorted(jobs, key=lambda j: (j.created_at, j.job_id))
+        return pb.ListJobsResponse(jobs=[status_to_proto(j) for j in jobs])

@@ -31,7 +31,7 @@ import trio
 from .cgroups.base import CgroupError
 from .errors import WorkerError
 from .limits import Usage
-from .spawn import Spawned, spawn
+from .spawn import PIPE_SIZE, Spawned, spawn
 from .spec import JobState, JobStatus, StopResult, check_transition
 from .store import utcnow
 
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trio_jobs.worker")
 
-PIPE_READ_SIZE: Final = 64 * 1024  # one pipe's worth (the default pipe capacity)
+PIPE_READ_SIZE: Final = PIPE_SIZE  # up to a whole pipe's worth per read and file write
 DRAIN_TIMEOUT: Final = 2.0  # after everything was killed, how long EOF may take to arrive
 EMPTY_TIMEOUT: Final = 10.0  # how long a killed cgroup may take to empty before we go on
 CLEANUP_TIMEOUT: Final = 15.0  # shielded cleanup when the job task itself is cancelled

@@ -29,6 +29,7 @@ at exit *without reaping*: the zombie keeps the pid (and process-group id) reser
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 
 WRAPPER: Final = 'IFS= read -r go && [ "$go" = go ] || exit 125; exec "$0" "$@" </dev/null'
 SHELL: Final = "/bin/sh"
+PIPE_SIZE: Final = 1024 * 1024  # the default /proc/sys/fs/pipe-max-size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,6 +138,10 @@ async def spawn(program: str, args: tuple[str, ...], *, env: dict[str, str], cwd
     it, the child is killed and reaped before Cancelled propagates.
     """
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    # A bigger pipe means fewer, larger reads and file writes (one thread hop each) for a
+    # chatty job. Best effort: an unprivileged user may be held to the default 64 KiB.
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(out_r, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     kwargs: dict[str, object] = {}
     if run_as is not None:

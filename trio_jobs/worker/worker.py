@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
     from .cgroups.base import CgroupDriver
     from .spec import JobSpec
+    from .validate import Prepared
 
 log = logging.getLogger("trio_jobs.worker")
 
@@ -107,6 +109,15 @@ async def _recover(store: JobStore, out_dir: Path) -> dict[str, tuple[int, bool]
     return ended
 
 
+def _prepare_and_create(spec: JobSpec, path: Path) -> tuple[Prepared, int]:
+    prepared = prepare(spec)  # raises InvalidJobSpec before anything exists
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise WorkerError(f"cannot create the output file {path}: {exc}") from exc
+    return prepared, fd
+
+
 def _file_size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -154,13 +165,11 @@ class Worker:
         """
         if self._closed:
             raise WorkerClosed("the worker is shutting down and starts no new jobs")
-        prepared = await trio.to_thread.run_sync(prepare, spec)
         job_id = str(uuid.uuid4())
         path = self._out_dir / f"{job_id}.out"
-        try:
-            output = await OutputLog.create(path, cap=self._output_cap, tail_size=self._tail_size)
-        except OSError as exc:
-            raise WorkerError(f"cannot create the output file {path}: {exc}") from exc
+        # One thread hop for both (start latency): validate, then create the spool file.
+        prepared, fd = await trio.to_thread.run_sync(_prepare_and_create, spec, path)
+        output = OutputLog(path, cap=self._output_cap, tail_size=self._tail_size, write_fd=fd)
         job = Job(job_id=job_id, spec=spec, prepared=prepared, driver=self._driver,
                   store=self._store, output=output)
         try:

@@ -209,7 +209,7 @@ class _ServerConnection(Transport):
     ) -> None:
         max_send = self.server.limits.max_send_message
 
-        async def send(response: Any) -> None:
+        async def send(response: Any, *, flush: bool = True) -> None:
             if not isinstance(response, method.response_type):
                 raise TypeError(f"{method.path} must send {method.response_type.__name__}")
             data = response.SerializeToString()
@@ -219,12 +219,13 @@ class _ServerConnection(Transport):
                     f"response of {len(data)} bytes exceeds the limit of {max_send}",
                 )
             self._send_headers(state)
-            await self.send_message(state, data)
+            await self.send_message(state, data, flush=flush)
 
         if method.server_streaming:
             await method.handler(request, ctx, send)  # type: ignore[call-arg]
         else:
-            await send(await method.handler(request, ctx))  # type: ignore[call-arg]
+            # headers, message and trailers (from _finish) go out in one write
+            await send(await method.handler(request, ctx), flush=False)  # type: ignore[call-arg]
 
     def _send_headers(self, state: StreamState) -> None:
         if state.error is not None:

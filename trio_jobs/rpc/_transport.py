@@ -132,7 +132,7 @@ class Transport:
             one.wake()
 
     async def send_message(
-        self, state: StreamState, payload: bytes, *, end_stream: bool = False
+        self, state: StreamState, payload: bytes, *, end_stream: bool = False, flush: bool = True
     ) -> None:
         """Send one message, waiting for flow-control window as needed.
 
@@ -142,13 +142,13 @@ class Transport:
         stream (all callers do, since cancellation ends the call).
         """
         if len(payload) < _COPY_LIMIT:
-            await self._send_view(state, memoryview(encode_message(payload)), end_stream)
+            await self._send_view(state, memoryview(encode_message(payload)), end_stream, flush)
         else:  # avoid copying a large payload: the prefix, then the body
-            await self._send_view(state, memoryview(_prefix(payload)), False, flush=False)
-            await self._send_view(state, memoryview(payload), end_stream)
+            await self._send_view(state, memoryview(_prefix(payload)), False, False)
+            await self._send_view(state, memoryview(payload), end_stream, flush)
 
     async def _send_view(
-        self, state: StreamState, view: memoryview, end_stream: bool, *, flush: bool = True
+        self, state: StreamState, view: memoryview, end_stream: bool, flush: bool
     ) -> None:
         while True:
             if state.error is not None:

@@ -269,7 +269,7 @@ def main(argv: Sequence[str]) -> int:
     except VMUnavailable as exc:
         print(f"vm: unavailable: {exc}", file=sys.stderr)
         return 3
-    except VMError as exc:
+    except (VMError, OSError) as exc:
         print(f"vm: {exc}", file=sys.stderr)
         return 1
     print(run.report() if not run.ok else run.output)

@@ -175,6 +175,10 @@ class Worker:
         try:
             status: JobStatus = await self._nursery.start(self._run_job, job)
         except BaseException as exc:
+            if job.started:
+                # nursery.start() can raise Cancelled after started(): the job runs (and is
+                # listed); only this caller missed its id.
+                raise
             output.finish()
             with trio.move_on_after(5, shield=True):
                 await trio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))

@@ -1,0 +1,26 @@
+"""``./dev bench SUITE [ARGS...]``: run one benchmark suite (see docs/benchmarks.md).
+
+Suites: ``rpc`` (the gRPC layer against grpcio, grpclib and bare TLS) and ``worker`` (the
+job worker in-process: follower memory and throughput, job start latency).
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+SUITES = {"rpc": "benchmarks.rpc", "worker": "benchmarks.bench_worker"}
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in SUITES:
+        print(__doc__, file=sys.stderr)
+        return 2
+    suite = sys.argv.pop(1)
+    sys.argv[0] = f"benchmarks {suite}"
+    runpy.run_module(SUITES[suite], run_name="__main__", alter_sys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -199,3 +200,17 @@ async def test_shorter_file_than_recorded_is_a_clear_error(tmp_path: Path) -> No
     with pytest.raises(Exception, match="shorter"):
         await reader.__anext__()
     await reader.aclose()
+
+
+async def test_bytes_not_in_the_page_cache_are_read_in_a_thread(tmp_path: Path) -> None:
+    log = await OutputLog.create(tmp_path / "out", cap=1 << 30, tail_size=1)
+    payload = random.Random(2).randbytes(1 << 20)
+    await log.append(payload)
+    log.finish()
+    fd = os.open(tmp_path / "out", os.O_RDONLY)
+    try:
+        os.fsync(fd)  # clean pages can be dropped from the cache
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert b"".join([c.data async for c in log.follow(0, max_chunk=1 << 20)]) == payload

@@ -243,7 +243,11 @@ class OutputReader:
     async def _read_file(self, offset: int, n: int) -> bytes:
         global _nowait_supported
         if self._fd is None:
-            fd = await trio.to_thread.run_sync(os.open, self._log.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fd = await trio.to_thread.run_sync(os.open, self._log.path,
+                                                   os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:  # e.g. EMFILE with very many followers, or a missing file
+                raise WorkerError(f"cannot open output file {self._log.path}: {exc}") from exc
             if self._closed:
                 os.close(fd)
                 raise trio.ClosedResourceError("OutputReader was closed")

@@ -185,6 +185,9 @@ class Worker:
             if isinstance(exc, CgroupError):
                 raise WorkerError(f"cannot set up the job's cgroup: {exc}") from exc
             raise
+        if self._closed:  # shutdown began while we were starting: it did not see this job
+            await job.stop(0, "shutdown")
+            raise WorkerClosed("the worker is shutting down; the job was stopped")
         return status
 
     async def _run_job(self, job: Job, *, task_status: trio.TaskStatus[JobStatus]) -> None:

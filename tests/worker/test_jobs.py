@@ -28,13 +28,22 @@ if TYPE_CHECKING:
     from trio_jobs.worker import Worker
 
 
-def _gone(pid: int) -> bool:
-    """The process no longer runs (it does not exist, or it is a zombie awaiting its reaper)."""
+async def _dies(pid: int) -> bool:
+    """Whether process ``pid`` exits within a few seconds (SIGKILL is delivered asynchronously,
+    so a killed process may still be finishing its exit). Event driven: a pidfd becomes
+    readable when the process exits."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError):
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
         return True
+    try:
+        with trio.move_on_after(5):
+            await trio.lowlevel.wait_readable(pidfd)
+            return True
+        return False
+    finally:
+        trio.lowlevel.notify_closing(pidfd)
+        os.close(pidfd)
 
 
 async def test_output_exit_code_and_interleaving(worker: Worker) -> None:
@@ -78,7 +87,7 @@ async def test_background_child_does_not_keep_the_job_alive(worker: Worker) -> N
     assert hi == "hi"
     final = await worker.status(status.job_id)
     assert (final.state, final.exit_code) == (JobState.EXITED, 0)
-    assert _gone(int(pid_line)), "the background sleep survived its job"
+    assert await _dies(int(pid_line)), "the background sleep survived its job"
 
 
 async def test_setsid_escapee_cannot_hang_the_job_or_followers(worker: Worker) -> None:
@@ -296,7 +305,7 @@ async def test_cancelling_the_worker_still_kills_and_records_jobs(tmp_path: Path
         final = await worker.status(status.job_id)
         assert final.state is JobState.KILLED
         assert final.stopped_by_shutdown
-    assert _gone(pids[0])
+    assert await _dies(pids[0])
 
 
 @pytest.mark.root

@@ -77,6 +77,7 @@ class TrioEcho:
         self.cancelled = trio.Event()
         self.started = trio.Event()
         self.finished = 0
+        self.sent = 0  # messages Stream handed to send() so far
         self.identities: list[str | None] = []
         self.deadlines: list[float | None] = []
 
@@ -106,6 +107,7 @@ class TrioEcho:
         try:
             for i in range(request.count):
                 await send(EchoReply(payload=chunk, index=i))
+                self.sent += 1
                 if request.sleep:
                     await trio.sleep(request.sleep)
         except trio.Cancelled:

@@ -474,3 +474,48 @@ def test_client_goaway_keeps_streams_below_last_id() -> None:
     assert rst.serialize()
     with pytest.raises(StreamGone):
         client.start_request("/a.B/C", authority="x")  # no new streams after GOAWAY
+
+
+@pytest.mark.slow
+def test_100k_sequential_calls_leave_no_window_or_stream_state() -> None:
+    """Both cores, one connection, 100,000 unary calls: nothing accumulates."""
+    server = make_server(max_frame_size=1 * MiB)
+    client = ClientProtocol(
+        max_receive_message=4 * MiB,
+        max_concurrent_streams=100,
+        max_header_list_size=16384,
+        stream_window=1 * MiB,
+        connection_window=4 * MiB,
+        max_frame_size=1 * MiB,
+        clock=Clock(),
+    )
+    client.initiate()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    request = encode_message(b"\n\x01p")
+    completed = 0
+    for _ in range(100_000):
+        sid = client.start_request("/test.echo.Echo/Unary", authority="localhost")
+        client.send_data(sid, request, end_stream=True)
+        for e in server.receive_data(client.data_to_send()):
+            if isinstance(e, ev.MessageReceived):
+                server.acknowledge(sid, e.ack)
+        server.send_response_headers(sid)
+        server.send_data(sid, request)
+        server.send_trailers(sid, StatusCode.OK)
+        server.release(sid)
+        for e in client.receive_data(server.data_to_send()):
+            if isinstance(e, ev.MessageReceived):
+                client.acknowledge(sid, e.ack)
+            elif isinstance(e, ev.CallCompleted):
+                completed += e.code == StatusCode.OK
+        client.release(sid)
+        server.receive_data(client.data_to_send())  # WINDOW_UPDATEs, if any
+    assert completed == 100_000
+    for proto in (server, client):
+        assert proto.open_streams == 0
+        assert len(proto._h2.streams) <= 2  # h2 drops closed streams lazily
+        assert proto._h2._inbound_flow_control_window_manager.current_window_size > 2 * MiB
+        assert proto._h2.outbound_flow_control_window > 2 * MiB
+        assert not proto.closed

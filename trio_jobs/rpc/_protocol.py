@@ -6,17 +6,22 @@ Theory of operation
 returns our own events (``_events.py``); every method that produces frames leaves them in
 ``data_to_send()``. No I/O, no clock reads except through the injected ``clock``.
 
-Flow control (receive side): a DATA frame's flow-controlled length is acknowledged
+Flow control (receive side): the credit of a DATA frame (its flow-controlled length) is
+returned to the peer
 
-* at once when the frame completes no message: those bytes sit in the stream's
-  :class:`MessageDecoder`, whose buffer is bounded by the max message size, and holding
-  their credit back could deadlock a message larger than the stream window;
-* when the application says it consumed the message the frame completed
-  (``MessageReceived.ack`` -> :meth:`acknowledge`). So a peer can have at most one stream
-  window of decoded-but-unconsumed messages in flight per stream: the backpressure policy;
-* at :meth:`release` for whatever is still unacknowledged when the application is done
-  with a stream, and at once for data on discarded, refused or unknown streams, so the
-  connection window never leaks (grpclib#67).
+* when the application consumed the message the frame completed: every
+  ``MessageReceived`` must be passed back through :meth:`acknowledge` (its ``ack`` is
+  the credit attributed to it, possibly 0);
+* for a frame that completes no message: at once while the application has no
+  unconsumed message on the stream (the bytes sit in the stream's
+  :class:`MessageDecoder`, bounded by the max message size, and holding them back would
+  deadlock a message larger than the window); otherwise they are held too, and returned
+  when the application has caught up.
+
+So the decoded-but-unconsumed data of a stream is at most one stream window plus one
+message: that is the backpressure policy. Credit still held is returned at
+:meth:`release`, and data on discarded, refused or unknown streams is credited at once,
+so the connection window never leaks (grpclib#67).
 
 Send side: :meth:`send_data` writes only what the peer's windows allow and returns the
 count; the I/O layer waits for :class:`WindowUpdated` before sending the rest, so nothing
@@ -71,11 +76,22 @@ class StreamGone(Exception):
 
 
 class _Stream:
-    __slots__ = ("decoder", "discarding", "headers_sent", "remote_ended", "reset", "unacked")
+    __slots__ = (
+        "decoder",
+        "discarding",
+        "headers_sent",
+        "partial",
+        "queued",
+        "remote_ended",
+        "reset",
+        "unacked",
+    )
 
     def __init__(self, max_message: int) -> None:
         self.decoder = MessageDecoder(max_message)
-        self.unacked = 0  # flow-control credit handed to the app, not yet acknowledged
+        self.unacked = 0  # flow-control credit held back (messages + partial), not yet returned
+        self.queued = 0  # messages handed to the app and not acknowledged yet
+        self.partial = 0  # held credit of the message in progress
         self.discarding = False  # drop (and credit back) any further DATA
         self.reset = False  # RST_STREAM sent or received: nothing more can be sent
         self.headers_sent = False
@@ -219,12 +235,19 @@ class GrpcProtocol:
             out.append(ev.StreamFailed(stream_id=sid, code=code, message=str(exc)))
             return
         if not messages:
-            self._ack(sid, flow)
+            if st.queued:
+                st.partial += flow
+                st.unacked += flow
+            else:
+                self._ack(sid, flow)
             return
+        credit = st.partial + flow
         st.unacked += flow
+        st.partial = 0
+        st.queued += len(messages)
         last = len(messages) - 1
         for i, m in enumerate(messages):
-            out.append(ev.MessageReceived(stream_id=sid, data=m, ack=flow if i == last else 0))
+            out.append(ev.MessageReceived(stream_id=sid, data=m, ack=credit if i == last else 0))
 
     def _on_stream_ended(self, sid: int, out: list[ev.Event]) -> None:
         st = self._streams.get(sid)
@@ -257,10 +280,14 @@ class GrpcProtocol:
             self._h2.acknowledge_received_data(n, sid)
 
     def acknowledge(self, stream_id: int, n: int) -> None:
-        """The application consumed a message whose ``ack`` was ``n``."""
+        """The application consumed a message whose ``ack`` was ``n`` (call it for each)."""
         st = self._streams.get(stream_id)
-        if st is None or n <= 0 or self.closed:
+        if st is None or self.closed:
             return
+        st.queued = max(st.queued - 1, 0)
+        if st.queued == 0:  # caught up: the message in progress need not wait any more
+            n += st.partial
+            st.partial = 0
         n = min(n, st.unacked)
         st.unacked -= n
         self._ack(stream_id, n)

@@ -1,0 +1,316 @@
+"""The trio layer over memory streams: deadlines, drain, handshake, backpressure, leaks."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+import trio.testing
+from echo import STREAM, UNARY, EchoReply, EchoRequest, TrioEcho
+
+from trio_jobs.rpc import (
+    Channel,
+    Method,
+    RpcError,
+    Server,
+    ServerContext,
+    ServerLimits,
+    StatusCode,
+    open_channel,
+)
+
+if TYPE_CHECKING:
+    import ssl
+    from collections.abc import AsyncIterator, Callable
+
+MiB = 1024 * 1024
+
+
+@asynccontextmanager
+async def served(
+    server: Server, nursery: trio.Nursery, *, tls_client: ssl.SSLContext | None = None
+) -> AsyncIterator[Channel]:
+    a, b = trio.testing.memory_stream_pair()
+    done = trio.Event()
+
+    async def serve() -> None:
+        try:
+            await server.serve_connection(a)
+        finally:
+            done.set()
+
+    nursery.start_soon(serve)
+    stream: trio.abc.Stream = b
+    if tls_client is not None:
+        stream = trio.SSLStream(b, tls_client, server_hostname="localhost")
+        await stream.do_handshake()
+    async with open_channel(stream) as ch:
+        yield ch
+    with trio.fail_after(30):
+        await done.wait()
+
+
+async def collect(ch: Channel, method: str, request: Any, limit: float | None = None) -> list[int]:
+    """Run a server-streaming call to the end; the indexes received."""
+    async with ch.server_stream(method, request, EchoReply, timeout=limit) as s:
+        return [m.index async for m in s]
+
+
+def plain(echo: TrioEcho, extra: list[Method] | None = None, **limits: Any) -> Server:
+    return Server(
+        [*echo.methods(), *(extra or [])], ssl_context=None, limits=ServerLimits(**limits)
+    )
+
+
+async def test_server_enforces_grpc_timeout(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    echo = TrioEcho()
+    async with served(plain(echo), nursery) as ch:
+        start = trio.current_time()
+        # Bypass the client's own deadline so only the server's cancel scope can fire.
+        state = await ch._open(UNARY, EchoRequest(sleep=100), 5.0, ())
+        with pytest.raises(RpcError) as info:
+            await ch._next_message(state)
+        ch._close_call(state)
+        assert info.value.code == StatusCode.DEADLINE_EXCEEDED
+        assert trio.current_time() - start == pytest.approx(5.0, abs=0.01)
+        assert echo.cancelled.is_set()
+        assert echo.deadlines[0] == pytest.approx(start + 5.0, abs=0.01)
+
+
+async def test_client_timeout_resets_and_cancels_handler(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    echo = TrioEcho()
+    async with served(plain(echo), nursery) as ch:
+        with pytest.raises(RpcError) as info:
+            await ch.unary(UNARY, EchoRequest(sleep=100), EchoReply, timeout=2.5)
+        assert info.value.code == StatusCode.DEADLINE_EXCEEDED
+        with trio.fail_after(1):
+            await echo.cancelled.wait()
+        # and a server stream whose deadline passes between messages
+        with pytest.raises(RpcError) as info:
+            await collect(ch, STREAM, EchoRequest(count=100, size=1, sleep=1), limit=3.5)
+        assert info.value.code == StatusCode.DEADLINE_EXCEEDED
+        assert (await ch.unary(UNARY, EchoRequest(payload=b"ok"), EchoReply)).payload == b"ok"
+
+
+async def test_drain_deadline_then_unavailable(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    echo = TrioEcho()
+    server = plain(echo)
+    async with served(server, nursery) as ch:
+        results: dict[str, Any] = {}
+
+        async def slow_call() -> None:
+            try:
+                await ch.unary(UNARY, EchoRequest(sleep=100), EchoReply)
+            except RpcError as exc:
+                results["slow"] = exc.code
+
+        async def quick_stream() -> None:
+            async with ch.server_stream(
+                STREAM, EchoRequest(count=5, size=1, sleep=0.5), EchoReply
+            ) as s:
+                results["stream"] = [m.index async for m in s]
+
+        async with trio.open_nursery() as calls:
+            calls.start_soon(slow_call)
+            calls.start_soon(quick_stream)
+            await echo.started.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
+            await server.shutdown(drain_timeout=3.0)
+            took = trio.current_time() - start
+        assert results["stream"] == [0, 1, 2, 3, 4]  # in-flight call finished while draining
+        assert results["slow"] == StatusCode.UNAVAILABLE  # cut at the drain deadline
+        assert echo.cancelled.is_set()
+        assert 3.0 <= took < 3.5
+        with pytest.raises(RpcError) as info:
+            await ch.unary(UNARY, EchoRequest(), EchoReply)
+        assert info.value.code == StatusCode.UNAVAILABLE
+
+
+async def test_handshake_timeout_and_alpn(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    server_ssl_context: ssl.SSLContext,
+    client_ssl_context_for: Callable[[str], ssl.SSLContext],
+) -> None:
+    server = Server(TrioEcho().methods(), ssl_context=server_ssl_context)
+    a, b = trio.testing.memory_stream_pair()
+    start = trio.current_time()
+    with trio.fail_after(60):
+        await server.serve_connection(a)  # the peer never says anything
+    assert trio.current_time() - start == pytest.approx(10.0, abs=0.01)
+    await b.aclose()
+
+    # A client that does not offer h2 completes TLS but is closed at once.
+    ctx = client_ssl_context_for("alice")
+    ctx.set_alpn_protocols(["http/1.1"])
+    a, b = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.serve_connection, a)
+    tls = trio.SSLStream(b, ctx, server_hostname="localhost")
+    await tls.do_handshake()
+    with trio.fail_after(5):
+        try:
+            data = await tls.receive_some(100)
+        except trio.BrokenResourceError:  # closed without close_notify
+            data = b""
+    assert data == b""
+
+    # With TLS and h2, the handler sees the client certificate's identity.
+    echo = TrioEcho()
+    from trio_jobs.security.identity import identity_from_peercert
+
+    server = Server(echo.methods(), ssl_context=server_ssl_context, identify=identity_from_peercert)
+    async with served(server, nursery, tls_client=client_ssl_context_for("bob")) as ch:
+        await ch.unary(UNARY, EchoRequest(), EchoReply)
+    assert echo.identities == ["bob"]
+
+
+async def test_backpressure_slow_reader(nursery: trio.Nursery) -> None:
+    echo = TrioEcho()
+    async with served(plain(echo), nursery) as ch:
+        async with ch.server_stream(STREAM, EchoRequest(count=200, size=64 * 1024), EchoReply) as s:
+            it = aiter(s)
+            first = await anext(it)
+            assert first.index == 0
+            await trio.testing.wait_all_tasks_blocked()
+            sent_while_blocked = echo.sent
+            # The client holds at most about one stream window (1 MiB) of unread messages:
+            # the server's send() is blocked, not buffering.
+            assert sent_while_blocked * 64 * 1024 <= 1 * MiB + 2 * 64 * 1024
+            assert sent_while_blocked < 200
+            await trio.testing.wait_all_tasks_blocked()
+            assert echo.sent == sent_while_blocked  # really blocked, not slow
+            rest = [m.index async for m in it]
+        assert rest == list(range(1, 200))
+        assert echo.sent == 200
+
+
+async def test_connection_drop_wakes_every_waiter(nursery: trio.Nursery) -> None:
+    echo = TrioEcho()
+    server = plain(echo)
+    a, b = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.serve_connection, a)
+    outcome: list[StatusCode] = []
+    async with open_channel(b) as ch:
+
+        async def waiting_call() -> None:
+            try:
+                await ch.unary(UNARY, EchoRequest(sleep=1000), EchoReply)
+            except RpcError as exc:
+                outcome.append(exc.code)
+
+        async with trio.open_nursery() as calls:
+            calls.start_soon(waiting_call)
+            # a server stream whose send() waits for window because nobody reads it
+            async with ch.server_stream(
+                STREAM, EchoRequest(count=1000, size=64 * 1024), EchoReply
+            ) as s:
+                await anext(aiter(s))
+                await trio.testing.wait_all_tasks_blocked()
+                with trio.fail_after(5):
+                    await a.aclose()  # the server's transport dies under both calls
+                    await echo.cancelled.wait()
+                    with pytest.raises(RpcError) as info:
+                        async for _ in s:
+                            pass
+                assert info.value.code == StatusCode.UNAVAILABLE
+    assert outcome == [StatusCode.UNAVAILABLE]
+
+
+async def test_handler_exception_is_unknown_and_logged(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(request: Any, ctx: ServerContext) -> Any:
+        raise ValueError("secret internals")
+
+    async def bad_stream(request: Any, ctx: ServerContext, send: Any) -> None:
+        await send(EchoReply(index=1))
+        raise RuntimeError("also secret")
+
+    methods = [
+        Method(
+            path="/t.T/Broken", request_type=EchoRequest, response_type=EchoReply, handler=broken
+        ),
+        Method(
+            path="/t.T/BadStream",
+            request_type=EchoRequest,
+            response_type=EchoReply,
+            handler=bad_stream,
+            server_streaming=True,
+        ),
+    ]
+    caplog.set_level(logging.ERROR, "trio_jobs.rpc")
+    async with served(plain(TrioEcho(), methods), nursery) as ch:
+        with pytest.raises(RpcError) as info:
+            await ch.unary("/t.T/Broken", EchoRequest(), EchoReply)
+        assert info.value.code == StatusCode.UNKNOWN
+        assert "secret" not in info.value.message
+        async with ch.server_stream("/t.T/BadStream", EchoRequest(), EchoReply) as s:
+            it = aiter(s)
+            assert (await anext(it)).index == 1
+            with pytest.raises(RpcError) as info:
+                await anext(it)
+        assert info.value.code == StatusCode.UNKNOWN
+        assert "secret" not in info.value.message
+    assert "secret internals" in caplog.text
+    assert "also secret" in caplog.text
+
+
+async def test_unparseable_request_and_concurrency(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    class Raw:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def SerializeToString(self) -> bytes:
+            return self.data
+
+    echo = TrioEcho()
+    async with served(plain(echo), nursery) as ch:
+        with pytest.raises(RpcError) as info:
+            await ch.unary(UNARY, Raw(b"\xff\xff\xff"), EchoReply)  # type: ignore[arg-type]
+        assert info.value.code == StatusCode.INTERNAL
+        results: list[bytes] = []
+
+        async def one(i: int) -> None:
+            r = await ch.unary(UNARY, EchoRequest(payload=b"%d" % i, sleep=1), EchoReply)
+            results.append(r.payload)
+
+        start = trio.current_time()
+        async with trio.open_nursery() as n:
+            for i in range(100):  # the default max_concurrent_streams
+                n.start_soon(one, i)
+        assert sorted(results) == sorted(b"%d" % i for i in range(100))
+        assert trio.current_time() - start < 1.5  # all ran concurrently
+
+
+async def test_many_sequential_calls_leave_no_state(nursery: trio.Nursery) -> None:
+    """5,000 calls through the trio layer (the 100,000-call run is in test_protocol_core)."""
+    echo = TrioEcho()
+    server = plain(echo)
+    async with served(server, nursery) as ch:
+        req = EchoRequest(payload=b"p")
+        for _ in range(5_000):
+            await ch.unary(UNARY, req, EchoReply)
+        (conn,) = server._connections
+        assert conn.states == {}
+        assert conn.calls == {}
+        assert conn.idle.is_set()
+        assert conn.proto.open_streams == 0
+        assert len(conn.proto._h2.streams) <= 2
+        # every byte the client sent was credited back (h2 holds back < half a window)
+        assert conn.proto._h2._inbound_flow_control_window_manager.current_window_size > 2 * MiB
+        assert ch.states == {}
+        assert ch.proto.open_streams == 0
+        assert ch.proto._h2._inbound_flow_control_window_manager.current_window_size > 2 * MiB
+    assert echo.finished == 5_000

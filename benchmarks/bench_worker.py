@@ -97,10 +97,14 @@ async def start_latency(worker: Worker, count: int) -> tuple[float, float]:
     return statistics.median(samples) * 1000, p99 * 1000
 
 
-async def main(quick: bool) -> None:
+async def main(quick: bool, latency_only: bool) -> None:
     big = 256 * MiB if quick else 1024 * MiB
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as d:
         async with open_worker(Path(d), output_cap=1 << 31) as worker:
+            if latency_only:
+                p50, p99 = await start_latency(worker, 300)
+                print(f"start latency: p50 {p50:.2f} ms   p99 {p99:.2f} ms")
+                return
             print("== RSS growth while following (NoCgroupDriver, in-process)")
             for size in (100 * MiB, big):
                 for n in (1, 100):
@@ -119,4 +123,6 @@ async def main(quick: bool) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="256 MiB instead of 1 GiB")
-    trio.run(main, parser.parse_args().quick)
+    parser.add_argument("--latency-only", action="store_true", help="only the start latency")
+    args = parser.parse_args()
+    trio.run(main, args.quick, args.latency_only)

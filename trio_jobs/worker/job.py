@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("trio_jobs.worker")
 
 PIPE_READ_SIZE: Final = PIPE_SIZE  # up to a whole pipe's worth per read and file write
+MIN_READ_SIZE: Final = 64 * 1024
 DRAIN_TIMEOUT: Final = 2.0  # after everything was killed, how long EOF may take to arrive
 EMPTY_TIMEOUT: Final = 10.0  # how long a killed cgroup may take to empty before we go on
 CLEANUP_TIMEOUT: Final = 15.0  # shielded cleanup when the job task itself is cancelled
@@ -182,7 +183,11 @@ class Job:
         """Copy the job's pipe into the output log until EOF (or until cancelled)."""
         try:
             async with stream:
-                while data := await stream.receive_some(PIPE_READ_SIZE):
+                # Read size adapts: 64 KiB for a chatty job (os.read allocates the full size
+                # first), growing to the whole pipe while reads come back full.
+                size = MIN_READ_SIZE
+                while data := await stream.receive_some(size):
+                    size = min(PIPE_READ_SIZE, size * 2) if len(data) == size else MIN_READ_SIZE
                     try:
                         await self.output.append(data)
                     except OSError as exc:

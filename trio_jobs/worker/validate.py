@@ -13,11 +13,11 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Final
 
 from .errors import InvalidJobSpec
+from .limits import Limits
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from .limits import Limits
     from .spec import JobSpec, RunAs
 
 JOB_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -46,6 +46,8 @@ def _no_nul(what: str, value: object) -> str:
 
 
 def check_limits(limits: Limits) -> None:
+    if not isinstance(limits, Limits):
+        raise InvalidJobSpec(f"limits must be a Limits, not {type(limits).__name__}")
     for f in fields(limits):
         value = getattr(limits, f.name)
         if value is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -19,6 +19,7 @@ from trio_jobs.rpc import (
     ServerContext,
     ServerLimits,
     StatusCode,
+    connect,
     open_channel,
 )
 
@@ -314,3 +315,36 @@ async def test_many_sequential_calls_leave_no_state(nursery: trio.Nursery) -> No
         assert ch.proto.open_streams == 0
         assert ch.proto._h2._inbound_flow_control_window_manager.current_window_size > 2 * MiB
     assert echo.finished == 5_000
+
+
+async def test_serve_tcp_lifecycle_limits_and_half_open_connections(
+    server_ssl_context: ssl.SSLContext, client_ssl_context_for: Callable[[str], ssl.SSLContext]
+) -> None:
+    echo = TrioEcho()
+    server = Server(
+        echo.methods(), ssl_context=server_ssl_context, limits=ServerLimits(max_connections=2)
+    )
+    returned = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
+        await server.serve_tcp("127.0.0.1", 0, task_status=task_status)
+        returned.set()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(run)
+            (host, port) = bound[0]
+            assert host == "127.0.0.1"
+            half_open = await trio.open_tcp_stream(host, port)  # never starts TLS
+            async with connect(
+                host, port, ssl_context=client_ssl_context_for("alice"), server_hostname="localhost"
+            ) as ch:
+                assert (await ch.unary(UNARY, EchoRequest(payload=b"a"), EchoReply)).payload == b"a"
+                # over max_connections: closed at once
+                third = await trio.open_tcp_stream(host, port)
+                with suppress(trio.BrokenResourceError):
+                    assert await third.receive_some(10) == b""
+                await third.aclose()
+                await server.shutdown(drain_timeout=5.0)  # not delayed by the half-open one
+                await returned.wait()
+            await half_open.aclose()

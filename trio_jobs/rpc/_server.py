@@ -297,6 +297,7 @@ class Server:
         self.shutting_down = False
         self._connections: set[_ServerConnection] = set()
         self._accept_scope = trio.CancelScope()
+        self._handshakes: set[trio.CancelScope] = set()
         self._shutdown_done = trio.Event()
         self._active = 0
 
@@ -354,17 +355,24 @@ class Server:
 
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
         cert: dict[str, Any] | None = None
+        if self.shutting_down:
+            await trio.aclose_forcefully(stream)
+            return
         if self.ssl_context is not None:
             tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+            # Cancelled by shutdown() too: a half-open connection must not delay it.
             with trio.move_on_after(self.limits.handshake_timeout) as hs:
+                self._handshakes.add(hs)
                 try:
                     await tls.do_handshake()
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     log.info("TLS handshake failed: %s", exc.__cause__ or exc)
                     await trio.aclose_forcefully(tls)
                     return
-            if hs.cancelled_caught:
-                log.info("TLS handshake timed out")
+                finally:
+                    self._handshakes.discard(hs)
+            if hs.cancelled_caught or self.shutting_down:
+                log.info("TLS handshake timed out (or the server is shutting down)")
                 await trio.aclose_forcefully(tls)
                 return
             if tls.selected_alpn_protocol() != "h2":
@@ -392,6 +400,8 @@ class Server:
             return
         self.shutting_down = True
         self._accept_scope.cancel()
+        for handshake in list(self._handshakes):
+            handshake.cancel()
         timeout = self.limits.drain_timeout if drain_timeout is None else drain_timeout
         deadline = trio.current_time() + timeout
         try:

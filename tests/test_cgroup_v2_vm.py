@@ -13,7 +13,7 @@ import os
 
 import pytest
 from vm.assets import VMUnavailable, locate
-from vm.harness import default_pytest_args, run_guest_pytest
+from vm.harness import default_pytest_args, default_timeout, run_guest_pytest, run_lock
 
 pytestmark = [pytest.mark.slow, pytest.mark.cgroups]
 
@@ -27,11 +27,17 @@ def test_cgroup_tests_pass_in_cgroup_v2_vm(capsys: pytest.CaptureFixture[str]) -
         assets = locate()
     except VMUnavailable as exc:
         pytest.skip(f"cgroup v2 VM unavailable: {exc}")
-    run = run_guest_pytest(assets, default_pytest_args())
+    run = run_guest_pytest(
+        assets, default_pytest_args(), timeout=default_timeout(), lock=run_lock()
+    )
     if not run.ok:
         pytest.fail(run.report(), pytrace=False)
     # The guest must really have run tests: pytest's summary line says how many passed.
     assert " passed" in run.output, run.report()
     with capsys.disabled():
         ready = "?" if run.ready_seconds is None else f"{run.ready_seconds:.1f}"
-        print(f"\n[cgroup v2 VM] guest ready after {ready} s, {run.wall_seconds:.1f} s in all")
+        summary = run.output.strip().splitlines()[-1] if run.output.strip() else ""
+        print(
+            f"\n[cgroup v2 VM] {summary.strip('= ')}; guest ready after {ready} s, "
+            f"{run.wall_seconds:.1f} s in all"
+        )

@@ -135,7 +135,7 @@ def prepare(
     """
     cache_dir = cache_dir or default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_dir / ".lock"):
+    with exclusive(cache_dir / ".lock"):
         is_root = os.geteuid() == 0
         have_apt = shutil.which("apt-get") is not None
         updated = False
@@ -262,7 +262,8 @@ def module_load_order(modules_root: Path, wanted: tuple[str, ...]) -> list[Path]
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an flock on `path` (created if missing); the kernel drops it if we die."""
     with path.open("a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

@@ -16,6 +16,7 @@ timeout after which qemu is terminated, killed and reaped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -27,14 +28,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from vm.assets import Assets, VMError, VMUnavailable, locate, prepare
+from vm.assets import (
+    Assets,
+    VMError,
+    VMUnavailable,
+    default_cache_dir,
+    exclusive,
+    locate,
+    prepare,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
 REPO: Final = Path(__file__).resolve().parents[2]
 INIT_SCRIPT: Final = Path(__file__).with_name("init.sh")
-DEFAULT_TIMEOUT: Final = 480.0
+# Measured: 16 s for the smoke alone, 4-5 min with the cgroup tests on a 2-core host at load 9.
+DEFAULT_TIMEOUT: Final = 600.0
 SCRATCH_BYTES: Final = 64 * 1024 * 1024
 # What the guest's tests are told (documented in docs/testing-vm.md).
 GUEST_ENV: Final = {
@@ -80,6 +90,33 @@ def default_pytest_args(repo: Path = REPO) -> list[str]:
     if (repo / "tests" / "cgroups").is_dir():
         args.append("tests/cgroups")
     return args
+
+
+def default_timeout() -> float:
+    """`$TRIO_JOBS_VM_TIMEOUT` (seconds), else DEFAULT_TIMEOUT."""
+    text = os.environ.get("TRIO_JOBS_VM_TIMEOUT", "")
+    if not text:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400:
+        raise VMError(f"TRIO_JOBS_VM_TIMEOUT={text!r}: give seconds, e.g. 600")
+    return value
+
+
+def run_lock() -> Path | None:
+    """One VM at a time per host: two TCG guests on a small host starve each other and make
+    the timing tests inside (cpu.max, io.max) flaky, so runs queue on this lock instead.
+    None (no queueing) when the cache directory is not writable."""
+    path = default_cache_dir() / "run.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError:
+        return None
+    return path
 
 
 def build_initramfs(assets: Assets, init_script: bytes) -> bytes:
@@ -138,8 +175,19 @@ def run_guest_pytest(
     repo: Path = REPO,
     python: str = sys.executable,
     timeout: float = DEFAULT_TIMEOUT,
+    lock: Path | None = None,
 ) -> GuestRun:
-    """Boot the VM, run `python -m pytest ARGS` in `repo` inside it, power off, report."""
+    """Boot the VM, run `python -m pytest ARGS` in `repo` inside it, power off, report.
+
+    With `lock`, waits for an flock on it first (see `run_lock`); the timeout starts after.
+    """
+    with exclusive(lock) if lock is not None else contextlib.nullcontext():
+        return _run(assets, pytest_args, repo=repo, python=python, timeout=timeout)
+
+
+def _run(
+    assets: Assets, pytest_args: Sequence[str], *, repo: Path, python: str, timeout: float
+) -> GuestRun:
     keep = os.environ.get("TRIO_JOBS_VM_KEEP") == "1"  # keep the run directory for debugging
     tmp = Path(tempfile.mkdtemp(prefix="trio-jobs-vm-"))
     try:
@@ -265,7 +313,12 @@ def main(argv: Sequence[str]) -> int:
             assets = prepare()
             print(f"vm: ready (kernel {assets.kernel_release}, qemu {assets.qemu})")
             return 0
-        run = run_guest_pytest(locate(), list(argv[1:]) or default_pytest_args())
+        run = run_guest_pytest(
+            locate(),
+            list(argv[1:]) or default_pytest_args(),
+            timeout=default_timeout(),
+            lock=run_lock(),
+        )
     except VMUnavailable as exc:
         print(f"vm: unavailable: {exc}", file=sys.stderr)
         return 3

@@ -4,6 +4,7 @@ qemu: a real process that behaves like a guest that failed, or one that hangs)."
 
 from __future__ import annotations
 
+import fcntl
 import lzma
 import shutil
 import subprocess
@@ -11,14 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from vm.assets import Assets, VMError, extract_vmlinux, module_depends, module_load_order
+from vm.assets import Assets, VMError, exclusive, extract_vmlinux, module_depends, module_load_order
 from vm.harness import (
+    DEFAULT_TIMEOUT,
     GuestRun,
     build_initramfs,
     default_pytest_args,
+    default_timeout,
     job_script,
     main,
     run_guest_pytest,
+    run_lock,
 )
 
 
@@ -218,6 +222,27 @@ def test_guest_run_report_says_why() -> None:
     assert "timed out" in text
     assert "OUT" in text
     assert "CON" in text
+
+
+def test_default_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRIO_JOBS_VM_TIMEOUT", raising=False)
+    assert default_timeout() == DEFAULT_TIMEOUT
+    monkeypatch.setenv("TRIO_JOBS_VM_TIMEOUT", "90.5")
+    assert default_timeout() == 90.5
+    for bad in ("soon", "0", "-3", "nan"):
+        monkeypatch.setenv("TRIO_JOBS_VM_TIMEOUT", bad)
+        with pytest.raises(VMError, match="TRIO_JOBS_VM_TIMEOUT"):
+            default_timeout()
+
+
+def test_vm_runs_queue_on_the_run_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRIO_JOBS_VM_CACHE", str(tmp_path / "cache"))
+    lock = run_lock()
+    assert lock == tmp_path / "cache" / "run.lock"
+    with exclusive(lock), lock.open("a") as other, pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with lock.open("a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on exit
 
 
 def test_cli_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -60,7 +60,9 @@ class Channel(Transport):
         self.proto = protocol
         self.authority = authority
         self.options = options
-        self._stream_slots: trio.Semaphore | None = None
+        # Woken whenever a call ends: callers beyond the server's concurrent-stream limit
+        # wait here for a free stream instead of failing.
+        self._slot_freed = trio.Event()
 
     # -- events ----------------------------------------------------------------------
     def handle_event(self, event: object) -> None:
@@ -117,6 +119,10 @@ class Channel(Transport):
                 StatusCode.RESOURCE_EXHAUSTED,
                 f"request of {len(data)} bytes exceeds the limit of {self.options.max_send_message}",
             )
+        while not self.proto.stream_slots_free and self.lost is None:
+            await self._slot_freed.wait()
+        if self.lost is not None:
+            raise RpcError(self.lost.code, self.lost.message)
         try:
             sid = self.proto.start_request(
                 method, authority=self.authority, metadata=metadata, timeout=grpc_timeout
@@ -136,6 +142,8 @@ class Channel(Transport):
         if state.status is None and state.error is None:
             self.proto.reset_stream(state.stream_id, ErrorCodes.CANCEL)
         self.proto.release(state.stream_id)
+        self._slot_freed.set()
+        self._slot_freed = trio.Event()
         return self.proto.has_data_to_send
 
     async def _next_message(self, state: _CallState) -> bytes | None:
@@ -205,6 +213,10 @@ class Channel(Transport):
         finally:
             if state is not None and self._close_call(state):
                 await self.flush_quietly(_CLEANUP_TIMEOUT)
+
+    def connection_lost(self, error: RpcError) -> None:
+        super().connection_lost(error)
+        self._slot_freed.set()
 
     async def aclose(self) -> None:
         """Close the connection; calls still running fail with UNAVAILABLE. Idempotent."""

@@ -74,6 +74,12 @@ class ClientProtocol(GrpcProtocol):
             raise
         return sid
 
+    @property
+    def stream_slots_free(self) -> bool:
+        """False while the server's SETTINGS_MAX_CONCURRENT_STREAMS is reached."""
+        h2c = self._h2
+        return int(h2c.open_outbound_streams) < int(h2c.remote_settings.max_concurrent_streams)
+
     def _dispatch_headers(self, e: h2.events.Event, out: list[ev.Event]) -> None:
         if isinstance(e, h2.events.ResponseReceived):
             self._on_response(e.stream_id or 0, e.headers or [], e.stream_ended is not None, out)

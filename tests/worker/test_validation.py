@@ -81,3 +81,23 @@ async def test_a_valid_spec_with_limits_runs(worker: Worker) -> None:
                                             DEFAULT_LIMITS)))
     assert status.limits.memory_bytes == 1 << 30
     assert len(await worker.list()) == 1
+
+
+@pytest.mark.parametrize(("command", "message"), [
+    ("", "empty"), ("a\0b", "NUL"), ("x" * 5000, "not found"), ("/" + "x" * 5000, "cannot execute"),
+])
+def test_resolve_program_is_safe_on_any_input(command: str, message: str) -> None:
+    from trio_jobs.worker.validate import JOB_PATH, resolve_program
+
+    with pytest.raises(InvalidJobSpec, match=message):
+        resolve_program(command, JOB_PATH, "/", None)
+
+
+def test_resolve_program_finds_names_and_relative_paths(tmp_path: Path) -> None:
+    from trio_jobs.worker.validate import JOB_PATH, resolve_program
+
+    assert resolve_program("sh", JOB_PATH, "/", None) in ("/usr/bin/sh", "/bin/sh")
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    assert resolve_program("./run.sh", JOB_PATH, str(tmp_path), None) == str(script)

@@ -131,8 +131,13 @@ def resolve_program(command: str, path: str, cwd: str, run_as: RunAs | None) -> 
     """The absolute path ``command`` runs as: a path (relative to ``cwd``) or a PATH lookup.
 
     Like execvp(): a name without "/" is searched in ``path``; the first candidate that is an
-    executable regular file wins. Raises InvalidJobSpec when there is none.
+    executable regular file wins. Raises InvalidJobSpec when there is none. Safe on any input
+    (the service calls it directly, before :func:`prepare`, to check the policy).
     """
+    _no_nul("command", command)
+    _no_nul("working_dir", cwd)
+    if not command:
+        raise InvalidJobSpec("command is empty: give a program name or path")
     if "/" in command:
         candidate = os.path.normpath(os.path.join(cwd, command))
         problem = _not_executable(candidate, run_as)
@@ -159,8 +164,8 @@ def _not_executable(candidate: str, run_as: RunAs | None) -> str | None:
         st = os.stat(candidate)
     except FileNotFoundError:
         return "no such file"
-    except OSError as exc:
-        return exc.strerror or str(exc)
+    except (OSError, ValueError) as exc:  # ValueError: e.g. a path that is too long for stat
+        return getattr(exc, "strerror", None) or str(exc)
     if stat.S_ISDIR(st.st_mode):
         return "is a directory"
     if not stat.S_ISREG(st.st_mode):

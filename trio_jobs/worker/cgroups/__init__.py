@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 from .base import CgroupDriver, CgroupError, JobCgroup
+from .detect import detect_driver
 from .none import NoCgroupDriver, NoJobCgroup
 
-__all__ = ["CgroupDriver", "CgroupError", "JobCgroup", "NoCgroupDriver", "NoJobCgroup"]
+__all__ = ["CgroupDriver", "CgroupError", "JobCgroup", "NoCgroupDriver", "NoJobCgroup",
+           "detect_driver"]

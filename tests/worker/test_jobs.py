@@ -317,3 +317,11 @@ async def test_run_as_another_user(worker: Worker) -> None:
                                    run_as=RunAs(uid=65534, gid=65534, name="nobody",
                                                 home="/nonexistent")))
     assert await read_all(worker, status.job_id) == b"65534\n65534\n/nonexistent nobody\n"
+
+
+async def test_usage_without_cgroups_comes_from_the_main_process(worker: Worker) -> None:
+    status = await worker.start(sh("i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done"))
+    await read_all(worker, status.job_id)
+    usage = (await worker.status(status.job_id)).usage
+    assert usage.cpu_usec > 0
+    assert usage.memory_peak_bytes > 0

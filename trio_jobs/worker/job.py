@@ -209,10 +209,11 @@ class Job:
         exit_info: ExitInfo | None = spawned.reap() if spawned.has_exited() else None
         spawned.close_pipes()
         usage, oom = Usage(), False
-        if self._driver.name == "none" and exit_info is not None:
-            ru = exit_info.rusage
-            usage = Usage(cpu_usec=int((ru.ru_utime + ru.ru_stime) * 1_000_000),
-                          memory_peak_bytes=ru.ru_maxrss * 1024)
+        if self._driver.name == "none":
+            if exit_info is not None and exit_info.rusage is not None:
+                ru = exit_info.rusage
+                usage = Usage(cpu_usec=int((ru.ru_utime + ru.ru_stime) * 1_000_000),
+                              memory_peak_bytes=ru.ru_maxrss * 1024)
         else:
             try:
                 usage = await cgroup.usage()

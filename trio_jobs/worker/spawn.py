@@ -53,7 +53,7 @@ PIPE_SIZE: Final = 1024 * 1024  # the default /proc/sys/fs/pipe-max-size
 @dataclass(frozen=True, kw_only=True)
 class ExitInfo:
     returncode: int  # >= 0: exit code; < 0: killed by signal -returncode
-    rusage: resource.struct_rusage
+    rusage: resource.struct_rusage | None  # None when the status was lost
 
 
 @final
@@ -97,7 +97,10 @@ class Spawned:
         """Whether the main process has exited (not reaped yet, or already reaped)."""
         if self.exit_info is not None:
             return True
-        result = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        try:
+            result = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped behind our back (someone called wait(-1))
+            return True
         return result is not None
 
     async def wait_exited(self) -> None:
@@ -110,7 +113,15 @@ class Spawned:
     def reap(self) -> ExitInfo:
         """Collect the exit status of a process that has exited. Idempotent."""
         if self.exit_info is None:
-            _, status, rusage = os.wait4(self.pid, 0)  # a zombie: returns at once
+            try:
+                _, status, rusage = os.wait4(self.pid, 0)  # a zombie: returns at once
+            except ChildProcessError:
+                # Reaped behind our back (e.g. by a wait(-1) elsewhere in the process): the
+                # status is lost; report the job as killed rather than invent an exit code.
+                self.popen.returncode = -signal.SIGKILL
+                self.exit_info = ExitInfo(returncode=-signal.SIGKILL, rusage=None)
+                self._close_pidfd()
+                return self.exit_info
             code = os.waitstatus_to_exitcode(status)
             self.popen.returncode = code  # keep Popen consistent (no "still running" warning)
             self.exit_info = ExitInfo(returncode=code, rusage=rusage)

@@ -9,6 +9,7 @@ RST_STREAM(CANCEL), so the server's handler is cancelled too. ``timeout=`` is se
 
 from __future__ import annotations
 
+import math
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
@@ -174,7 +175,7 @@ class Channel(Transport):
         metadata: Metadata = (),
     ) -> R:
         """One request, one response. Raises RpcError with the call's status."""
-        with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
+        with trio.move_on_after(timeout if timeout is not None else math.inf) as scope:
             state = None
             try:
                 state = await self._open(method, request, timeout, metadata)
@@ -201,7 +202,7 @@ class Channel(Transport):
         metadata: Metadata = (),
     ) -> AsyncIterator[ResponseStream[R]]:
         """Server-streaming call: ``async for msg in stream``. Leaving early cancels it."""
-        deadline = trio.current_time() + timeout if timeout is not None else float("inf")
+        deadline = trio.current_time() + timeout if timeout is not None else math.inf
         state = None
         try:
             with trio.move_on_at(deadline) as scope:
@@ -248,6 +249,11 @@ class ResponseStream(Generic[R]):
         return self
 
     async def __anext__(self) -> R:
+        if self._deadline == math.inf:
+            data = await self._channel._next_message(self._state)
+            if data is None:
+                raise StopAsyncIteration
+            return _parse(self._type, data)
         with trio.move_on_at(self._deadline):
             data = await self._channel._next_message(self._state)
             if data is None:

@@ -381,11 +381,18 @@ class Server:
                 return
             cert = tls.getpeercert()
             stream = tls
-        identity = self.identify(cert) if self.identify is not None and cert else None
+        identity: str | None = None
+        if self.identify is not None and cert:
+            try:
+                identity = self.identify(cert)
+            except Exception:
+                log.exception("identify() failed; the peer has no identity")
         conn = _ServerConnection(self, stream, cert, identity)
         self._connections.add(conn)
         try:
             await conn.run()
+        except Exception:  # a bug must not take the other connections down with it
+            log.exception("connection task failed")
         finally:
             self._connections.discard(conn)
             await trio.aclose_forcefully(stream)

@@ -238,6 +238,7 @@ def test_bad_preface_and_garbage_close_with_goaway() -> None:
     assert isinstance(got[0], ev.ConnectionFailed)
     assert got[0].error_code == ErrorCodes.PROTOCOL_ERROR
     assert server.closed
+    assert b"\x07\x00\x00\x00\x00\x00" in server.data_to_send()  # GOAWAY queued
     assert server.receive_data(b"more") == []
 
 

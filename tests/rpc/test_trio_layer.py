@@ -349,3 +349,30 @@ async def test_serve_tcp_lifecycle_limits_and_half_open_connections(
                 await server.shutdown(drain_timeout=5.0)  # not delayed by the half-open one
                 await returned.wait()
             await half_open.aclose()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # not HTTP/2 at all
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x04\x99\x00\x00\x00\x00\x01" * 3,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+        + b"\x00\x00\x05\x00\x01\x00\x00\x00\x01\x00\x7f\xff\xff\xff",  # DATA on an idle stream
+    ],
+)
+async def test_bad_peer_is_closed_and_others_unaffected(
+    nursery: trio.Nursery, garbage: bytes
+) -> None:
+    echo = TrioEcho()
+    server = plain(echo)
+    async with served(server, nursery) as good:
+        a, b = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.serve_connection, a)
+        await b.send_all(garbage)
+        received = b""
+        with trio.fail_after(5):
+            while chunk := await b.receive_some(65536):
+                received += chunk
+        # the server said why (GOAWAY: type 7) before closing
+        assert b"\x07\x00\x00\x00\x00\x00" in received
+        assert (await good.unary(UNARY, EchoRequest(payload=b"fine"), EchoReply)).payload == b"fine"

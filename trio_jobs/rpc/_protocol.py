@@ -186,10 +186,13 @@ class GrpcProtocol:
         """Feed bytes from the peer. Never raises: failures become ConnectionFailed."""
         if self.closed:
             return []
+        pending = len(self._h2._data_to_send)
         try:
             h2_events = self._h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:  # h2 has queued GOAWAY(error_code)
-            return [self._fail(int(exc.error_code), str(exc) or type(exc).__name__, False)]
+        except h2.exceptions.ProtocolError as exc:
+            # h2 queues GOAWAY(error_code) itself, except for a bad preface.
+            queued = len(self._h2._data_to_send) > pending
+            return [self._fail(int(exc.error_code), str(exc) or type(exc).__name__, not queued)]
         out: list[ev.Event] = []
         try:
             for e in h2_events:

@@ -1,7 +1,8 @@
 """The trio-jobs server: worker + gRPC server + policy + signals, assembled.
 
-Ownership (one nursery tree): :func:`serve` owns the worker (``open_worker``), which owns the
-jobs; inside it a nursery owns the gRPC listeners and the signal watcher.
+Ownership (one nursery tree): :func:`serve` owns the signal watcher (outermost, so a signal
+during the final cleanup is still ours) and the worker (``open_worker``), which owns the jobs;
+inside the worker a nursery owns the gRPC listeners and their connections.
 
 Lifecycle:
 
@@ -12,9 +13,12 @@ Lifecycle:
   its grace period (``Worker.shutdown``). Both run together because a ``tail -f`` stream only
   ends when its job ends: draining the calls first would wait for the jobs. Records are
   persisted and cgroups removed by the worker; then ``serve`` returns (exit 0).
-- a second signal: stop at once -- jobs are SIGKILLed (grace 0) and the drain is cut short.
-  Still a clean exit: records say "killed by shutdown".
-- ``shutdown_timeout`` bounds the whole graceful phase; past it the second-signal path runs.
+- a second signal: stop at once -- jobs are SIGKILLed (grace 0); their followers get
+  ``FORCED_DRAIN_TIMEOUT`` to receive the end (the drain is never cancelled half-way, which
+  would drop them mid-stream and make them retry a server that is going away), then every
+  connection is cut. Still a clean exit: records say "killed by shutdown".
+- ``shutdown_timeout`` bounds the graceful job stop; past it the second-signal path runs.
+  The drain (GOAWAY) is bounded by the same figure.
 """
 
 from __future__ import annotations
@@ -83,7 +87,8 @@ class ServerHandle:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def _wait_for(self, count: int) -> None:
+    async def wait_for_request(self, count: int) -> None:
+        """Return once shutdown was requested ``count`` times (1: graceful, 2: immediate)."""
         while self._requests < count:
             await self._changed.wait()
 
@@ -108,18 +113,29 @@ async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[ServerInfo
                 *health_service(healthy),
             ]
             server = Server(methods, ssl_context=config.ssl_context, identify=identity_from_peercert)
+            served = trio.Event()  # serve_tcp returned: every connection has closed
+
+            async def serve_tcp(*, task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
+                await server.serve_tcp(config.host, config.port, task_status=task_status)
+                served.set()
+
             async with trio.open_nursery() as nursery:
-                addresses = await nursery.start(server.serve_tcp, config.host, config.port)
+                addresses = await nursery.start(serve_tcp)
                 task_status.started(
                     ServerInfo(addresses=list(addresses), cgroup_driver=worker.cgroup_driver_name, handle=handle)
                 )
-                await handle._wait_for(1)
+                await handle.wait_for_request(1)
                 shutting_down = True
-                if not await _graceful(server, worker, handle, config.shutdown_timeout):
-                    # Second request or timeout: kill the jobs now, cut the drain short.
-                    async with trio.open_nursery() as forced:
-                        forced.start_soon(worker.shutdown, 0.0)
-                        forced.start_soon(server.shutdown, FORCED_DRAIN_TIMEOUT)
+                async with trio.open_nursery() as phase:
+                    # GOAWAY and drain, never cut short by a second signal: a follower of a
+                    # job must get its last bytes and the final status, or it would retry.
+                    phase.start_soon(server.shutdown, config.shutdown_timeout)
+                    if not await _stop_jobs(worker, handle, config.shutdown_timeout):
+                        # The jobs were killed at once: give their followers a moment to
+                        # receive the end, then cut every connection.
+                        with trio.move_on_after(FORCED_DRAIN_TIMEOUT):
+                            await served.wait()
+                        phase.cancel_scope.cancel()
                 nursery.cancel_scope.cancel()
         await _remove_cgroup_parent(config.cgroups)
         outer.cancel_scope.cancel()
@@ -134,32 +150,28 @@ async def _remove_cgroup_parent(driver: CgroupDriver | None) -> None:
             log.warning("could not remove the jobs' parent cgroup: %s", exc)
 
 
-async def _graceful(server: Server, worker: Worker, handle: ServerHandle, limit: float) -> bool:
-    """GOAWAY + drain and stopping the jobs, together. False if cut short (2nd signal/timeout)."""
+async def _stop_jobs(worker: Worker, handle: ServerHandle, limit: float) -> bool:
+    """Stop every job with its grace period; on a second request or after ``limit`` seconds,
+    kill them at once instead. True if the graceful stop completed."""
     finished = False
-    async with trio.open_nursery() as phase:
+    with trio.move_on_after(limit):
+        async with trio.open_nursery() as phase:
 
-        async def both() -> None:
-            nonlocal finished
-            with trio.move_on_after(limit):
-                async with trio.open_nursery() as inner:
-                    inner.start_soon(server.shutdown, limit)
-                    inner.start_soon(worker.shutdown)
+            async def graceful() -> None:
+                nonlocal finished
+                await worker.shutdown()
                 finished = True
-            phase.cancel_scope.cancel()
+                phase.cancel_scope.cancel()
 
-        async def second_request() -> None:
-            await handle._wait_for(2)
-            phase.cancel_scope.cancel()
+            async def second_request() -> None:
+                await handle.wait_for_request(2)
+                phase.cancel_scope.cancel()
 
-        phase.start_soon(both)
-        phase.start_soon(second_request)
+            phase.start_soon(graceful)
+            phase.start_soon(second_request)
+    if not finished:
+        await worker.shutdown(0.0)
     return finished
-
-
-async def _cancel_on(handle: ServerHandle, scope: trio.CancelScope) -> None:
-    await handle._wait_for(2)
-    scope.cancel()
 
 
 async def _watch_signals(handle: ServerHandle, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -107,7 +107,7 @@ class Host:
             proc.wait(timeout=COMMAND_TIMEOUT)
             raise AssertionError(f"server did not start: {first!r}; stderr: {self.server_stderr()}")
         self.address = f"{m.group(1).decode()}:{m.group(2).decode()}"
-        rest = read_until(proc.stdout, b"Ctrl-C", STARTUP_TIMEOUT)
+        rest = read_until(proc.stdout, b"at once)\n", STARTUP_TIMEOUT)
         self.banner = (first + rest).decode()
         return self.address
 

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from .conftest import read_until
+
 if TYPE_CHECKING:
     from .conftest import Host
 
@@ -100,31 +102,30 @@ def test_tour(served: Host) -> None:
     assert followed.returncode == 7
 
 
-@pytest.mark.parametrize(
-    ("args", "code", "needle"),
-    [
-        (["status", "00000000-0000-4000-8000-000000000000"], 4, "no job"),
-        (["status", "not-a-uuid"], 6, "not a UUID"),
-        (["status"], 2, "no job given"),
-        (["start", "--memory", "lots", "--", "true"], 2, "invalid size"),
-        (["start", "--", "no-such-program-xyz"], 6, "not found"),
-        (["start", "--cpus", "1000", "--", "true"], 6, "cap"),
-        (["list", "--all"], 5, "admin"),
-        (["stop", "00000000-0000-4000-8000-000000000000", "--grace", "-1"], 2, "invalid duration"),
-        (["start", "--", "true"], 5, "not allowed"),
-    ],
-)
-def test_errors_are_one_line_with_documented_codes(served: Host, args: list[str], code: int, needle: str) -> None:
-    identity = "nobody-known" if needle == "not allowed" else "alice"
-    if identity == "nobody-known":
-        served.run("certs", "issue", "nobody-known", "--dir", str(served.home / "pki"))
-    result = served.run(*args, identity=identity, check=False)
-    err = result.stderr.decode()
-    assert result.returncode == code, err
-    assert err.startswith("trio-jobs: error: "), err
-    assert err.count("\n") == 1, err
-    assert needle in err
-    assert result.stdout == b""
+ERROR_CASES = [
+    (["status", "00000000-0000-4000-8000-000000000000"], 4, "no job"),
+    (["status", "not-a-uuid"], 6, "not a UUID"),
+    (["status"], 2, "no job given"),
+    (["start", "--memory", "lots", "--", "true"], 2, "invalid size"),
+    (["start", "--", "no-such-program-xyz"], 6, "not found"),
+    (["start", "--cpus", "1000", "--", "true"], 6, "cap"),
+    (["list", "--all"], 5, "admin"),
+    (["stop", "00000000-0000-4000-8000-000000000000", "--grace", "-1"], 2, "invalid duration"),
+]
+
+
+def test_errors_are_one_line_with_documented_codes(served: Host) -> None:
+    served.run("certs", "issue", "nobody-known", "--dir", str(served.home / "pki"))
+    cases = [(args, code, needle, "alice") for args, code, needle in ERROR_CASES]
+    cases.append((["start", "--", "true"], 5, "not allowed", "nobody-known"))
+    for args, code, needle, identity in cases:
+        result = served.run(*args, identity=identity, check=False)
+        err = result.stderr.decode()
+        assert result.returncode == code, (args, err)
+        assert err.startswith("trio-jobs: error: "), err
+        assert err.count("\n") == 1, err
+        assert needle in err, err
+        assert result.stdout == b""
 
 
 def test_cannot_connect_is_exit_3(host: Host, tmp_path: object) -> None:
@@ -163,10 +164,15 @@ def test_second_signal_stops_at_once(served: Host) -> None:
     assert follower.stdout is not None
     assert follower.stdout.readline() == b"ready\n"
     assert served.server is not None
+    assert served.server.stdout is not None
     served.server.send_signal(2)
+    # trio coalesces a signal that arrives twice before it is read: wait for the first
+    assert b"shutting down" in read_until(served.server.stdout, b"\n", 30)
     served.server.send_signal(2)
+    assert b"at once" in read_until(served.server.stdout, b"\n", 30)
     assert served.stop_server(sig=0, timeout=30) == 0
-    follower.communicate(timeout=60)
+    _, err = follower.communicate(timeout=60)
+    assert follower.returncode == 128 + 9, err  # it got the end and the final status
     served.start_server()
     status = json.loads(served.run("status", job, "--json").stdout)
     assert status["state"] == "JOB_STATE_KILLED"

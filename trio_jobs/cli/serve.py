@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import ssl
 
     from ..security.policy import Policy
-    from ..server import ServerInfo
+    from ..server import ServerConfig, ServerInfo
     from ..worker.cgroups.base import CgroupDriver
 
 
@@ -105,6 +105,24 @@ def _banner(info: ServerInfo, home: Path, data_dir: Path, pki: Path | None, driv
     return "\n".join(lines)
 
 
+async def _serve_then_cancel(
+    config: ServerConfig, nursery: trio.Nursery, *, task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED
+) -> None:
+    from ..server import serve
+
+    await serve(config, task_status=task_status)
+    nursery.cancel_scope.cancel()  # the announcer has nothing more to say
+
+
+async def _announce_shutdown(info: ServerInfo) -> None:
+    """Say what a signal did (on stdout, after the banner), so an operator knows a second
+    Ctrl-C is an option. Cancelled when the server has stopped."""
+    await info.handle.wait_for_request(1)
+    print("trio-jobs: shutting down: stopping running jobs (signal again to kill them at once)", flush=True)
+    await info.handle.wait_for_request(2)
+    print("trio-jobs: stopping at once: killing running jobs", flush=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if not sys.platform.startswith("linux"):
         raise CliError(f"trio-jobs serve needs Linux (processes in cgroups); this is {sys.platform}", EXIT_CONFIG)
@@ -142,10 +160,11 @@ async def _serve(
     data_dir: Path,
     pki: Path | None,
 ) -> None:
-    from ..server import ServerConfig, serve
+    from ..server import ServerConfig
 
     config = ServerConfig(host=args.host, port=args.port, data_dir=data_dir, ssl_context=ctx, policy=policy, cgroups=driver)
     async with trio.open_nursery() as nursery:
-        info: ServerInfo = await nursery.start(serve, config)
+        info: ServerInfo = await nursery.start(_serve_then_cancel, config, nursery)
         print(_banner(info, home, data_dir, pki, driver.describe()), flush=True)
+        nursery.start_soon(_announce_shutdown, info)
     print("trio-jobs: server stopped", file=sys.stderr, flush=True)

@@ -11,3 +11,21 @@ Layers (each importable on its own, see docs/architecture.md):
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .client import JobsClient
+
+
+def __getattr__(name: str) -> object:
+    # Lazy, so that importing one layer (e.g. trio_jobs.worker) does not import the client,
+    # the rpc layer and protobuf.
+    if name == "JobsClient":
+        from .client import JobsClient
+
+        return JobsClient
+    raise AttributeError(f"module 'trio_jobs' has no attribute {name!r}")
+
+
+__all__ = ["JobsClient", "__version__"]

@@ -75,27 +75,36 @@ async def _cleanup(driver: Driver) -> None:
         await driver.remove_parent()
 
 
+# Detection (and any skip) happens in sync fixtures, so a skip reason reaches the report;
+# the async fixtures only prepare and clean up.
 @pytest.fixture
-async def driver() -> AsyncIterator[Driver]:
-    d = _detected(_test_parent())
-    await d.prepare()
+def detected_driver() -> Driver:
+    return _detected(_test_parent())
+
+
+@pytest.fixture
+async def driver(detected_driver: Driver) -> AsyncIterator[Driver]:
+    await detected_driver.prepare()
     try:
-        yield d
+        yield detected_driver
     finally:
-        await _cleanup(d)
+        await _cleanup(detected_driver)
 
 
 @pytest.fixture(params=["detected", "cgroup2-without-controllers"])
-async def mechanics_driver(request: pytest.FixtureRequest) -> AsyncIterator[Driver]:
+def new_mechanics_driver(request: pytest.FixtureRequest) -> Driver:
     parent = _test_parent()
     if request.param == "detected":
-        d: Driver = _detected(parent)
-    else:
-        if isinstance(_detected(parent), V2Driver):
-            pytest.skip("the detected driver is already v2 (covered by 'detected')")
-        d = _controllerless_v2(parent)
-    await d.prepare()
+        return _detected(parent)
+    if isinstance(_detected(parent), V2Driver):
+        pytest.skip("the detected driver is already v2 (covered by 'detected')")
+    return _controllerless_v2(parent)
+
+
+@pytest.fixture
+async def mechanics_driver(new_mechanics_driver: Driver) -> AsyncIterator[Driver]:
+    await new_mechanics_driver.prepare()
     try:
-        yield d
+        yield new_mechanics_driver
     finally:
-        await _cleanup(d)
+        await _cleanup(new_mechanics_driver)

@@ -75,16 +75,27 @@ class Transport:
         self.lost: RpcError | None = None  # set once the connection is unusable
 
     async def flush(self) -> None:
-        """Write whatever the protocol has queued. Raises RpcError(UNAVAILABLE) if broken."""
-        async with self._write_lock:
-            data = self.protocol.data_to_send()
-            if not data:
-                return
-            try:
+        """Write whatever the protocol has queued. Raises RpcError(UNAVAILABLE) if broken.
+
+        Uncontended, the lock is taken without a checkpoint (send_all has its own): every
+        extra schedule point costs a full trip through trio's scheduler on each call.
+        Backpressure: a task returns only once its frames are written (by it or by the
+        task that held the lock), so a peer that does not read blocks every writer.
+        """
+        if self._write_lock.locked():
+            await self._write_lock.acquire()
+        else:
+            self._write_lock.acquire_nowait()
+        try:
+            # Keep writing while other tasks queue frames during our send_all: their
+            # flush() then finds nothing to do, so concurrent calls share one write.
+            while data := self.protocol.data_to_send():
                 await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.connection_lost(RpcError(StatusCode.UNAVAILABLE, "connection lost"))
-                raise RpcError(StatusCode.UNAVAILABLE, "connection lost") from exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.connection_lost(RpcError(StatusCode.UNAVAILABLE, "connection lost"))
+            raise RpcError(StatusCode.UNAVAILABLE, "connection lost") from exc
+        finally:
+            self._write_lock.release()
 
     async def flush_quietly(self, limit: float) -> None:
         """Best-effort flush for cleanup paths: bounded, shielded, never raises."""

@@ -155,9 +155,15 @@ def qemu_command(
     cmd = [str(assets.qemu), "-machine", "q35"]
     if assets.bios is not None:
         cmd += ["-bios", str(assets.bios)]
+    # TCG by default: it runs anywhere, including hosts whose /dev/kvm cannot run a stock
+    # kernel (nested PVM here). TRIO_JOBS_VM_ACCEL=kvm is for machines with a working KVM.
+    if os.environ.get("TRIO_JOBS_VM_ACCEL") == "kvm":
+        cmd += ["-accel", "kvm", "-cpu", "host"]
+    else:
+        cmd += ["-accel", "tcg,thread=multi", "-cpu", "max"]
     return [
         *cmd,
-        "-accel", "tcg,thread=multi", "-cpu", "max", "-m", "1024", "-smp", "2",
+        "-m", "1024", "-smp", "2",
         "-nodefaults", "-display", "none", "-monitor", "none", "-no-reboot",
         "-serial", f"file:{console}",
         "-kernel", str(assets.vmlinux), "-initrd", str(initrd),

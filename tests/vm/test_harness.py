@@ -21,6 +21,7 @@ from vm.harness import (
     default_timeout,
     job_script,
     main,
+    qemu_command,
     run_guest_pytest,
     run_lock,
 )
@@ -222,6 +223,24 @@ def test_guest_run_report_says_why() -> None:
     assert "timed out" in text
     assert "OUT" in text
     assert "CON" in text
+
+
+def test_qemu_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assets = _fake_assets(tmp_path)
+    paths = {k: tmp_path / k for k in ("initrd", "results", "scratch", "console")}
+    monkeypatch.delenv("TRIO_JOBS_VM_ACCEL", raising=False)
+    cmd = qemu_command(assets, **paths)
+    assert cmd[cmd.index("-accel") + 1] == "tcg,thread=multi"
+    shares = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-virtfs"]
+    assert shares[0].startswith("local,path=/,mount_tag=hostroot,")
+    assert "readonly=on" in shares[0].split(",")
+    assert shares[1].startswith(f"local,path={paths['results']},mount_tag=results,")
+    assert "readonly=on" not in shares[1].split(",")
+    assert f"file={paths['scratch']},if=virtio,format=raw" in cmd
+    assert "-no-reboot" in cmd
+    monkeypatch.setenv("TRIO_JOBS_VM_ACCEL", "kvm")
+    cmd = qemu_command(assets, **paths)
+    assert cmd[cmd.index("-accel") + 1] == "kvm"
 
 
 def test_default_timeout(monkeypatch: pytest.MonkeyPatch) -> None:

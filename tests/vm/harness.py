@@ -229,8 +229,6 @@ def _run(
             status = int(status_text)
         elif failure is None:
             failure = status_text or f"the guest reported no status (qemu exit {proc.returncode})"
-        if proc.returncode not in (0, None) and failure is None and status is None:
-            failure = f"qemu exited with {proc.returncode}"
         ready = _read_tail(results / "ready_uptime", 100).strip()
         console_text = _read_tail(console, MAX_CONSOLE)
         if qemu_out:

@@ -1,5 +1,8 @@
 """Fixtures for the rpc tests: our server over mTLS on loopback, a grpcio (aio) peer.
 
+tests/rpc is a package (so mypy and pytest agree on module names); the directory is also
+put on sys.path for modules that still import their siblings absolutely (``rawh2``).
+
 Certificates come from the session development PKI of ``tests/conftest.py``. grpcio's aio
 API runs on one asyncio loop in a helper thread (:class:`AsyncioThread`); trio tests call
 into it with ``trio.to_thread.run_sync(loop.run, coroutine)``.
@@ -7,41 +10,25 @@ into it with ``trio.to_thread.run_sync(loop.run, coroutine)``.
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
-from echo import GrpcioEcho, TrioEcho
 
 from trio_jobs.rpc import Server, ServerLimits, health_service
 from trio_jobs.security.identity import identity_from_peercert
 
+from .echo import GrpcioEcho, TrioEcho
+from .peers import AsyncioThread, GrpcioCreds, GrpcioServer, OurServer
+
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-    from pathlib import Path
+    from collections.abc import AsyncIterator, Callable, Iterator
 
-T = TypeVar("T")
-
-
-class AsyncioThread:
-    """An asyncio loop in a daemon thread, for the grpcio aio peer."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")
@@ -49,29 +36,6 @@ def aio() -> Iterator[AsyncioThread]:
     loop = AsyncioThread()
     yield loop
     loop.close()
-
-
-@dataclass
-class GrpcioCreds:
-    ca: bytes
-    server_cert: bytes
-    server_key: bytes
-    client_cert: bytes
-    client_key: bytes
-
-    def server(self) -> Any:
-        import grpc
-
-        return grpc.ssl_server_credentials(
-            [(self.server_key, self.server_cert)],
-            root_certificates=self.ca,
-            require_client_auth=True,
-        )
-
-    def channel(self) -> Any:
-        import grpc
-
-        return grpc.ssl_channel_credentials(self.ca, self.client_key, self.client_cert)
 
 
 @pytest.fixture(scope="session")
@@ -86,13 +50,6 @@ def grpcio_creds(dev_pki: Path) -> GrpcioCreds:
         client_cert=read("alice.crt"),
         client_key=read("alice.key"),
     )
-
-
-@dataclass
-class OurServer:
-    server: Server
-    port: int
-    echo: TrioEcho
 
 
 @pytest.fixture
@@ -117,13 +74,6 @@ async def our_server(
         await server.shutdown(drain_timeout=1.0)
 
 
-@dataclass
-class GrpcioServer:
-    port: int
-    echo: GrpcioEcho
-    server: Any
-
-
 @pytest.fixture
 def grpcio_server(aio: AsyncioThread, grpcio_creds: GrpcioCreds) -> Iterator[GrpcioServer]:
     import grpc
@@ -145,14 +95,6 @@ def grpcio_server(aio: AsyncioThread, grpcio_creds: GrpcioCreds) -> Iterator[Grp
     server, port = aio.run(start())
     yield GrpcioServer(port=port, echo=echo, server=server)
     aio.run(server.stop(0))
-
-
-def grpcio_channel(creds: GrpcioCreds, port: int, **options: Any) -> Any:
-    """A grpc.aio secure channel to 127.0.0.1:port (create it on the aio loop)."""
-    import grpc
-
-    opts = [("grpc.ssl_target_name_override", "localhost"), *options.items()]
-    return grpc.aio.secure_channel(f"127.0.0.1:{port}", creds.channel(), options=opts)
 
 
 @pytest.fixture

@@ -6,14 +6,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
-from echo import STREAM, UNARY, EchoReply, EchoRequest
 
 from trio_jobs.rpc import ChannelOptions, RpcError, StatusCode, connect
+
+from .echo import STREAM, UNARY, EchoReply, EchoRequest
 
 if TYPE_CHECKING:
     import ssl
 
-    from conftest import AsyncioThread, GrpcioServer
+    from .peers import AsyncioThread, GrpcioServer
 
 MiB = 1024 * 1024
 

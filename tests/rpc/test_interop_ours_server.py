@@ -8,14 +8,15 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 import trio
-from echo import STREAM, UNARY, EchoReply, EchoRequest
 
 from trio_jobs.rpc import health_pb2
 
-if TYPE_CHECKING:
-    from conftest import AsyncioThread, GrpcioCreds, OurServer
+from .echo import STREAM, UNARY, EchoReply, EchoRequest
 
-from conftest import grpcio_channel
+if TYPE_CHECKING:
+    from .peers import AsyncioThread, GrpcioCreds, OurServer
+
+from .peers import grpcio_channel
 
 MiB = 1024 * 1024
 

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 import trio.testing
-from echo import STREAM, UNARY, EchoReply, EchoRequest, TrioEcho
 
 from trio_jobs.rpc import (
     Channel,
@@ -22,6 +21,8 @@ from trio_jobs.rpc import (
     connect,
     open_channel,
 )
+
+from .echo import STREAM, UNARY, EchoReply, EchoRequest, TrioEcho
 
 if TYPE_CHECKING:
     import ssl
@@ -376,3 +377,45 @@ async def test_bad_peer_is_closed_and_others_unaffected(
         # the server said why (GOAWAY: type 7) before closing
         assert b"\x07\x00\x00\x00\x00\x00" in received
         assert (await good.unary(UNARY, EchoRequest(payload=b"fine"), EchoReply)).payload == b"fine"
+
+
+async def test_cancel_during_blocked_write_keeps_tls_connection_usable(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    server_ssl_context: ssl.SSLContext,
+    client_ssl_context_for: Callable[[str], ssl.SSLContext],
+) -> None:
+    """A call cancelled while its bytes are stuck in the transport must not break TLS.
+
+    (A send_all cancelled half-way leaves a trio.SSLStream broken for every other call:
+    only the connection's writer task writes, and it is never cancelled by a call.)
+    """
+    c2s_send, c2s_recv = trio.testing.memory_stream_one_way_pair()
+    s2c_send, s2c_recv = trio.testing.memory_stream_one_way_pair()
+    gate = trio.Event()
+    gate.set()
+    pump = c2s_send.send_all_hook
+
+    async def gated() -> None:
+        await gate.wait()
+        if pump is not None:
+            await pump()
+
+    c2s_send.send_all_hook = gated
+    echo = TrioEcho()
+    server = Server(echo.methods(), ssl_context=server_ssl_context)
+    nursery.start_soon(server.serve_connection, trio.StapledStream(s2c_send, c2s_recv))
+    tls = trio.SSLStream(
+        trio.StapledStream(c2s_send, s2c_recv),
+        client_ssl_context_for("alice"),
+        server_hostname="localhost",
+    )
+    await tls.do_handshake()
+    async with open_channel(tls) as ch:
+        assert (await ch.unary(UNARY, EchoRequest(payload=b"1"), EchoReply)).payload == b"1"
+        gate = trio.Event()  # the network stalls
+        with pytest.raises(RpcError) as info:
+            await ch.unary(UNARY, EchoRequest(payload=b"x" * 100_000), EchoReply, timeout=1.0)
+        assert info.value.code == StatusCode.DEADLINE_EXCEEDED  # not stuck in the write
+        gate.set()  # the network recovers: the connection is intact
+        assert (await ch.unary(UNARY, EchoRequest(payload=b"2"), EchoReply)).payload == b"2"

@@ -278,6 +278,7 @@ async def open_channel(
     channel = Channel(stream, authority=authority, options=options or ChannelOptions())
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(channel.writer)
             channel.proto.initiate()
             await channel.flush()
             nursery.start_soon(channel.reader)

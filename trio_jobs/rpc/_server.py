@@ -89,9 +89,10 @@ class _ServerConnection(Transport):
         self.proto.initiate()
         with self.scope:
             try:
-                await self.flush()
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
+                    await nursery.start(self.writer)
+                    await self.flush()
                     await self.reader()
                     # The connection is gone: calls cannot answer any more.
                     for call in self.calls.values():
@@ -253,19 +254,23 @@ class _ServerConnection(Transport):
                 self.idle.set()
 
     async def graceful_close(self, drain_deadline: float) -> None:
-        """Two-phase GOAWAY, drain until ``drain_deadline``, cancel the rest, close."""
+        """Two-phase GOAWAY, drain until ``drain_deadline``, cancel the rest, close.
+
+        Bounded even if the peer stopped reading: every wait is under the drain deadline
+        or a cleanup timeout, and closing the stream ends a write blocked on the peer.
+        """
         limits = self.server.limits
-        try:
-            self.proto.goaway(_MAX_STREAM_ID)
-            self.proto.ping(_SHUTDOWN_PING)
-            await self.flush()
-            with trio.move_on_after(limits.shutdown_ping_timeout):
-                await self.ping_acked.wait()
-            self.proto.goaway(self.proto.highest_inbound_stream_id)
-            await self.flush()
-        except RpcError:
-            pass
         with trio.move_on_at(drain_deadline):
+            try:
+                self.proto.goaway(_MAX_STREAM_ID)
+                self.proto.ping(_SHUTDOWN_PING)
+                await self.flush()
+                with trio.move_on_after(limits.shutdown_ping_timeout):
+                    await self.ping_acked.wait()
+                self.proto.goaway(self.proto.highest_inbound_stream_id)
+                await self.flush()
+            except RpcError:
+                pass
             await self.idle.wait()
         err = RpcError(StatusCode.UNAVAILABLE, "the server is shutting down; retry")
         for call in list(self.calls.values()):
@@ -273,6 +278,7 @@ class _ServerConnection(Transport):
         with trio.move_on_after(_CLEANUP_TIMEOUT):
             await self.idle.wait()
         self.scope.cancel()
+        await trio.aclose_forcefully(self.stream)
 
 
 class Server:

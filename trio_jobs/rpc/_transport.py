@@ -71,31 +71,53 @@ class Transport:
         self.protocol = protocol
         self.read_size = read_size
         self.states: dict[int, StreamState] = {}
-        self._write_lock = trio.Lock()
         self.lost: RpcError | None = None  # set once the connection is unusable
+        self._want_write = trio.Event()
+        self._round_done = trio.Event()  # set when the next write round has been written
+        self._writer_scope = trio.CancelScope()
 
     async def flush(self) -> None:
-        """Write whatever the protocol has queued. Raises RpcError(UNAVAILABLE) if broken.
+        """Have everything the protocol queued written; raises RpcError if the connection is gone.
 
-        Uncontended, the lock is taken without a checkpoint (send_all has its own): every
-        extra schedule point costs a full trip through trio's scheduler on each call.
-        Backpressure: a task returns only once its frames are written (by it or by the
-        task that held the lock), so a peer that does not read blocks every writer.
+        Only :meth:`writer` writes to the stream, so cancelling a caller never interrupts
+        a ``send_all`` (which would break a ``trio.SSLStream`` for every call on it).
+        Backpressure: the caller waits until the write round holding its frames is done,
+        so a peer that does not read blocks every writer.
         """
-        if self._write_lock.locked():
-            await self._write_lock.acquire()
-        else:
-            self._write_lock.acquire_nowait()
-        try:
-            # Keep writing while other tasks queue frames during our send_all: their
-            # flush() then finds nothing to do, so concurrent calls share one write.
-            while data := self.protocol.data_to_send():
-                await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.connection_lost(RpcError(StatusCode.UNAVAILABLE, "connection lost"))
-            raise RpcError(StatusCode.UNAVAILABLE, "connection lost") from exc
-        finally:
-            self._write_lock.release()
+        if self.lost is not None:
+            raise RpcError(StatusCode.UNAVAILABLE, self.lost.message)
+        if not self.protocol.has_data_to_send:
+            return
+        done = self._round_done
+        self._want_write.set()
+        await done.wait()
+        if self.lost is not None:
+            raise RpcError(StatusCode.UNAVAILABLE, self.lost.message)
+
+    async def writer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The one task that writes; runs until the connection is lost (cancelled then)."""
+        done: trio.Event | None = None
+        with self._writer_scope:
+            task_status.started()
+            try:
+                while True:
+                    await self._want_write.wait()
+                    self._want_write = trio.Event()
+                    # Frames queued from now on belong to the next round.
+                    done, self._round_done = self._round_done, trio.Event()
+                    # Everything queued meanwhile goes out too: concurrent calls share writes.
+                    while data := self.protocol.data_to_send():
+                        await self.stream.send_all(data)
+                    done.set()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.connection_lost(RpcError(StatusCode.UNAVAILABLE, "connection lost"))
+            finally:
+                # Cancelled or failed: nobody may wait for a round that will never end.
+                if done is not None:
+                    done.set()
+                self._round_done.set()
 
     async def flush_quietly(self, limit: float) -> None:
         """Best-effort flush for cleanup paths: bounded, shielded, never raises."""
@@ -124,6 +146,9 @@ class Transport:
             reason = exc
         finally:
             self.connection_lost(reason)
+            # Nothing useful can be written any more; closing also ends a write blocked
+            # on a peer that stopped reading (see flush()).
+            await trio.aclose_forcefully(self.stream)
 
     def handle_event(self, event: object) -> None:
         raise NotImplementedError
@@ -134,6 +159,8 @@ class Transport:
             self.lost = error
         for state in self.states.values():
             state.fail(error)
+        self._writer_scope.cancel()
+        self._round_done.set()
 
     def wake_senders(self, stream_id: int) -> None:
         if stream_id == 0:

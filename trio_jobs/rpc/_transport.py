@@ -2,17 +2,25 @@
 
 Theory of operation
 -------------------
-A connection owns a trio stream and a sans-IO protocol. The reader task loops
-``receive_some -> protocol.receive_data -> handle events -> flush``; it flushes inline,
-so when the peer stops reading our answers (PING/SETTINGS acks, RST_STREAMs) the reader
-stops reading too and nothing queues without bound. Every write goes through
-:meth:`flush` (a lock and ``data_to_send()``), so exactly one task writes at a time.
+A connection owns a trio stream and a sans-IO protocol, and runs two tasks on them:
+
+* the reader loops ``receive_some -> protocol.receive_data -> handle events -> flush``.
+  Its flush waits until the answers it queued (PING/SETTINGS acks, RST_STREAMs) are
+  written, so when the peer stops reading, the reader stops reading too and nothing
+  queues without bound;
+* the writer is the only task that calls ``send_all``. Other tasks queue frames in the
+  protocol and wait in :meth:`Transport.flush` for the write round that carries them.
+  A caller cancelled meanwhile (deadline, RST_STREAM, cancel scope) just stops waiting:
+  a ``send_all`` cancelled half-way would break a ``trio.SSLStream`` for every call on
+  the connection. Frames queued by many tasks during one ``send_all`` go out together in
+  the next one.
 
 Each stream has a :class:`StreamState`: the decoded messages not consumed yet (bounded by
 the stream window because their flow-control credit is only returned on consumption),
 whether the peer ended, and the error that ends it. Whoever waits on a stream - for a
 message or for send window - is woken when the stream or the connection fails
-(grpclib#8/#216): :meth:`connection_lost` fails every state.
+(grpclib#8/#216): :meth:`Transport.connection_lost` fails every state, stops the writer
+and releases every flush.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import trio
 from google.protobuf.message import DecodeError
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from google.protobuf.message import Message
 
 R = TypeVar("R", bound="Message")
-_CLEANUP_TIMEOUT: Final = 1.0
 
 
 class _CallState(StreamState):
@@ -153,8 +152,7 @@ class Channel(Transport):
             if state.messages:
                 data, ack = state.messages.popleft()
                 self.proto.acknowledge(state.stream_id, ack)
-                if self.proto.has_data_to_send:
-                    await self.flush()
+                self.kick()  # a WINDOW_UPDATE, if h2 decided one is due
                 return data
             if state.error is not None:
                 raise state.error
@@ -187,7 +185,7 @@ class Channel(Transport):
                 return _parse(response_type, data)
             finally:
                 if state is not None and self._close_call(state):
-                    await self.flush_quietly(_CLEANUP_TIMEOUT)
+                    self.kick()
         assert scope.cancelled_caught
         raise RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
 
@@ -213,7 +211,7 @@ class Channel(Transport):
             yield ResponseStream(self, state, response_type, deadline)
         finally:
             if state is not None and self._close_call(state):
-                await self.flush_quietly(_CLEANUP_TIMEOUT)
+                self.kick()
 
     def connection_lost(self, error: RpcError) -> None:
         super().connection_lost(error)

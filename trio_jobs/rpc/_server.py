@@ -210,7 +210,7 @@ class _ServerConnection(Transport):
     ) -> None:
         max_send = self.server.limits.max_send_message
 
-        async def send(response: Any, *, flush: bool = True) -> None:
+        async def send(response: Any, *, kick: bool = True) -> None:
             if not isinstance(response, method.response_type):
                 raise TypeError(f"{method.path} must send {method.response_type.__name__}")
             data = response.SerializeToString()
@@ -220,13 +220,13 @@ class _ServerConnection(Transport):
                     f"response of {len(data)} bytes exceeds the limit of {max_send}",
                 )
             self._send_headers(state)
-            await self.send_message(state, data, flush=flush)
+            await self.send_message(state, data, kick=kick)
 
         if method.server_streaming:
             await method.handler(request, ctx, send)  # type: ignore[call-arg]
         else:
             # headers, message and trailers (from _finish) go out in one write
-            await send(await method.handler(request, ctx), flush=False)  # type: ignore[call-arg]
+            await send(await method.handler(request, ctx), kick=False)  # type: ignore[call-arg]
 
     def _send_headers(self, state: StreamState) -> None:
         if state.error is not None:
@@ -245,8 +245,7 @@ class _ServerConnection(Transport):
                 with contextlib.suppress(StreamGone):
                     self.proto.send_trailers(sid, code, message, trailing)
             self.proto.release(sid)
-            if self.lost is None:
-                await self.flush_quietly(_CLEANUP_TIMEOUT)
+            self.kick()
         finally:
             self.states.pop(sid, None)
             self.calls.pop(sid, None)
@@ -277,6 +276,7 @@ class _ServerConnection(Transport):
             call.cancel(err)
         with trio.move_on_after(_CLEANUP_TIMEOUT):
             await self.idle.wait()
+        await self.flush_quietly(_CLEANUP_TIMEOUT)  # the last calls' trailers
         self.scope.cancel()
         await trio.aclose_forcefully(self.stream)
 

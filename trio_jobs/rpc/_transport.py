@@ -82,6 +82,7 @@ class Transport:
         self.lost: RpcError | None = None  # set once the connection is unusable
         self._want_write = trio.Event()
         self._round_done = trio.Event()  # set when the next write round has been written
+        self._in_flight: trio.Event | None = None  # set when the current round is written
         self._writer_scope = trio.CancelScope()
 
     async def flush(self) -> None:
@@ -94,10 +95,13 @@ class Transport:
         """
         if self.lost is not None:
             raise RpcError(StatusCode.UNAVAILABLE, self.lost.message)
-        if not self.protocol.has_data_to_send:
+        if self.protocol.has_data_to_send:
+            done = self._round_done
+            self._want_write.set()
+        elif self._in_flight is not None:  # our frames may be in the write under way
+            done = self._in_flight
+        else:
             return
-        done = self._round_done
-        self._want_write.set()
         await done.wait()
         if self.lost is not None:
             raise RpcError(StatusCode.UNAVAILABLE, self.lost.message)
@@ -115,9 +119,11 @@ class Transport:
                     self._want_write = trio.Event()
                     # Frames queued from now on belong to the next round.
                     done, self._round_done = self._round_done, trio.Event()
+                    self._in_flight = done
                     # Everything queued meanwhile goes out too: concurrent calls share writes.
                     while data := self.protocol.data_to_send():
                         await self.stream.send_all(data)
+                    self._in_flight = None
                     done.set()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.connection_lost(RpcError(StatusCode.UNAVAILABLE, "connection lost"))
@@ -126,6 +132,16 @@ class Transport:
                 if done is not None:
                     done.set()
                 self._round_done.set()
+
+    def kick(self) -> None:
+        """Have the writer write what is queued, without waiting for it.
+
+        Enough for DATA and stream-ending frames: what they can queue is bounded by the
+        peer's flow-control windows, not by how fast we write. The reader uses
+        :meth:`flush` instead, so that it stops reading when its answers cannot be written.
+        """
+        if self.protocol.has_data_to_send and self.lost is None:
+            self._want_write.set()
 
     async def flush_quietly(self, limit: float) -> None:
         """Best-effort flush for cleanup paths: bounded, shielded, never raises."""
@@ -178,24 +194,26 @@ class Transport:
             one.wake()
 
     async def send_message(
-        self, state: StreamState, payload: bytes, *, end_stream: bool = False, flush: bool = True
+        self, state: StreamState, payload: bytes, *, end_stream: bool = False, kick: bool = True
     ) -> None:
         """Send one message, waiting for flow-control window as needed.
 
         At most one window of the message is handed to the protocol at a time, so a peer
-        that does not read makes this wait instead of making us buffer. Cancel-safe in the
-        sense that a cancelled send leaves a partial message: the caller must reset the
-        stream (all callers do, since cancellation ends the call).
+        that does not read makes this wait instead of making us buffer. ``kick=False``
+        leaves the frames queued for a later kick (to write several frames at once).
+        Cancel-safe in the sense that a cancelled send leaves a partial message: the
+        caller must reset the stream (all callers do, since cancellation ends the call).
         """
         if len(payload) < _COPY_LIMIT:
-            await self._send_view(state, memoryview(encode_message(payload)), end_stream, flush)
+            await self._send_view(state, memoryview(encode_message(payload)), end_stream)
         else:  # avoid copying a large payload: the prefix, then the body
-            await self._send_view(state, memoryview(_prefix(payload)), False, False)
-            await self._send_view(state, memoryview(payload), end_stream, flush)
+            await self._send_view(state, memoryview(_prefix(payload)), False)
+            await self._send_view(state, memoryview(payload), end_stream)
+        if kick:
+            self.kick()
+        await trio.lowlevel.checkpoint()
 
-    async def _send_view(
-        self, state: StreamState, view: memoryview, end_stream: bool, flush: bool
-    ) -> None:
+    async def _send_view(self, state: StreamState, view: memoryview, end_stream: bool) -> None:
         while True:
             if state.error is not None:
                 raise state.error
@@ -205,11 +223,9 @@ class Transport:
                 raise state.error or RpcError(StatusCode.CANCELLED, "stream closed") from None
             view = view[n:]
             if not view:
-                break
-            await self.flush()
+                return
+            self.kick()
             await state.wait()
-        if flush:
-            await self.flush()
 
 
 def _prefix(payload: bytes) -> bytes:

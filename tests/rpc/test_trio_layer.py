@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any
@@ -419,3 +420,49 @@ async def test_cancel_during_blocked_write_keeps_tls_connection_usable(
         assert info.value.code == StatusCode.DEADLINE_EXCEEDED  # not stuck in the write
         gate.set()  # the network recovers: the connection is intact
         assert (await ch.unary(UNARY, EchoRequest(payload=b"2"), EchoReply)).payload == b"2"
+
+
+async def test_connect_failures_are_unavailable(
+    nursery: trio.Nursery,
+    server_ssl_context: ssl.SSLContext,
+    client_ssl_context_for: Callable[[str], ssl.SSLContext],
+) -> None:
+    ctx = client_ssl_context_for("alice")
+    # nothing listens there
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    await listeners[0].aclose()
+    with trio.fail_after(20), pytest.raises(RpcError) as info:
+        async with connect("127.0.0.1", port, ssl_context=ctx, server_hostname="localhost"):
+            pass
+    assert info.value.code == StatusCode.UNAVAILABLE
+
+    # a TCP server that closes at once (no TLS)
+    async def slam(stream: trio.SocketStream) -> None:
+        await stream.aclose()
+
+    listeners = await nursery.start(trio.serve_tcp, slam, 0)
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(20), pytest.raises(RpcError) as info:
+        async with connect("127.0.0.1", port, ssl_context=ctx, server_hostname="localhost"):
+            pass
+    assert info.value.code == StatusCode.UNAVAILABLE
+    assert "TLS handshake" in info.value.message
+
+    # a TLS server that does not offer h2
+    server_ssl_context.set_alpn_protocols(["http/1.1"])
+
+    async def no_h2(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, server_ssl_context, server_side=True)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await tls.do_handshake()
+            await tls.receive_some(10)
+        await trio.aclose_forcefully(tls)
+
+    listeners = await nursery.start(trio.serve_tcp, no_h2, 0)
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(20), pytest.raises(RpcError) as info:
+        async with connect("127.0.0.1", port, ssl_context=ctx, server_hostname="localhost"):
+            pass
+    assert info.value.code == StatusCode.UNAVAILABLE
+    assert "ALPN h2" in info.value.message

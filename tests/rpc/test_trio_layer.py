@@ -153,6 +153,15 @@ async def test_handshake_timeout_and_alpn(
     assert trio.current_time() - start == pytest.approx(10.0, abs=0.01)
     await b.aclose()
 
+    # TLS done but no HTTP/2 preface: closed after the same timeout.
+    plain_server = plain(TrioEcho())
+    a, b = trio.testing.memory_stream_pair()
+    start = trio.current_time()
+    with trio.fail_after(60):
+        await plain_server.serve_connection(a)
+    assert trio.current_time() - start == pytest.approx(10.0, abs=0.01)
+    await b.aclose()
+
     # A client that does not offer h2 completes TLS but is closed at once.
     ctx = client_ssl_context_for("alice")
     ctx.set_alpn_protocols(["http/1.1"])

@@ -87,6 +87,11 @@ class WindowUpdated(Event):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class SettingsReceived(Event):
+    """The peer's SETTINGS arrived (the first ones complete its connection preface)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class PingAcknowledged(Event):
     data: bytes
 

@@ -225,6 +225,7 @@ class GrpcProtocol:
         elif isinstance(e, h2.events.PingAckReceived):
             out.append(ev.PingAcknowledged(data=bytes(e.ping_data or b"")))
         elif isinstance(e, h2.events.RemoteSettingsChanged):
+            out.append(ev.SettingsReceived())
             if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in e.changed_settings:
                 out.append(ev.WindowUpdated(stream_id=0))
         elif isinstance(e, h2.events.ConnectionTerminated):

@@ -82,6 +82,7 @@ class _ServerConnection(Transport):
         self.idle = trio.Event()  # set whenever no call is running
         self.idle.set()
         self.ping_acked = trio.Event()
+        self.preface_received = trio.Event()
         self.nursery: trio.Nursery | None = None
         self.scope = trio.CancelScope()
 
@@ -92,6 +93,7 @@ class _ServerConnection(Transport):
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
                     await nursery.start(self.writer)
+                    nursery.start_soon(self._preface_watchdog)
                     await self.flush()
                     await self.reader()
                     # The connection is gone: calls cannot answer any more.
@@ -102,6 +104,14 @@ class _ServerConnection(Transport):
             except RpcError:
                 pass
         self.connection_lost(RpcError(StatusCode.UNAVAILABLE, "connection closed"))
+
+    async def _preface_watchdog(self) -> None:
+        """A peer that has not sent its HTTP/2 preface within the handshake timeout goes."""
+        with trio.move_on_after(self.server.limits.handshake_timeout):
+            await self.preface_received.wait()
+            return
+        log.info("no HTTP/2 connection preface within the handshake timeout; closing")
+        self.scope.cancel()
 
     def handle_event(self, event: object) -> None:
         if isinstance(event, ev.MessageReceived):
@@ -128,6 +138,8 @@ class _ServerConnection(Transport):
             state = self.states.get(event.stream_id)
             if state is not None:
                 state.fail(RpcError(event.code, event.message))
+        elif isinstance(event, ev.SettingsReceived):
+            self.preface_received.set()
         elif isinstance(event, ev.PingAcknowledged):
             if event.data == _SHUTDOWN_PING:
                 self.ping_acked.set()

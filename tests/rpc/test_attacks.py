@@ -36,7 +36,10 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
-from rawh2 import (
+
+from trio_jobs import rpc
+
+from .rawh2 import (
     CANCEL,
     COMPRESSION_ERROR,
     ENHANCE_YOUR_CALM,
@@ -55,15 +58,14 @@ from rawh2 import (
     split_grpc_messages,
 )
 
-from trio_jobs import rpc
-
 if TYPE_CHECKING:
     import ssl
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
     from google.protobuf.descriptor import ServiceDescriptor
     from hyperframe.frame import Frame
-    from rawh2 import Received
+
+    from .rawh2 import Received
 
 # Every test's wall-clock safety bound (never a way of waiting for something).
 BOUND: float = 30.0

@@ -21,6 +21,8 @@ from typing import IO, TYPE_CHECKING, Final
 
 import pytest
 
+from trio_jobs.cli.serve import default_cgroup_parent as default_parent_for
+
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
@@ -65,10 +67,14 @@ def read_until(stream: IO[bytes], marker: bytes, timeout: float) -> bytes:
 class Host:
     """A TRIO_JOBS_HOME with (at most) one running server and a way to run client commands."""
 
-    def __init__(self, home: Path, logs: Path) -> None:
+    def __init__(self, home: Path, logs: Path, *, default_cgroup_parent: bool = False) -> None:
         self.home = home
         self.logs = logs
-        self.cgroup_parent = f"trio-jobs-e2e-{uuid.uuid4().hex[:12]}"
+        # default_cgroup_parent: let the server choose (trio-jobs-<hash of its home>)
+        self.explicit_cgroup_parent = not default_cgroup_parent
+        self.cgroup_parent = (
+            default_parent_for(home) if default_cgroup_parent else f"trio-jobs-e2e-{uuid.uuid4().hex[:12]}"
+        )
         self.server: subprocess.Popen[bytes] | None = None
         self.address = ""
         self.banner = ""
@@ -89,7 +95,14 @@ class Host:
         self._starts += 1
         stderr = (self.logs / f"server-{self._starts}.stderr").open("wb")
         proc = subprocess.Popen(
-            [*CLI, "serve", "--port", "0", "--cgroup-parent", self.cgroup_parent, *extra],
+            [
+                *CLI,
+                "serve",
+                "--port",
+                "0",
+                *(["--cgroup-parent", self.cgroup_parent] if self.explicit_cgroup_parent else []),
+                *extra,
+            ],
             stdout=subprocess.PIPE,
             stderr=stderr,
             env=self.env(),

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert", metavar="FILE", help="server certificate (with --key and --ca, instead of --pki)")
     p.add_argument("--key", metavar="FILE", help="server private key")
     p.add_argument("--ca", metavar="FILE", help="CA that signs client certificates")
-    p.add_argument("--cgroup-parent", metavar="P", help="cgroup to create job cgroups under (default: the server's own)")
+    p.add_argument("--cgroup-parent", metavar="P", help="cgroup to create job cgroups under: relative to the server's own cgroup, or absolute "
+        "(default: trio-jobs-<hash of the data directory> under the server's own cgroup)")
     p.add_argument("--require-limits", action="store_true", help="refuse to start without usable cgroups")
     p.set_defaults(func=None)
 

@@ -8,6 +8,7 @@ banner is for people. SIGINT/SIGTERM shut down gracefully, a second one at once 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import sys
@@ -123,6 +124,18 @@ async def _announce_shutdown(info: ServerInfo) -> None:
     print("trio-jobs: stopping at once: killing running jobs", flush=True)
 
 
+def default_cgroup_parent(data_dir: Path) -> str:
+    """``trio-jobs-<digest of the data directory>``: one parent cgroup per server state.
+
+    At start the driver kills and removes every job cgroup left under its parent (jobs of a
+    crashed run). Naming the parent after the data directory keeps that cleanup to our own
+    leftovers: a second server with another ``TRIO_JOBS_HOME`` on the same host never
+    touches the first one's jobs, while a restart on the same state finds its old cgroups.
+    """
+    digest = hashlib.sha256(os.fsencode(data_dir.resolve())).hexdigest()[:12]
+    return f"trio-jobs-{digest}"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if not sys.platform.startswith("linux"):
         raise CliError(f"trio-jobs serve needs Linux (processes in cgroups); this is {sys.platform}", EXIT_CONFIG)
@@ -138,7 +151,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..worker.cgroups.detect import detect_driver
 
     try:
-        driver = detect_driver(parent=args.cgroup_parent, require=args.require_limits)
+        driver = detect_driver(
+            parent=args.cgroup_parent or default_cgroup_parent(data_dir), require=args.require_limits
+        )
     except CgroupError as exc:
         raise CliError(f"cgroups: {exc}", EXIT_CONFIG) from None
     if driver.name == "none":

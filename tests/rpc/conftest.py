@@ -1,8 +1,5 @@
 """Fixtures for the rpc tests: our server over mTLS on loopback, a grpcio (aio) peer.
 
-tests/rpc is a package (so mypy and pytest agree on module names); the directory is also
-put on sys.path for modules that still import their siblings absolutely (``rawh2``).
-
 Certificates come from the session development PKI of ``tests/conftest.py``. grpcio's aio
 API runs on one asyncio loop in a helper thread (:class:`AsyncioThread`); trio tests call
 into it with ``trio.to_thread.run_sync(loop.run, coroutine)``.
@@ -10,8 +7,6 @@ into it with ``trio.to_thread.run_sync(loop.run, coroutine)``.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -26,9 +21,7 @@ from .peers import AsyncioThread, GrpcioCreds, GrpcioServer, OurServer
 if TYPE_CHECKING:
     import ssl
     from collections.abc import AsyncIterator, Callable, Iterator
-
-if str(Path(__file__).parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).parent))
+    from pathlib import Path
 
 
 @pytest.fixture(scope="session")

@@ -233,6 +233,8 @@ class _ServerConnection(Transport):
                 )
             self._send_headers(state)
             await self.send_message(state, data, kick=kick)
+            if kick:  # a streaming handler: let the writer (and everyone else) run
+                await trio.lowlevel.checkpoint()
 
         if method.server_streaming:
             await method.handler(request, ctx, send)  # type: ignore[call-arg]

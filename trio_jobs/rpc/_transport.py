@@ -201,6 +201,8 @@ class Transport:
         At most one window of the message is handed to the protocol at a time, so a peer
         that does not read makes this wait instead of making us buffer. ``kick=False``
         leaves the frames queued for a later kick (to write several frames at once).
+        Not a checkpoint when the window suffices: callers that loop must yield (the
+        server-streaming ``send`` does, so the writer runs between messages).
         Cancel-safe in the sense that a cancelled send leaves a partial message: the
         caller must reset the stream (all callers do, since cancellation ends the call).
         """
@@ -211,7 +213,6 @@ class Transport:
             await self._send_view(state, memoryview(payload), end_stream)
         if kick:
             self.kick()
-        await trio.lowlevel.checkpoint()
 
     async def _send_view(self, state: StreamState, view: memoryview, end_stream: bool) -> None:
         while True:

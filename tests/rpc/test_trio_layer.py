@@ -96,9 +96,12 @@ async def test_client_timeout_resets_and_cancels_handler(
         with trio.fail_after(1):
             await echo.cancelled.wait()
         # and a server stream whose deadline passes between messages
+        echo.cancelled = trio.Event()
         with pytest.raises(RpcError) as info:
             await collect(ch, STREAM, EchoRequest(count=100, size=1, sleep=1), limit=3.5)
         assert info.value.code == StatusCode.DEADLINE_EXCEEDED
+        with trio.fail_after(1):  # the server's handler was cancelled too
+            await echo.cancelled.wait()
         assert (await ch.unary(UNARY, EchoRequest(payload=b"ok"), EchoReply)).payload == b"ok"
 
 
@@ -378,7 +381,13 @@ async def test_bad_peer_is_closed_and_others_unaffected(
     server = plain(echo)
     async with served(server, nursery) as good:
         a, b = trio.testing.memory_stream_pair()
-        nursery.start_soon(server.serve_connection, a)
+        bad_done = trio.Event()
+
+        async def serve_bad() -> None:
+            await server.serve_connection(a)
+            bad_done.set()
+
+        nursery.start_soon(serve_bad)
         await b.send_all(garbage)
         received = b""
         with trio.fail_after(5):
@@ -386,6 +395,8 @@ async def test_bad_peer_is_closed_and_others_unaffected(
                 received += chunk
         # the server said why (GOAWAY: type 7) before closing
         assert b"\x07\x00\x00\x00\x00\x00" in received
+        with trio.fail_after(1):  # and its tasks are all done at once (no lingering watchdog)
+            await bad_done.wait()
         assert (await good.unary(UNARY, EchoRequest(payload=b"fine"), EchoReply)).payload == b"fine"
 
 

@@ -133,13 +133,18 @@ class Channel(Transport):
             raise RpcError(StatusCode.UNAVAILABLE, "the connection is closing; reconnect") from None
         state = _CallState(sid)
         self.states[sid] = state
-        await self.send_message(state, data, end_stream=True)
+        try:
+            await self.send_message(state, data, end_stream=True)
+        except BaseException:  # cancelled or failed half-way: reset, forget, re-raise
+            if self._close_call(state):
+                self.kick()
+            raise
         return state
 
     def _close_call(self, state: _CallState) -> bool:
         """Forget the call; reset it if it is not finished. True if a frame is pending."""
         self.states.pop(state.stream_id, None)
-        if state.status is None and state.error is None:
+        if state.status is None:  # not finished (or failed on our side): stop the server
             self.proto.reset_stream(state.stream_id, ErrorCodes.CANCEL)
         self.proto.release(state.stream_id)
         self._slot_freed.set()

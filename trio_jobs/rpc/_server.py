@@ -96,6 +96,7 @@ class _ServerConnection(Transport):
                     nursery.start_soon(self._preface_watchdog)
                     await self.flush()
                     await self.reader()
+                    self.preface_received.set()  # (ends the watchdog)
                     # The connection is gone: calls cannot answer any more.
                     for call in self.calls.values():
                         call.cancel(

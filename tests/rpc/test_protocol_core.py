@@ -516,3 +516,48 @@ def test_100k_sequential_calls_leave_no_window_or_stream_state() -> None:
         assert proto._h2._inbound_flow_control_window_manager.current_window_size > 2 * MiB
         assert proto._h2.outbound_flow_control_window > 2 * MiB
         assert not proto.closed
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.builds(lambda n, b: bytes([b]) * n, st.integers(0, 60_000), st.integers(0, 255)),
+        min_size=1,
+        max_size=4,
+    ),
+    st.lists(st.integers(1, 20_000), min_size=1, max_size=50),
+)
+def test_transport_reads_split_anywhere_decode_identically(
+    messages: list[bytes], reads: list[int]
+) -> None:
+    """The bytes of the connection (preface, HEADERS, DATA) cut into arbitrary reads."""
+    server = make_server()
+    client = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    client.initiate_connection()
+    client.receive_data(server.data_to_send())  # our SETTINGS: 1 MiB stream window
+    client.send_headers(1, REQ)
+    wire = b"".join(encode_message(m) for m in messages)
+    for off in range(0, len(wire), 16384):
+        client.send_data(1, wire[off : off + 16384])
+    client.end_stream(1)
+    data = client.data_to_send()
+    got: list[ev.Event] = []
+    off, i = 0, 0
+    while off < len(data):
+        size = reads[i % len(reads)]
+        got += server.receive_data(data[off : off + size])
+        off += size
+        i += 1
+    assert [e.data for e in got if isinstance(e, ev.MessageReceived)] == messages
+    assert isinstance(got[-1], ev.StreamEnded)
+    assert not any(isinstance(e, ev.ConnectionFailed | ev.StreamFailed) for e in got)
+
+
+def test_oversized_frame_header_refused_before_its_body() -> None:
+    p = Peer()  # our SETTINGS_MAX_FRAME_SIZE is 16 KiB here
+    got = p.feed_server(b"\xa0\x00\x00\x00\x00\x00\x00\x00\x01" + b"x" * 100)  # 10 MiB DATA
+    failed = [e for e in got if isinstance(e, ev.ConnectionFailed)]
+    assert len(failed) == 1
+    assert failed[0].error_code == ErrorCodes.FRAME_SIZE_ERROR

@@ -86,11 +86,35 @@ class _QuietDataFrame(DataFrame):
 
 
 class _FrameBuffer(FrameBuffer):
+    """h2's frame buffer, plus two things for large DATA over TLS (16 KiB records).
+
+    * A frame header announcing more than our SETTINGS_MAX_FRAME_SIZE is refused as soon
+      as it arrives; h2 would first buffer the whole frame (up to 16 MiB) to refuse it.
+    * :meth:`completes_nothing` lets the protocol append bytes that cannot complete a
+      frame without running all of h2's receive machinery for them.
+    """
+
     def __next__(self) -> Frame:
+        data = self._data
+        if len(data) >= 9:
+            length = int.from_bytes(data[:3], "big")
+            if length > self.max_frame_size:
+                msg = f"Received overlong frame: length {length}, max {self.max_frame_size}"
+                raise h2.exceptions.FrameTooLargeError(msg)
         frame = super().__next__()
         if type(frame) is DataFrame:
             frame.__class__ = _QuietDataFrame
         return frame
+
+    def completes_nothing(self, n: int) -> bool:
+        """True if ``n`` more bytes cannot complete the frame being received."""
+        if self._preamble_len:
+            return False
+        data = self._data
+        if len(data) < 9:
+            return len(data) + n < 9
+        length = int.from_bytes(data[:3], "big")
+        return length <= self.max_frame_size and len(data) + n < 9 + length
 
 
 class StreamGone(Exception):
@@ -157,7 +181,9 @@ class GrpcProtocol:
             settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
         conn.local_settings = h2.settings.Settings(client=self.client_side, initial_values=settings)
         conn.max_inbound_frame_size = max_frame_size
-        conn.incoming_buffer = _FrameBuffer(server=not self.client_side)
+        self._frames = _FrameBuffer(server=not self.client_side)
+        self._frames.max_frame_size = max_frame_size
+        conn.incoming_buffer = self._frames
         conn._frame_dispatch_table[_QuietDataFrame] = conn._receive_data_frame
         conn.decoder.max_header_list_size = max_header_list_size
         self._h2 = conn
@@ -185,6 +211,10 @@ class GrpcProtocol:
     def receive_data(self, data: bytes | bytearray) -> list[ev.Event]:
         """Feed bytes from the peer. Never raises: failures become ConnectionFailed."""
         if self.closed:
+            return []
+        buffer = self._frames
+        if buffer.completes_nothing(len(data)):
+            buffer.add_data(data)  # the middle of a large frame: nothing to process yet
             return []
         pending = len(self._h2._data_to_send)
         try:

@@ -486,3 +486,17 @@ async def test_connect_failures_are_unavailable(
             pass
     assert info.value.code == StatusCode.UNAVAILABLE
     assert "ALPN h2" in info.value.message
+
+
+async def test_send_limits_both_sides(nursery: trio.Nursery) -> None:
+    echo = TrioEcho()
+    server = plain(echo, max_send_message=1000)
+    async with served(server, nursery) as ch:
+        with pytest.raises(RpcError) as info:  # the server's response is too large to send
+            await ch.unary(UNARY, EchoRequest(size=2000), EchoReply)
+        assert info.value.code == StatusCode.RESOURCE_EXHAUSTED
+        assert "exceeds the limit of 1000" in info.value.message
+        with pytest.raises(RpcError) as info:  # our request is over the channel's limit
+            await ch.unary(UNARY, EchoRequest(payload=b"z" * (4 * MiB + 1)), EchoReply)
+        assert info.value.code == StatusCode.RESOURCE_EXHAUSTED
+        assert (await ch.unary(UNARY, EchoRequest(size=10), EchoReply)).payload == b"x" * 10

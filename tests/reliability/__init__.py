@@ -1,0 +1,1 @@
+"""Reliability tests (issue 8): faults, hostile jobs, load, hostile connections, fuzzing."""

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Final, final
 
 import trio
 
-from .rpc import Server, health_service, service_from_descriptor
+from .rpc import Server, ServerLimits, health_service, service_from_descriptor
 from .security.identity import identity_from_peercert
-from .service import JobService
+from .service import DEFAULT_MAX_STREAMS_PER_IDENTITY, JobService
 from .v1 import jobs_pb2
 from .worker import CgroupError, open_worker
 from .worker.cgroups.v1 import V1Driver
@@ -64,6 +64,10 @@ class ServerConfig:
     cgroups: CgroupDriver | None = None  # None: the worker runs jobs without cgroups
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     handle_signals: bool = True
+    # Connection-level caps (handshake timeout, max connections, streams per connection...).
+    rpc_limits: ServerLimits = field(default_factory=ServerLimits)
+    # Concurrent StreamOutput calls per identity, across all its connections.
+    max_streams_per_identity: int = DEFAULT_MAX_STREAMS_PER_IDENTITY
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,7 +106,7 @@ async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[ServerInfo
         if config.handle_signals:
             await outer.start(_watch_signals, handle)
         async with open_worker(config.data_dir, cgroups=config.cgroups) as worker:
-            service = JobService(worker, config.policy)
+            service = JobService(worker, config.policy, max_streams_per_identity=config.max_streams_per_identity)
             shutting_down = False
 
             def healthy(_service_name: str) -> bool:
@@ -112,7 +116,9 @@ async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[ServerInfo
                 *service_from_descriptor(jobs_pb2.DESCRIPTOR.services_by_name["JobService"], service),
                 *health_service(healthy),
             ]
-            server = Server(methods, ssl_context=config.ssl_context, identify=identity_from_peercert)
+            server = Server(
+                methods, ssl_context=config.ssl_context, identify=identity_from_peercert, limits=config.rpc_limits
+            )
             served = trio.Event()  # serve_tcp returned: every connection has closed
 
             async def serve_tcp(*, task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:

@@ -62,6 +62,12 @@ MAX_GRACE_SECONDS: Final = 3600.0
 MAX_ARGS_BYTES: Final = 1 << 20
 """argv + env of one job, in bytes (the kernel's own limit is a few MiB; keep well under)."""
 
+DEFAULT_MAX_STREAMS_PER_IDENTITY: Final = 64
+"""Concurrent StreamOutput calls one identity may hold open. Each costs a handler task and a
+reader (a few KiB, no output buffered), but nothing else bounds them across connections: the
+rpc layer caps streams per *connection* (100) and connections per *server* (1000), so one
+certificate could otherwise hold 100,000 followers."""
+
 _STATES: Final = {
     JobState.RUNNING: pb.JOB_STATE_RUNNING,
     JobState.EXITED: pb.JOB_STATE_EXITED,
@@ -170,9 +176,17 @@ class JobService:
     The service does not own the worker; whoever opened the worker closes it.
     """
 
-    def __init__(self, worker: Worker, policy: Policy) -> None:
+    def __init__(
+        self, worker: Worker, policy: Policy, *, max_streams_per_identity: int = DEFAULT_MAX_STREAMS_PER_IDENTITY
+    ) -> None:
+        if max_streams_per_identity < 1:
+            raise ValueError(f"max_streams_per_identity must be at least 1 (got {max_streams_per_identity})")
         self._worker = worker
         self._policy = policy
+        self._max_streams = max_streams_per_identity
+        # identity -> StreamOutput calls it has open now (entries removed at zero, so the
+        # dict holds only identities with a stream open: bounded by the policy's identities)
+        self._streams: dict[str, int] = {}
         # StartJob checks "fewer than N running" and then starts; two concurrent requests of
         # one user must not both pass the check, so checks and starts are serialized.
         self._start_lock = trio.Lock()
@@ -310,6 +324,35 @@ class JobService:
         job_id = self._job_id(request.job_id)
         if request.offset < 0:
             _abort(StatusCode.INVALID_ARGUMENT, f"offset {request.offset} is negative; use 0 for the start")
+        open_now = self._streams.get(who.name, 0)
+        if open_now >= self._max_streams:
+            _abort(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"{who.name} already has {open_now} output streams open, the most allowed at once; "
+                "end some 'trio-jobs tail' commands and retry",
+            )
+        self._streams[who.name] = open_now + 1
+        try:
+            await self._stream_output(who, job_id, request, ctx, send)
+        finally:
+            left = self._streams[who.name] - 1
+            if left:
+                self._streams[who.name] = left
+            else:
+                del self._streams[who.name]
+
+    def open_streams(self, identity: str) -> int:
+        """StreamOutput calls ``identity`` has open now (for tests and monitoring)."""
+        return self._streams.get(identity, 0)
+
+    async def _stream_output(
+        self,
+        who: IdentityPolicy,
+        job_id: str,
+        request: pb.StreamOutputRequest,
+        ctx: ServerContext,
+        send: Callable[[pb.OutputChunk], Awaitable[None]],
+    ) -> None:
         await self._visible_status(who, job_id)
         try:
             reader = self._worker.follow(job_id, request.offset, wait=request.follow)

@@ -57,6 +57,20 @@ def _offset(text: str) -> int:
     return int(text)
 
 
+def _positive_duration(text: str) -> float:
+    seconds = units.parse_duration(text)
+    if seconds <= 0:
+        raise ValueError(f"invalid duration {text!r}: must be greater than zero")
+    return seconds
+
+
+def _positive_count(text: str) -> int:
+    count = units.parse_count(text)
+    if count < 1:
+        raise ValueError(f"invalid count {text!r}: must be at least 1")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=EXIT_CODES_HELP, formatter_class=fmt)
@@ -96,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cgroup-parent", metavar="P", help="cgroup to create job cgroups under: relative to the server's own cgroup, or absolute "
         "(default: trio-jobs-<hash of the data directory> under the server's own cgroup)")
     p.add_argument("--require-limits", action="store_true", help="refuse to start without usable cgroups")
+    g = p.add_argument_group("connection caps (advanced; docs/reliability.md)")
+    g.add_argument("--handshake-timeout", type=_typed(_positive_duration), default=10.0, metavar="T",
+        help="drop a connection that has not finished TLS, or sent the HTTP/2 preface, within T (default 10s)")
+    g.add_argument("--max-connections", type=_typed(_positive_count), default=1000, metavar="N",
+        help="close connections beyond N right after accept (default 1000)")
+    g.add_argument("--max-streams-per-identity", type=_typed(_positive_count), default=64, metavar="N",
+        help="concurrent output streams (tail) one identity may hold open (default 64)")
     p.set_defaults(func=None)
 
     p = add("start", "start a job; prints its id", [conn])

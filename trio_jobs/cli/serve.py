@@ -175,9 +175,19 @@ async def _serve(
     data_dir: Path,
     pki: Path | None,
 ) -> None:
+    from ..rpc import ServerLimits
     from ..server import ServerConfig
 
-    config = ServerConfig(host=args.host, port=args.port, data_dir=data_dir, ssl_context=ctx, policy=policy, cgroups=driver)
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        data_dir=data_dir,
+        ssl_context=ctx,
+        policy=policy,
+        cgroups=driver,
+        rpc_limits=ServerLimits(handshake_timeout=args.handshake_timeout, max_connections=args.max_connections),
+        max_streams_per_identity=args.max_streams_per_identity,
+    )
     async with trio.open_nursery() as nursery:
         info: ServerInfo = await nursery.start(_serve_then_cancel, config, nursery)
         print(_banner(info, home, data_dir, pki, driver.describe()), flush=True)

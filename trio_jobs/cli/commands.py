@@ -128,9 +128,12 @@ async def cmd_start(args: argparse.Namespace) -> int:
     env = env_of(args.env)
     async with open_client(args) as client:
         job = await client.start(argv[0], argv[1:], env=env, working_dir=args.cwd or "", limits=limits_of(args))
-        _print(job.job_id)
         if not args.follow:
+            _print(job.job_id)
             return EXIT_OK
+        # With -f stdout carries only the job's bytes (like tail, so `start -f -- cat f > copy`
+        # is byte-exact); the id still reaches the user, on stderr.
+        print(f"trio-jobs: job {job.job_id}", file=sys.stderr, flush=True)
         return await _follow(client, job.job_id, offset=0, follow=True)
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
 from typing import TYPE_CHECKING
 
 import pytest
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .conftest import Host
 
 pytestmark = pytest.mark.slow
@@ -46,3 +50,23 @@ def test_alice_and_bob_are_kept_apart(served: Host) -> None:
     served.run("stop", alice_job, "--grace", "0", identity="admin")
     status = json.loads(served.run("status", alice_job, "--json", identity="alice").stdout)
     assert status["state"] == "JOB_STATE_KILLED"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="jobs change user only when the server runs as root")
+def test_jobs_run_as_the_unix_user_of_the_policy(host: Host, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        "[defaults]\nrun_as = \"nobody\"\nprograms = [\"*\"]\n"
+        "[identities.admin]\nadmin = true\nrun_as = \"\"\n"
+        "[identities.alice]\n"
+        "[identities.bob]\nrun_as = \"daemon\"\n"
+    )
+    host.start_server("--policy", str(policy))
+
+    def whoami(identity: str) -> bytes:
+        job = host.start("sh", "-c", "id -un; id -u", identity=identity)
+        return host.run("tail", job, identity=identity).stdout
+
+    assert whoami("alice") == f"nobody\n{pwd.getpwnam('nobody').pw_uid}\n".encode()
+    assert whoami("bob") == f"daemon\n{pwd.getpwnam('daemon').pw_uid}\n".encode()
+    assert whoami("admin") == b"root\n0\n"  # run_as "" = the server's own user

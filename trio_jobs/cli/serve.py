@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -95,6 +96,9 @@ def _banner(info: ServerInfo, home: Path, data_dir: Path, pki: Path | None, driv
     if (connect_host, port) != ("localhost", 4567):
         exports.append(f"TRIO_JOBS_SERVER={connect_host}:{port}")
     lines.append("connect from another terminal (identities: admin, alice, bob via TRIO_JOBS_IDENTITY):")
+    bin_dir = os.path.dirname(sys.executable)  # the venv's bin, where `trio-jobs` is installed
+    if shutil.which("trio-jobs") is None and os.path.exists(os.path.join(bin_dir, "trio-jobs")):
+        exports.insert(0, f"PATH={shlex.quote(bin_dir)}:$PATH")  # e.g. started as ./dev serve
     if exports:
         lines.append("  export " + " ".join(exports))
     lines += [
@@ -113,6 +117,12 @@ async def _serve_then_cancel(
 
     await serve(config, task_status=task_status)
     nursery.cancel_scope.cancel()  # the announcer has nothing more to say
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _announce_shutdown(info: ServerInfo) -> None:
@@ -188,8 +198,17 @@ async def _serve(
         rpc_limits=ServerLimits(handshake_timeout=args.handshake_timeout, max_connections=args.max_connections),
         max_streams_per_identity=args.max_streams_per_identity,
     )
+    from ..worker.errors import WorkerError
+
     async with trio.open_nursery() as nursery:
-        info: ServerInfo = await nursery.start(_serve_then_cancel, config, nursery)
+        try:
+            info: ServerInfo = await nursery.start(_serve_then_cancel, config, nursery)
+        except* WorkerError as group:
+            # Before the server runs, a worker error is the local setup (a damaged or locked
+            # database, an unusable data directory): one line, no traceback.
+            raise CliError(str(_first_leaf(group)), EXIT_CONFIG) from None
+        except* OSError as group:  # e.g. the port is taken
+            raise CliError(f"cannot listen on {args.host}:{args.port}: {_first_leaf(group)}", EXIT_CONFIG) from None
         print(_banner(info, home, data_dir, pki, driver.describe()), flush=True)
         nursery.start_soon(_announce_shutdown, info)
     print("trio-jobs: server stopped", file=sys.stderr, flush=True)

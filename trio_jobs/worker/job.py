@@ -194,7 +194,7 @@ class Job:
                         # Disk full or similar: keep draining (a job blocked on a full pipe
                         # would never end) but accept no more output.
                         log.error("job %s: cannot write output: %s", self.job_id, exc)
-                        self.output.cap = self.output.size
+                        self.output.mark_truncated()
             done.set()
         except trio.ClosedResourceError:
             pass

@@ -67,6 +67,8 @@ class OutputLog:
         self._ended = ended
         self._write_fd = write_fd
         self._changed = trio.Event()
+        self._readers = 0  # open OutputReaders (a debug surface: a dead client frees its own)
+        self._readers_changed = trio.Event()
 
     @classmethod
     async def create(cls, path: Path, *, cap: int, tail_size: int = DEFAULT_TAIL_SIZE) -> Self:
@@ -92,6 +94,26 @@ class OutputLog:
     @property
     def ended(self) -> bool:
         return self._ended
+
+    @property
+    def readers(self) -> int:
+        """How many readers of this log are open now (created and not yet closed)."""
+        return self._readers
+
+    async def wait_readers(self, at_most: int) -> None:
+        """Return once at most ``at_most`` readers are open (event driven)."""
+        while self._readers > at_most:
+            await self._readers_changed.wait()
+
+    def _count_reader(self, delta: int) -> None:
+        self._readers += delta
+        self._readers_changed.set()
+        self._readers_changed = trio.Event()
+
+    def mark_truncated(self) -> None:
+        """Accept no more output (e.g. the disk is full) and say that some was lost."""
+        self.cap = self._size
+        self._truncated = True
 
     async def append(self, data: bytes) -> None:
         """Add ``data`` at the end. Single writer only. Waits for the disk, never for readers.
@@ -195,6 +217,7 @@ class OutputReader:
         self._closed = False
         self._busy = False
         self._scope = trio.CancelScope()
+        log._count_reader(+1)
 
     @property
     def offset(self) -> int:
@@ -281,6 +304,8 @@ class OutputReader:
 
     async def aclose(self) -> None:
         """Stop reading and release the file descriptor. Idempotent; safe while reading."""
+        if not self._closed:
+            self._log._count_reader(-1)
         self._closed = True
         if self._busy:
             self._scope.cancel()

@@ -81,6 +81,29 @@ def _from_row(row: sqlite3.Row) -> JobStatus:
     )
 
 
+# SQLite primary result codes (sqlite3.h) that deserve an explanation at start-up.
+_BUSY: Final = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+_DAMAGED: Final = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
+_FULL: Final = 13  # SQLITE_FULL
+_READONLY: Final = 8  # SQLITE_READONLY
+
+
+def _open_error(path: Path, exc: sqlite3.Error) -> str:
+    """One clear line saying what is wrong with the database and what to do about it."""
+    code = getattr(exc, "sqlite_errorcode", -1) & 0xFF
+    if code in _BUSY:
+        return (f"the job database {path} is locked by another process ({exc}); is another "
+                "trio-jobs server using this data directory?")
+    if code in _DAMAGED:
+        return (f"the job database {path} is damaged ({exc}); move it aside (with its -wal and "
+                "-shm files) to start with an empty job history, or restore a backup")
+    if code == _FULL:
+        return f"cannot open the job database {path}: the disk is full ({exc})"
+    if code == _READONLY:
+        return f"cannot open the job database {path}: it is read-only ({exc})"
+    return f"cannot open the job database {path}: {exc}"
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -112,7 +135,7 @@ class JobStore:
         try:
             conn = await trio.to_thread.run_sync(connect)
         except sqlite3.Error as exc:
-            raise WorkerError(f"cannot open the job store {path}: {exc}") from exc
+            raise WorkerError(_open_error(path, exc)) from exc
         return cls(conn)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -258,6 +258,21 @@ class Worker:
         return OutputLog.ended_log(path, size=size, truncated=truncated).follow(
             offset, wait=wait, max_chunk=max_chunk)
 
+    def followers(self, job_id: str) -> int:
+        """Open readers of a running job's output (0 for an ended or unknown job).
+
+        A debug surface: a follower whose client died must be gone promptly."""
+        job = self._jobs.get(job_id)
+        return job.output.readers if job is not None else 0
+
+    async def wait_followers(self, job_id: str, at_most: int) -> None:
+        """Return once a running job has at most ``at_most`` open readers (or has ended)."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            await trio.lowlevel.checkpoint()
+            return
+        await job.output.wait_readers(at_most)
+
     async def shutdown(self, grace: float | None = None) -> None:
         """Start no new jobs; stop every running one (reason: shutdown) and wait. Idempotent."""
         if grace is None:

@@ -80,18 +80,18 @@ async def _cpu_per_wall(driver: Driver) -> dict[str, float]:
                 proc = await spawn_in(job, ["/bin/sh", "-c", BUSY4], stdout=subprocess.PIPE)
                 procs.append(proc)
                 assert await read_lines(proc, 1) == ["started"]
-            u0 = {k: (await j.usage()).cpu_usec for k, j in jobs.items()}
-            t0 = trio.current_time()
+            # Each job's usage is paired with the time it was read, so the window of every
+            # job is exactly the time between its own two readings.
+            s0 = {k: ((await j.usage()).cpu_usec, trio.current_time()) for k, j in jobs.items()}
             await trio.sleep(CPU_WINDOW)  # the measurement window itself, not a wait
-            u1 = {k: (await j.usage()).cpu_usec for k, j in jobs.items()}
-            t1 = trio.current_time()
+            s1 = {k: ((await j.usage()).cpu_usec, trio.current_time()) for k, j in jobs.items()}
     finally:
         with trio.move_on_after(10, shield=True):
             for job in jobs.values():
                 await job.remove()
             for proc in procs:
                 await proc.wait()
-    return {k: (u1[k] - u0[k]) / 1e6 / (t1 - t0) for k in jobs}
+    return {k: (s1[k][0] - s0[k][0]) / 1e6 / (s1[k][1] - s0[k][1]) for k in jobs}
 
 
 @pytest.mark.slow

@@ -1,0 +1,213 @@
+"""``python -m benchmarks.e2e [--quick] [--no-doc] [--no-profile]``: the end-to-end benchmark.
+
+Starts real servers (each in its own process, with and without cgroups), drives them over
+mutual TLS on 127.0.0.1 with the client library and the ``trio-jobs`` CLI, measures every
+figure next to its ceiling in the same run, prints a table, and (full run only) rewrites the
+"End to end" results in docs/benchmarks.md and its charts in docs/img/. ``--quick`` is a
+smoke run of a few seconds that writes nothing. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import ceilings, report, scenarios
+from .harness import BenchServer, percentile
+from .profiling import profile_tail
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sizes:
+    spawns: int = 500
+    cgroup_ops: int = 300
+    start_seq: int = 300
+    start_burst: int = 1000
+    stream: int = 1024 * MiB
+    fanout: int = 32 * MiB
+    fanout_counts: tuple[int, ...] = (1, 10, 100)
+    running: int = 1000
+    history: int = 10_000
+    calls: int = 50
+    flood: int = 1024 * MiB
+    profile: int = 256 * MiB
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(spawns=50, cgroup_ops=20, start_seq=30, start_burst=60, stream=32 * MiB, fanout=4 * MiB,
+                   fanout_counts=(1, 10), running=50, history=200, calls=10, flood=32 * MiB, profile=0)  # fmt: skip
+
+
+Figures = dict[str, dict[str, float]]
+
+
+def _load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+async def measure(sizes: Sizes, workdir: Path, log: Callable[[str], None]) -> Figures:
+    figs: Figures = {}
+    log("ceilings: spawn, cgroup writes, bare TLS")
+    spawn = ceilings.spawn_true(sizes.spawns)
+    cg, hierarchies = ceilings.cgroup_writes(sizes.cgroup_ops)
+    with BenchServer(workdir, cgroups=False) as pki_owner:  # its PKI serves the bare TLS pair
+        pki = pki_owner.pki
+    figs["ceiling"] = {
+        "spawn_p50_ms": percentile(spawn, 50) * 1e3,
+        "spawn_p99_ms": percentile(spawn, 99) * 1e3,
+        "cgroup_p50_ms": percentile(cg, 50) * 1e3 if cg else 0.0,
+        "cgroup_p99_ms": percentile(cg, 99) * 1e3 if cg else 0.0,
+        "hierarchies": float(hierarchies),
+        "tls_mbps": await ceilings.bare_tls_receive(pki, sizes.stream),
+    }
+    log("job start without cgroups")
+    with BenchServer(workdir, cgroups=False) as server:
+        figs["start_none"] = await scenarios.job_start(
+            server, sequential=sizes.start_seq, burst=sizes.start_burst, concurrency=8
+        )
+    with BenchServer(workdir, cgroups=True) as server:
+        figs["driver"] = {"cgroups": float(server.driver != "none")}
+        log(f"job start with the {server.driver!r} cgroup driver")
+        figs["start_cg"] = await scenarios.job_start(
+            server, sequential=sizes.start_seq, burst=sizes.start_burst, concurrency=8
+        )
+        log(f"streaming {sizes.stream >> 20} MiB to one trio-jobs tail")
+        figs["stream"] = await scenarios.streaming(server, sizes.stream)
+        for n in sizes.fanout_counts:
+            log(f"fan-out: {n} followers of a {sizes.fanout >> 20} MiB job")
+            figs[f"fanout-{n}"] = await scenarios.fanout(server, sizes.fanout, n)
+        log(f"isolation: alice floods {sizes.flood >> 20} MiB; bob's status and follower")
+        figs["isolation"] = await scenarios.isolation(server, sizes.flood, sizes.calls)
+        log(f"scale: {sizes.running} sleeping jobs at once")
+        figs["running"] = await scenarios.scale_running(server, sizes.running, 16)
+    with BenchServer(workdir, cgroups=False) as server:
+        log(f"history: {sizes.history} jobs; list and status latency (no cgroups: faster to fill)")
+        figs["history"] = await scenarios.history(server, sizes.history, 32, sizes.calls)
+    return figs
+
+
+def rows(figs: Figures, sizes: Sizes) -> list[report.Row]:
+    R = report.Row
+    c = figs["ceiling"]
+    spawn50, spawn99 = c["spawn_p50_ms"], c["spawn_p99_ms"]
+    cg50, cg99 = spawn50 + c["cgroup_p50_ms"], spawn99 + c["cgroup_p99_ms"]
+    none, cg = figs["start_none"], figs["start_cg"]
+    out = [
+        R(figure="job start p50, no cgroups", value=none["p50_ms"], unit="ms", ceiling=spawn50,
+          ceiling_name="spawn+wait /bin/true", target="<= 3x", ok=none["p50_ms"] <= 3 * spawn50),
+        R(figure="job start p99, no cgroups", value=none["p99_ms"], unit="ms", ceiling=spawn99,
+          ceiling_name="spawn+wait p99"),
+        R(figure="jobs started/s, no cgroups (8 callers)", value=none["jobs_s"], unit="/s",
+          ceiling=1e3 / spawn50, ceiling_name="1 / spawn p50"),
+    ]  # fmt: skip
+    if figs["driver"]["cgroups"]:
+        h = int(c["hierarchies"])
+        out += [
+            R(figure="job start p50, cgroups", value=cg["p50_ms"], unit="ms", ceiling=cg50,
+              ceiling_name=f"spawn + {h} cgroup dirs", target="<= 3x", ok=cg["p50_ms"] <= 3 * cg50),
+            R(figure="job start p99, cgroups", value=cg["p99_ms"], unit="ms", ceiling=cg99,
+              ceiling_name="same, p99"),
+            R(figure="jobs started/s, cgroups (8 callers)", value=cg["jobs_s"], unit="/s",
+              ceiling=1e3 / cg50, ceiling_name="1 / ceiling p50"),
+        ]  # fmt: skip
+    st = figs["stream"]
+    out += [
+        R(figure=f"tail of {sizes.stream >> 20} MiB over mTLS", value=st["mbps"], unit="MB/s",
+          ceiling=c["tls_mbps"], ceiling_name="bare trio.SSLStream", target=">= 0.7x", ok=st["mbps"] >= 0.7 * c["tls_mbps"]),
+        R(figure="job wall time with one follower", value=st["job_followed_s"], unit="s",
+          ceiling=st["job_alone_s"], ceiling_name="no follower", target="not slowed (<= 1.2x)",
+          ok=st["job_followed_s"] <= 1.2 * st["job_alone_s"] + 0.05),
+    ]  # fmt: skip
+    one = figs[f"fanout-{sizes.fanout_counts[0]}"]["mbps"]
+    for n in sizes.fanout_counts:
+        f = figs[f"fanout-{n}"]
+        big = n == 100
+        out.append(R(figure=f"fan-out {n} followers, aggregate", value=f["mbps"], unit="MB/s", ceiling=one,
+                     ceiling_name="1 follower", target=">= 0.8x" if big else "", ok=f["mbps"] >= 0.8 * one if big else None))  # fmt: skip
+    last = figs[f"fanout-{sizes.fanout_counts[-1]}"]
+    out.append(R(figure=f"server RSS growth, {sizes.fanout_counts[-1]} followers", value=last["rss_growth_mib"],
+                 unit="MiB", ceiling=100, ceiling_name="target", target="< 100 MiB", ok=last["rss_growth_mib"] < 100))  # fmt: skip
+    run, hist, iso = figs["running"], figs["history"], figs["isolation"]
+    out += [
+        R(figure=f"server RSS per running job ({int(run['running'])} sleeping)", value=run["rss_per_job_kib"],
+          unit="KiB", ceiling=150, ceiling_name="target", target="< 150 KiB", ok=run["rss_per_job_kib"] < 150),
+        R(figure=f"list p99, {int(hist['jobs'])} jobs in history", value=hist["list_p99_ms"], unit="ms",
+          ceiling=hist["list_few_p99_ms"], ceiling_name="list of 10 jobs", target="< 50 ms", ok=hist["list_p99_ms"] < 50),
+        R(figure=f"status p99, {int(hist['jobs'])} jobs in history", value=hist["status_p99_ms"], unit="ms",
+          ceiling=hist["status_few_p99_ms"], ceiling_name="10 jobs", target="< 50 ms", ok=hist["status_p99_ms"] < 50),
+        R(figure="bob's status p99 while alice floods", value=iso["status_flood_p99_ms"], unit="ms",
+          ceiling=iso["status_idle_p99_ms"], ceiling_name="no flood", target="< 50 ms", ok=iso["status_flood_p99_ms"] < 50),
+        R(figure="bob's follower: longest gap during the flood", value=iso["bob_max_gap_ms"], unit="ms",
+          ceiling=20, ceiling_name="his job's tick period", target="keeps streaming",
+          ok=iso["bob_chunks"] > 0 and iso["bob_max_gap_ms"] < 1000),
+    ]  # fmt: skip
+    return out
+
+
+def workload(sizes: Sizes) -> str:
+    return (
+        f"{sizes.start_seq} sequential StartJob of /bin/true then {sizes.start_burst} by 8 callers; "
+        f"one tail of {sizes.stream >> 20} MiB; {', '.join(map(str, sizes.fanout_counts))} followers of "
+        f"{sizes.fanout >> 20} MiB; {sizes.running} sleeping jobs; {sizes.history} jobs of history; "
+        f"a {sizes.flood >> 20} MiB flood; latency samples: {sizes.calls} list, {sizes.calls * 5} status calls."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run; writes nothing")
+    parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md and charts")
+    parser.add_argument("--no-profile", action="store_true", help="skip the profiled tail run")
+    args = parser.parse_args(argv)
+    sizes = Sizes.quick() if args.quick else Sizes()
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    t0 = time.monotonic()
+    load_before = _load()
+    with tempfile.TemporaryDirectory(prefix="trio-jobs-bench-e2e-") as tmp:
+        figs = trio.run(measure, sizes, Path(tmp), log)
+        load_after = _load()
+        profile = ""
+        if not (args.quick or args.no_profile):
+            log(f"profiling one tail of {sizes.profile >> 20} MiB (server and client under cProfile)")
+            profile = trio.run(profile_tail, Path(tmp), sizes.profile)
+    elapsed = time.monotonic() - t0
+    table_rows = rows(figs, sizes)
+    print(f"load average before: {load_before}, after: {load_after}; {elapsed:.0f} s")
+    print(report.table(table_rows))
+    if profile:
+        print()
+        print(profile)
+    if args.quick or args.no_doc:
+        return 0
+    drew = report.charts(figs, sizes.fanout_counts)
+    if not drew:
+        print("charts skipped: matplotlib is not installed (./dev bench e2e installs it)", file=sys.stderr)
+    block = report.results_block(
+        when=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), command="python -m benchmarks.e2e",
+        seconds=elapsed, load=(load_before, load_after), workload=workload(sizes), rows=table_rows,
+        charts=drew, profile=profile,
+    )  # fmt: skip
+    report.write_doc(block, report.DEFAULT_SECTION)
+    print(f"wrote {report.DOC}" + (f" and charts in {report.IMG}" if drew else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The measured scenarios. Each returns plain figures (dicts of floats) for the report.
+
+Times are wall-clock from this driver process (a client like any other), except the job's
+own wall time, which is the server's record (``ended_at - created_at``). Rates are MB/s
+(10^6 bytes per second). Every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import time
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from .harness import PYTHON, percentile
+
+if TYPE_CHECKING:
+    from trio_jobs.client import JobInfo, JobsClient
+
+    from .harness import BenchServer
+
+Figures = dict[str, float]
+CLI: Final = (PYTHON, "-m", "trio_jobs.cli")
+READ_SIZE: Final = 1 << 20
+TICKER: Final = "i=0; while [ $i -lt 30000 ]; do echo tick $i; i=$((i+1)); sleep 0.02; done"
+
+
+async def _discard(data: bytes) -> None:
+    """A tail sink that drops what it gets."""
+
+
+def _wall(job: JobInfo) -> float:
+    assert job.ended_at is not None, job
+    return (job.ended_at - job.created_at).total_seconds()
+
+
+async def _starts(client: JobsClient, count: int, concurrency: int, argv: tuple[str, ...]) -> list[str]:
+    """Start ``count`` jobs with ``concurrency`` tasks on one connection; their ids."""
+    ids: list[str] = []
+    per_task = [count // concurrency + (i < count % concurrency) for i in range(concurrency)]
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            ids.append((await client.start(argv[0], argv[1:])).job_id)
+
+    async with trio.open_nursery() as nursery:
+        for n in per_task:
+            nursery.start_soon(worker, n)
+    return ids
+
+
+async def job_start(server: BenchServer, *, sequential: int, burst: int, concurrency: int) -> Figures:
+    """StartJob of /bin/true: latency one at a time, and jobs/s with concurrent callers."""
+    async with server.client() as client:
+        await _starts(client, 5, 1, ("/bin/true",))  # warm-up
+        samples = []
+        for _ in range(sequential):
+            t0 = time.perf_counter()
+            await client.start("/bin/true")
+            samples.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        await _starts(client, burst, concurrency, ("/bin/true",))
+        rate = burst / (time.perf_counter() - t0)
+    return {"p50_ms": percentile(samples, 50) * 1e3, "p99_ms": percentile(samples, 99) * 1e3, "jobs_s": rate}
+
+
+def run_cli_tail(server: BenchServer, job_id: str, identity: str = "admin") -> Figures:
+    """``trio-jobs tail JOB`` into a pipe that we drain: bytes, first/last byte (monotonic)."""
+    proc = subprocess.Popen(
+        [*CLI, "tail", job_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=server.cli_env(identity)
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    fd = proc.stdout.fileno()
+    total = 0
+    first = last = 0.0
+    while data := os.read(fd, READ_SIZE):
+        if not total:
+            first = time.monotonic()
+        total += len(data)
+        last = time.monotonic()
+    err = proc.stderr.read()
+    code = proc.wait(timeout=60)
+    proc.stdout.close()
+    proc.stderr.close()
+    if code != 0:
+        raise RuntimeError(f"trio-jobs tail exited {code}: {err.decode(errors='replace')[-500:]}")
+    return {"bytes": total, "first": first, "last": last}
+
+
+async def streaming(server: BenchServer, size: int) -> Figures:
+    """One ``trio-jobs tail`` of ``head -c SIZE /dev/zero``; the job's wall time alone and followed."""
+    argv = ("head", "-c", str(size), "/dev/zero")
+    async with server.client() as client:
+        alone = await client.start(argv[0], argv[1:])
+        # a follower from the last offset gets no bytes: it only tells us when the job ended
+        alone_final = await client.tail(alone.job_id, _discard, offset=size)
+        followed = await client.start(argv[0], argv[1:])
+        got = await trio.to_thread.run_sync(run_cli_tail, server, followed.job_id)
+        followed_final = await client.status(followed.job_id)
+    if got["bytes"] != size or followed_final.output_truncated:
+        raise RuntimeError(f"tail got {got['bytes']} of {size} bytes")
+    return {
+        "mbps": size / (got["last"] - got["first"]) / 1e6,
+        "job_alone_s": _wall(alone_final),
+        "job_followed_s": _wall(followed_final),
+    }
+
+
+async def _sample_rss(server: BenchServer, peak: list[int], done: trio.Event) -> None:
+    # A benchmark, not a test: polling /proc every 20 ms is how RSS is observed.
+    while not done.is_set():
+        peak[0] = max(peak[0], server.rss())
+        with trio.move_on_after(0.02):
+            await done.wait()
+
+
+async def fanout(server: BenchServer, size: int, count: int) -> Figures:
+    """``count`` followers (one process, one connection each) of a job writing ``size`` bytes."""
+    async with server.client() as client:
+        before = server.rss()
+        peak = [before]
+        done = trio.Event()
+        job = await client.start("head", ["-c", str(size), "/dev/zero"])
+        argv = [
+            PYTHON, "-m", "benchmarks.e2e.followers", "--server", server.address, "--pki", str(server.pki),
+            "--job", job.job_id, "--count", str(count), "--expect", str(size),
+        ]  # fmt: skip
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_sample_rss, server, peak, done)
+            with trio.fail_after(900):
+                proc = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+            done.set()
+    if proc.returncode != 0:
+        raise RuntimeError(f"followers failed: {proc.stderr.decode(errors='replace')[-1000:]}")
+    got = json.loads(proc.stdout)
+    if got["complete"] != count:
+        raise RuntimeError(f"only {got['complete']} of {count} followers got all {size} bytes")
+    return {"mbps": got["bytes"] / (got["last"] - got["first"]) / 1e6, "rss_growth_mib": (peak[0] - before) / 2**20}
+
+
+async def _latencies(call: object, count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        await call()  # type: ignore[operator]
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+async def scale_running(server: BenchServer, jobs: int, concurrency: int) -> Figures:
+    """``jobs`` sleeping jobs at once: server RSS per job, then stop them all."""
+    async with server.client() as client:
+        await _starts(client, 5, 1, ("/bin/true",))  # warm-up: the first start loads code
+        before = server.rss()
+        ids = await _starts(client, jobs, concurrency, ("sleep", "3600"))
+        after = server.rss()
+        running = sum(1 for j in await client.list() if j.state == "running")
+        status = await _latencies(lambda: client.status(random.choice(ids)), 200)
+
+        async def stop(job_id: str) -> None:
+            await client.stop(job_id, grace=0)
+
+        async with trio.open_nursery() as nursery:
+            limiter = trio.CapacityLimiter(concurrency)
+
+            async def bounded(job_id: str) -> None:
+                async with limiter:
+                    await stop(job_id)
+
+            for job_id in ids:
+                nursery.start_soon(bounded, job_id)
+    return {
+        "running": running,
+        "rss_per_job_kib": (after - before) / jobs / 1024,
+        "status_p99_ms": percentile(status, 99) * 1e3,
+    }
+
+
+async def history(server: BenchServer, jobs: int, concurrency: int, calls: int) -> Figures:
+    """``list`` and ``status`` latency with a few jobs, then with ``jobs`` in the history."""
+    async with server.client() as client:
+        few = await _starts(client, 10, 1, ("/bin/true",))
+        list_few = await _latencies(client.list_proto, calls)
+        status_few = await _latencies(lambda: client.status(random.choice(few)), calls * 5)
+        t0 = time.perf_counter()
+        ids = few + await _starts(client, jobs - len(few), concurrency, ("/bin/true",))
+        fill_s = time.perf_counter() - t0
+        listed = len((await client.list_proto()).jobs)
+        list_many = await _latencies(client.list_proto, calls)
+        status_many = await _latencies(lambda: client.status(random.choice(ids)), calls * 5)
+    return {
+        "jobs": listed,
+        "fill_jobs_s": (jobs - len(few)) / fill_s,
+        "list_few_p99_ms": percentile(list_few, 99) * 1e3,
+        "list_p50_ms": percentile(list_many, 50) * 1e3,
+        "list_p99_ms": percentile(list_many, 99) * 1e3,
+        "status_few_p99_ms": percentile(status_few, 99) * 1e3,
+        "status_p99_ms": percentile(status_many, 99) * 1e3,
+    }
+
+
+async def isolation(server: BenchServer, size: int, calls: int) -> Figures:
+    """alice floods (``head -c SIZE /dev/zero`` + her ``tail``); bob's status and follower."""
+    arrivals: list[float] = []
+
+    async def tick_sink(data: bytes) -> None:
+        arrivals.append(time.monotonic())
+
+    async with server.client("bob") as bob, server.client("alice") as alice, trio.open_nursery() as nursery:
+        ticker = await bob.start("sh", ["-c", TICKER])
+        nursery.start_soon(bob.tail, ticker.job_id, tick_sink)
+        idle = await _latencies(lambda: bob.status(ticker.job_id), calls)
+        flood = await alice.start("head", ["-c", str(size), "/dev/zero"])
+        flood_done = trio.Event()
+        loaded: list[float] = []
+        window_start = time.monotonic()
+
+        async def alice_tail() -> None:
+            got = await trio.to_thread.run_sync(run_cli_tail, server, flood.job_id, "alice")
+            if got["bytes"] != size:
+                raise RuntimeError(f"alice's tail got {got['bytes']} of {size} bytes")
+            flood_done.set()
+
+        nursery.start_soon(alice_tail)
+        with trio.fail_after(600):
+            while not flood_done.is_set() and len(loaded) < calls * 20:
+                loaded += await _latencies(lambda: bob.status(ticker.job_id), 1)
+            await flood_done.wait()
+        window_end = time.monotonic()
+        await bob.stop(ticker.job_id, grace=0)
+    during = [t for t in arrivals if window_start <= t <= window_end]
+    gaps = [b - a for a, b in zip([window_start, *during], [*during, window_end], strict=True)]
+    return {
+        "status_idle_p99_ms": percentile(idle, 99) * 1e3,
+        "status_flood_p99_ms": percentile(loaded, 99) * 1e3,
+        "status_flood_calls": len(loaded),
+        "flood_s": window_end - window_start,
+        "bob_chunks": len(during),
+        "bob_max_gap_ms": max(gaps) * 1e3,
+    }

@@ -1,7 +1,8 @@
 """``./dev bench SUITE [ARGS...]``: run one benchmark suite (see docs/benchmarks.md).
 
 Suites: ``rpc`` (the gRPC layer against grpcio, grpclib and bare TLS) and ``worker`` (the
-job worker in-process: follower memory and throughput, job start latency).
+job worker in-process: follower memory and throughput, job start latency), ``e2e`` (the whole
+product: real servers and clients over mutual TLS, with charts).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import runpy
 import sys
 
-SUITES = {"rpc": "benchmarks.rpc", "worker": "benchmarks.bench_worker"}
+SUITES = {"rpc": "benchmarks.rpc", "worker": "benchmarks.bench_worker", "e2e": "benchmarks.e2e"}
 
 
 def main() -> int:

@@ -16,12 +16,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+from e2e.conftest import read_line
 
 from trio_jobs.worker import JobSpec
 
 from .conftest import connect
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from e2e.conftest import Host
 
     from .conftest import InProc
@@ -162,3 +165,163 @@ def test_server_sigkill_restart_kills_leftovers(served: Host) -> None:
     ids = [j["job_id"] for j in json.loads(served.run("list", "--json").stdout)["jobs"]]
     assert ids == [done, running]
     assert served.run("tail", served.start("echo", "again")).stdout == b"again\n"
+
+
+# -- the data directory runs out of space ------------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs mounted on a directory of this test (root only), unmounted afterwards."""
+    mnt = tmp_path / "data"
+    mnt.mkdir(mode=0o700)
+    try:
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mnt)], capture_output=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot mount a tmpfs: {exc}")
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {result.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30, check=False)
+
+
+def _status(host: Host, job: str) -> dict[str, object]:
+    result: dict[str, object] = json.loads(host.run("status", job, "--json").stdout)
+    return result
+
+
+@pytest.mark.root
+def test_disk_full_keeps_jobs_and_server_alive(host: Host, small_tmpfs: Path, tmp_path: Path) -> None:
+    host.start_server("--data-dir", str(small_tmpfs))
+    try:
+        _disk_full_scenario(host, small_tmpfs, tmp_path)
+    finally:
+        host.close()  # before the fixture unmounts the data directory
+
+
+def _disk_full_scenario(host: Host, data: Path, tmp_path: Path) -> None:
+    before = host.start("echo", "before")
+    assert host.run("tail", before).stdout == b"before\n"
+    # Leave 256 KiB free; the job then writes 3 MB.
+    filler = data / "filler"
+    vfs = os.statvfs(data)
+    with filler.open("wb") as f:
+        f.write(b"\0" * max(0, vfs.f_bavail * vfs.f_frsize - 256 * 1024))
+    signal_fifo = tmp_path / "wrote"
+    os.mkfifo(signal_fifo)
+    flood = host.start("sh", "-c", f"head -c 3000000 /dev/zero; echo wrote > {signal_fifo}; exec sleep 600")
+    fd = os.open(signal_fifo, os.O_RDWR)  # never blocks; we hold a writer, so no early EOF
+    with os.fdopen(fd, "rb", buffering=0) as fifo:
+        assert read_line(fifo, 60) == b"wrote\n"  # the job got past its 3 MB: the pump drained it
+
+    # full: the job still runs, its output is marked truncated, the server answers
+    full = _status(host, flood)
+    assert full["state"] == "JOB_STATE_RUNNING"
+    assert full["output_truncated"] is True
+    assert 0 < int(str(full["output_bytes"])) < 3_000_000
+    assert _status(host, before)["state"] == "JOB_STATE_EXITED"
+    assert host.run("tail", flood, "--no-follow").stdout == b"\0" * int(str(full["output_bytes"]))
+    attempt = host.run("start", "--", "echo", "while-full", check=False)
+    print(f"\nstart on a full disk: exit {attempt.returncode}: {attempt.stderr.decode(errors='replace').strip()}")
+    assert attempt.returncode != 0 or host.run("tail", attempt.stdout.decode().strip()).stdout == b"while-full\n"
+    assert host.server is not None
+    assert host.server.poll() is None, "the server died on a full disk"
+
+    # space returns: new jobs work again; the flooded job stops and records truthfully
+    filler.unlink()
+    after = host.start("echo", "after")
+    assert host.run("tail", after).stdout == b"after\n"
+    stopped = json.loads(host.run("stop", flood, "--grace", "0", "--json").stdout)
+    assert stopped["state"] == "JOB_STATE_KILLED"
+    final = _status(host, flood)
+    assert (final["state"], final["output_truncated"]) == ("JOB_STATE_KILLED", True)
+    assert final["output_bytes"] == full["output_bytes"]
+    assert host.stop_server() == 0
+
+
+# -- a damaged or locked database ---------------------------------------------------------------
+
+
+def _serve_once(host: Host) -> subprocess.CompletedProcess[bytes]:
+    return host.run("serve", "--port", "0", "--cgroup-parent", host.cgroup_parent, check=False, timeout=60)
+
+
+def _one_clear_line(result: subprocess.CompletedProcess[bytes]) -> str:
+    assert result.returncode == 8, result  # EXIT_CONFIG: local setup
+    assert b"listening" not in result.stdout
+    lines = [ln for ln in result.stderr.decode().splitlines() if ln.startswith("trio-jobs: error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr.decode()
+    assert "internal error" not in lines[0]
+    return lines[0]
+
+
+def test_damaged_database_is_one_clear_error(host: Host) -> None:
+    host.home.mkdir(parents=True)
+    (host.home / "jobs.sqlite3").write_bytes(b"this is not an SQLite database\n" * 200)
+    line = _one_clear_line(_serve_once(host))
+    assert "jobs.sqlite3 is damaged" in line
+    assert "move it aside" in line
+
+
+def test_truncated_database_is_one_clear_error(host: Host) -> None:
+    """A database cut short (e.g. a copy that stopped half-way) rather than a foreign file."""
+    host.start_server()
+    for _ in range(3):
+        host.start("echo", "x")
+    assert host.stop_server() == 0
+    db = host.home / "jobs.sqlite3"
+    data = db.read_bytes()
+    db.write_bytes(data[:100] + b"\xff" * (len(data) - 100))  # header kept, pages garbage
+    for side in ("-wal", "-shm"):
+        (host.home / f"jobs.sqlite3{side}").unlink(missing_ok=True)
+    line = _one_clear_line(_serve_once(host))
+    assert "damaged" in line
+
+
+LOCKER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("CREATE TABLE IF NOT EXISTS t (x)")
+conn.execute("BEGIN EXCLUSIVE")
+conn.execute("INSERT INTO t VALUES (1)")
+print("locked", flush=True)
+sys.stdin.read()  # hold the lock until the test closes our stdin
+"""
+
+
+@pytest.mark.parametrize("journal", ["delete", "wal"])
+def test_locked_database_is_one_clear_error(host: Host, journal: str) -> None:
+    host.home.mkdir(parents=True)
+    db = host.home / "jobs.sqlite3"
+    if journal == "wal":
+        host.start_server()  # a real store, in WAL mode
+        assert host.stop_server() == 0
+    locker = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert locker.stdout is not None
+        assert read_line(locker.stdout, 30) == b"locked\n"
+        line = _one_clear_line(_serve_once(host))
+        assert "is locked by another process" in line
+    finally:
+        assert locker.stdin is not None
+        locker.stdin.close()
+        locker.wait(timeout=30)
+        if locker.stdout is not None:
+            locker.stdout.close()
+    assert locker.returncode == 0
+    host.start_server()  # once the lock is gone the server starts
+
+
+def test_second_server_on_one_data_directory_is_refused(served: Host) -> None:
+    """A second server would mark the first one's running jobs LOST and kill their cgroups."""
+    job = served.start("sleep", "600")
+    line = _one_clear_line(_serve_once(served))
+    assert "another trio-jobs server is using the data directory" in line
+    assert _status(served, job)["state"] == "JOB_STATE_RUNNING"  # untouched

@@ -127,6 +127,10 @@ class JobStore:
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA busy_timeout=5000")
                 conn.executescript(SCHEMA)
+                # Prove we can write now (a locked or read-only database fails here, at start,
+                # not at the first job): take the write lock, waiting up to busy_timeout.
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("COMMIT")
             except BaseException:
                 conn.close()
                 raise

@@ -8,6 +8,8 @@ persists their records, and closes the store -- also when the body was cancelled
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import math
 import os
@@ -38,6 +40,7 @@ log = logging.getLogger("trio_jobs.worker")
 
 DEFAULT_OUTPUT_CAP: Final = 1 << 30
 DB_NAME: Final = "jobs.sqlite3"
+LOCK_NAME: Final = "lock"
 OUTPUT_DIR: Final = "output"
 
 
@@ -67,6 +70,22 @@ async def open_worker(
         await trio.to_thread.run_sync(make_dirs)
     except OSError as exc:
         raise WorkerError(f"cannot create the data directory {data_dir}: {exc}") from exc
+    # One worker per data directory: a second one would mark the first one's running jobs
+    # LOST and its driver would kill their cgroups. The lock dies with the process.
+    lock_fd = await trio.to_thread.run_sync(_lock_data_dir, data_dir)
+    try:
+        async with _open_store_and_jobs(data_dir, out_dir, cgroups, output_cap, default_grace,
+                                        tail_size) as worker:
+            yield worker
+    finally:
+        os.close(lock_fd)
+
+
+@asynccontextmanager
+async def _open_store_and_jobs(
+    data_dir: Path, out_dir: Path, cgroups: CgroupDriver | None, output_cap: int,
+    default_grace: float, tail_size: int,
+) -> AsyncIterator[Worker]:
     driver: CgroupDriver = cgroups if cgroups is not None else NoCgroupDriver()
     try:
         await driver.prepare()
@@ -107,6 +126,25 @@ async def _recover(store: JobStore, out_dir: Path) -> dict[str, tuple[int, bool]
                         status.job_id)
         ended[status.job_id] = (status.output_bytes, status.output_truncated)
     return ended
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """Hold an exclusive ``flock`` on ``data_dir/LOCK_NAME``; WorkerError if another has it."""
+    path = data_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise WorkerError(f"cannot create the lock file {path}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise WorkerError(f"another trio-jobs server is using the data directory {data_dir} "
+                              f"(it holds {path}); stop it, or give this one another data "
+                              "directory") from None
+        raise WorkerError(f"cannot lock {path}: {exc}") from exc
+    return fd
 
 
 def _prepare_and_create(spec: JobSpec, path: Path) -> tuple[Prepared, int]:

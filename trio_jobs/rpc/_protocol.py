@@ -50,6 +50,7 @@ from hyperframe.frame import DataFrame, Frame
 
 from . import _events as ev
 from ._framing import FramingError, MessageDecoder
+from ._hpack import MemoDecoder, MemoEncoder
 from ._status import StatusCode
 
 if TYPE_CHECKING:
@@ -171,6 +172,8 @@ class GrpcProtocol:
         )
         conn = h2.connection.H2Connection(config)
         conn.state_machine = _GoAwayTolerantStateMachine()
+        conn.encoder = MemoEncoder()
+        conn.decoder = MemoDecoder(conn.DEFAULT_MAX_HEADER_LIST_SIZE)
         settings: dict[h2.settings.SettingCodes, int] = {
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,

@@ -1,0 +1,55 @@
+"""The memoising HPACK coder is byte-for-byte hpack's, whatever the header sequence."""
+
+from __future__ import annotations
+
+import pytest
+from hpack import Decoder, Encoder, HPACKError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trio_jobs.rpc._hpack import MEMO_ENTRIES, MemoDecoder, MemoEncoder
+
+# A small alphabet so that blocks repeat (memo hits) and the table churns (evictions).
+_NAMES = st.sampled_from([b"content-type", b"grpc-status", b"x-a", b"x-b", b":status"])
+_VALUES = st.sampled_from([b"0", b"1", b"application/grpc", b"v" * 40, b"w" * 300])
+_HEADERS = st.lists(st.tuples(_NAMES, _VALUES), min_size=0, max_size=4)
+_STEPS = st.lists(st.one_of(_HEADERS, st.sampled_from([64, 256, 4096])), min_size=1, max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=_STEPS)
+def test_memo_coders_match_hpack(steps: list[list[tuple[bytes, bytes]] | int]) -> None:
+    plain_enc, memo_enc = Encoder(), MemoEncoder()
+    plain_dec, memo_dec = Decoder(), MemoDecoder(65536)
+    for step in steps:
+        if isinstance(step, int):  # the peer's SETTINGS_HEADER_TABLE_SIZE changed
+            plain_enc.header_table_size = memo_enc.header_table_size = step
+            continue
+        block = plain_enc.encode(step)
+        assert memo_enc.encode(step) == block
+        expected = list(plain_dec.decode(block, raw=True))
+        assert memo_dec.decode(block, raw=True) == expected
+        assert [(bytes(n), bytes(v)) for n, v in expected] == step
+
+
+def test_repeated_blocks_are_memoised_and_memo_is_bounded() -> None:
+    enc, dec = MemoEncoder(), MemoDecoder(65536)
+    headers = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+    first = enc.encode(headers)  # adds content-type to the table: not memoised
+    dec.decode(first, raw=True)
+    again = enc.encode(headers)  # only reads the table now
+    assert enc._memo
+    assert again != first
+    assert dec.decode(again, raw=True) == dec.decode(again, raw=True)
+    assert len(dec._memo) == 1
+    for i in range(3 * MEMO_ENTRIES):  # never-indexed literals: memoisable, all different
+        block = Encoder().encode([(b"x-n", b"%d" % i, True)])
+        dec.decode(block, raw=True)
+    assert len(dec._memo) <= MEMO_ENTRIES
+
+
+def test_malformed_block_raises_every_time() -> None:
+    dec = MemoDecoder(65536)
+    for _ in range(2):
+        with pytest.raises(HPACKError):
+            dec.decode(b"\xff\xff\xff\xff", raw=True)

@@ -267,5 +267,20 @@ async def test_attack_leaves_other_users_served(host: Host, name: str) -> None:
     host.run("stop", bob_job, "--grace", "0", identity="bob")
 
 
+def test_soak_quick_smoke() -> None:
+    """``python -m benchmarks.soak --quick``: a few seconds of real load, exit 0, a report."""
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.soak", "--quick"],
+        capture_output=True,
+        cwd=TESTS_DIR.parent,
+        timeout=180,
+        check=False,
+    )
+    out = result.stdout.decode()
+    assert result.returncode == 0, out + result.stderr.decode()
+    assert "unexpected errors: 0" in out, out
+    assert "p99" in out, out
+
+
 if __name__ == "__main__":
     attacker_main(sys.argv[1:])

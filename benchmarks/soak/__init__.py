@@ -1,0 +1,1 @@
+"""Soak and fuzz runner for trio-jobs (issue 8): ``python -m benchmarks.soak --help``."""

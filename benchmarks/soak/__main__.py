@@ -1,0 +1,179 @@
+"""``python -m benchmarks.soak``: load a real ``trio-jobs serve`` and print a one-page report.
+
+    python -m benchmarks.soak                      # 200 clients for 60 s (docs/reliability.md)
+    python -m benchmarks.soak --seconds 600 --clients 500
+    python -m benchmarks.soak --quick              # a few seconds (the test suite's smoke run)
+    python -m benchmarks.soak --fuzz-minutes 10    # then the input fuzzer for 10 minutes
+
+Exit status: 0 when there was no unexpected error and nothing grew (file descriptors,
+processes, job cgroups; RSS within ``RSS_SLACK``); 1 otherwise; 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from trio_jobs.client import JobsClient
+
+from ._load import Stats, run_load
+from ._server import Snapshot, SoakServer, identity_name, job_cgroups, snapshot
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+MiB: Final = 1024 * 1024
+RSS_SLACK: Final = 64 * MiB  # allocator high-water marks are not a leak; more than this is
+FD_SLACK: Final = 2
+SETTLE_TIMEOUT: Final = 60.0  # after the load: running jobs end, connections close
+CLIENTS_PER_IDENTITY: Final = 10
+REPO: Final = Path(__file__).resolve().parents[2]
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n")[0])
+    p.add_argument("--clients", type=int, default=200, help="concurrent clients (default 200)")
+    p.add_argument("--seconds", type=float, default=60.0, help="load duration (default 60)")
+    p.add_argument("--minutes", type=float, help="load duration in minutes (instead of --seconds)")
+    p.add_argument("--think", type=float, default=0.05, help="max pause between a client's iterations, s")
+    p.add_argument("--quick", action="store_true", help="20 clients for 3 s: a smoke run")
+    p.add_argument("--fuzz-minutes", type=float, default=0.0, help="then run the input fuzzer this long")
+    args = p.parse_args(argv)
+    if args.minutes is not None:
+        args.seconds = args.minutes * 60
+    if args.quick:
+        args.clients, args.seconds = 20, 3.0
+    if args.clients < 1 or args.seconds <= 0 or args.think < 0 or args.fuzz_minutes < 0:
+        p.error("--clients must be >= 1, --seconds > 0, --think and --fuzz-minutes >= 0")
+    return args
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
+
+
+def report(args: argparse.Namespace, stats: Stats, before: Snapshot, after: Snapshot, driver: str) -> tuple[str, list[str]]:
+    """The one-page report and the list of failures (empty = pass)."""
+    total = sum(stats.requests.values())
+    lines = [
+        f"trio-jobs soak: {args.clients} clients x {args.seconds:g} s against trio-jobs serve ({driver})",
+        f"requests: {total} ({total / args.seconds:.0f}/s); jobs started: {stats.jobs_started}",
+        f"unexpected errors: {stats.unexpected_count}",
+        "expected refusals: " + (", ".join(f"{k} {v}" for k, v in stats.expected.items()) or "none"),
+        "",
+        f"{'latency (ms)':<14}{'count':>8}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}",
+    ]
+    for rpc in sorted(stats.latencies):
+        s = stats.latencies[rpc]
+        lines.append(
+            f"{rpc:<14}{stats.requests[rpc]:>8}"
+            + "".join(f"{_pct(s, q) * 1000:>9.1f}" for q in (0.5, 0.9, 0.99))
+            + f"{max(s) * 1000:>9.1f}"
+        )
+    lines += ["", f"{'server':<16}{'before':>10}{'after':>10}"]
+    rows = [
+        ("RSS (MiB)", before.rss_bytes / MiB, after.rss_bytes / MiB),
+        ("open fds", before.fds, after.fds),
+        ("threads", before.threads, after.threads),
+        ("processes", before.processes, after.processes),
+        ("job cgroups", before.cgroups, after.cgroups),
+    ]
+    lines += [f"{name:<16}{b:>10.0f}{a:>10.0f}" for name, b, a in rows]
+    failures = []
+    if stats.unexpected_count:
+        failures.append(f"{stats.unexpected_count} unexpected errors, e.g. " + "; ".join(stats.unexpected[:5]))
+    if after.fds > before.fds + FD_SLACK:
+        failures.append(f"file descriptors grew {before.fds} -> {after.fds}")
+    if after.processes > before.processes:
+        failures.append(f"processes left: {after.processes} (before {before.processes})")
+    if after.cgroups > before.cgroups:
+        failures.append(f"job cgroups left: {after.cgroups} (before {before.cgroups})")
+    if after.rss_bytes > before.rss_bytes + RSS_SLACK:
+        failures.append(f"RSS grew {before.rss_bytes // MiB} -> {after.rss_bytes // MiB} MiB")
+    if not total:
+        failures.append("no request completed")
+    return "\n".join(lines), failures
+
+
+async def _settle(server: SoakServer, before: Snapshot | None) -> Snapshot:
+    """Wait (bounded) until no job runs and the server's fds are back; return a snapshot."""
+    async with JobsClient.connect(server.address, ssl_context=server.ssl_context("admin")) as admin:
+        with trio.move_on_after(SETTLE_TIMEOUT):
+            while any(j.state == "running" for j in await admin.list(all_users=True)):  # noqa: ASYNC110
+                await trio.sleep(0.2)  # polling a remote server: there is no event to wait on
+    snap = snapshot(server.pid, server.cgroup_parent)
+    with trio.move_on_after(SETTLE_TIMEOUT):
+        while before is not None and (snap.fds > before.fds + FD_SLACK or snap.processes > before.processes):
+            await trio.sleep(0.2)
+            snap = snapshot(server.pid, server.cgroup_parent)
+    return snap
+
+
+async def _warm_up(server: SoakServer) -> None:
+    """Each kind of call once, so lazily made things (threads, caches) count as 'before'."""
+    stats = await run_load(server.address, lambda _i: server.ssl_context(identity_name(0)), clients=4, seconds=1.0, think=0)
+    if stats.unexpected_count:
+        raise RuntimeError("warm-up failed: " + "; ".join(stats.unexpected[:5]))
+
+
+async def soak(args: argparse.Namespace, home: Path) -> int:
+    identities = max(1, -(-args.clients // CLIENTS_PER_IDENTITY))
+    server = SoakServer(home, identities=identities, max_running_jobs=CLIENTS_PER_IDENTITY + 2)
+    async with trio.open_nursery() as nursery:
+        try:
+            await server.start(nursery)
+            await _warm_up(server)
+            before = await _settle(server, None)
+            contexts = {i: server.ssl_context(identity_name(i)) for i in range(identities)}
+            stats = await run_load(
+                server.address,
+                lambda i: contexts[i // CLIENTS_PER_IDENTITY],
+                clients=args.clients,
+                seconds=args.seconds,
+                think=args.think,
+            )
+            after = await _settle(server, before)
+        finally:
+            code = await server.stop()
+        text, failures = report(args, stats, before, after, server.cgroup_driver())
+        if code != 0:
+            failures.append(f"the server exited {code}: {server.stderr_text()[-2000:]}")
+        if "Traceback" in server.stderr_text():
+            failures.append("a traceback in the server's stderr: " + server.stderr_text()[-2000:])
+        left = job_cgroups(server.cgroup_parent)
+        if left:
+            failures.append(f"{left} job cgroups left after the server stopped")
+        print(text)
+        print("verdict: " + ("OK" if not failures else "FAIL\n  " + "\n  ".join(failures)), flush=True)
+        nursery.cancel_scope.cancel()
+    return 0 if not failures else 1
+
+
+def fuzz(minutes: float) -> int:
+    """The input fuzzer of the test suite, for ``minutes`` (hypothesis, no example cap)."""
+    env = {**os.environ, "TRIO_JOBS_FUZZ_SECONDS": str(minutes * 60)}
+    test = REPO / "tests" / "reliability" / "test_fuzz_input.py"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test), "-s"]
+    print(f"fuzzing the server's input path for {minutes:g} min: {' '.join(cmd)}", flush=True)
+    return subprocess.run(cmd, env=env, cwd=REPO, check=False).returncode
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    with tempfile.TemporaryDirectory(prefix="trio-jobs-soak-") as tmp:
+        code = trio.run(soak, args, Path(tmp) / "home")
+    if args.fuzz_minutes and code == 0:
+        code = fuzz(args.fuzz_minutes)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -206,6 +206,7 @@ def test_disk_full_keeps_jobs_and_server_alive(host: Host, small_tmpfs: Path, tm
 def _disk_full_scenario(host: Host, data: Path, tmp_path: Path) -> None:
     before = host.start("echo", "before")
     assert host.run("tail", before).stdout == b"before\n"
+    sleeper = host.start("sleep", "600")  # stopped while the disk is full
     # Leave 256 KiB free; the job then writes 3 MB.
     filler = data / "filler"
     vfs = os.statvfs(data)
@@ -225,6 +226,9 @@ def _disk_full_scenario(host: Host, data: Path, tmp_path: Path) -> None:
     assert 0 < int(str(full["output_bytes"])) < 3_000_000
     assert _status(host, before)["state"] == "JOB_STATE_EXITED"
     assert host.run("tail", flood, "--no-follow").stdout == b"\0" * int(str(full["output_bytes"]))
+    # a job that ends while the disk is full: its final status is true at once, stored later
+    assert json.loads(host.run("stop", sleeper, "--grace", "0", "--json").stdout)["state"] == "JOB_STATE_KILLED"
+    assert _status(host, sleeper)["state"] == "JOB_STATE_KILLED"
     attempt = host.run("start", "--", "echo", "while-full", check=False)
     print(f"\nstart on a full disk: exit {attempt.returncode}: {attempt.stderr.decode(errors='replace').strip()}")
     assert attempt.returncode != 0 or host.run("tail", attempt.stdout.decode().strip()).stdout == b"while-full\n"
@@ -241,6 +245,11 @@ def _disk_full_scenario(host: Host, data: Path, tmp_path: Path) -> None:
     assert (final["state"], final["output_truncated"]) == ("JOB_STATE_KILLED", True)
     assert final["output_bytes"] == full["output_bytes"]
     assert host.stop_server() == 0
+    print(f"server log:\n{host.server_stderr()}")
+    # what was recorded while the disk was full survives a restart
+    host.start_server("--data-dir", str(data))
+    assert _status(host, sleeper)["state"] == "JOB_STATE_KILLED"
+    assert _status(host, flood)["state"] == "JOB_STATE_KILLED"
 
 
 # -- a damaged or locked database ---------------------------------------------------------------

@@ -75,6 +75,7 @@ class Job:
         self._final: JobStatus | None = None
         self._created_at = utcnow()
         self.started = False  # True once the process runs and the record exists
+        self.saved = False  # True once the final record is in the store
 
     # -- status -------------------------------------------------------------------------------
 
@@ -91,6 +92,11 @@ class Job:
     @property
     def ended(self) -> bool:
         return self._final is not None
+
+    @property
+    def final(self) -> JobStatus | None:
+        """The final status once the job has ended (None while it runs)."""
+        return self._final
 
     async def status(self, *, live_usage: bool = True) -> JobStatus:
         """The current status; for a running job with ``live_usage``, usage read now."""
@@ -224,8 +230,10 @@ class Job:
         final = self._publish(exit_info, usage, oom)
         try:
             await self._store.update(final)
+            self.saved = True
         except WorkerError as exc:
-            log.error("job %s: cannot store the final status: %s", self.job_id, exc)
+            # e.g. the disk is full: the worker keeps the status and retries (see Worker)
+            log.error("job %s: cannot store the final status (will retry): %s", self.job_id, exc)
 
     def _publish(self, exit_info: ExitInfo | None, usage: Usage, oom: bool) -> JobStatus:
         code = exit_info.returncode if exit_info is not None else -signal.SIGKILL

@@ -107,6 +107,9 @@ async def _open_store_and_jobs(
                 with trio.move_on_after(default_grace + CLEANUP_TIMEOUT, shield=True):
                     await worker.shutdown()
                 nursery.cancel_scope.cancel()
+        # every job task has ended: a last try for final statuses the store refused earlier
+        with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+            await worker._save_unsaved()
     finally:
         await store.aclose()
 
@@ -185,6 +188,9 @@ class Worker:
         self._tail_size = _tail_size
         self._jobs: dict[str, Job] = {}  # started in this run and not yet recorded as ended
         self._ended = _ended  # job id -> (output_bytes, output_truncated) of ended jobs
+        # Final statuses the store could not take (disk full, locked): served from here and
+        # written again before every start and at shutdown. Bounded by the jobs of this run.
+        self._unsaved: dict[str, JobStatus] = {}
         self._closed = False
 
     @property
@@ -203,6 +209,8 @@ class Worker:
         """
         if self._closed:
             raise WorkerClosed("the worker is shutting down and starts no new jobs")
+        if self._unsaved:
+            await self._save_unsaved()
         job_id = str(uuid.uuid4())
         path = self._out_dir / f"{job_id}.out"
         # One thread hop for both (start latency): validate, then create the spool file.
@@ -239,7 +247,19 @@ class Worker:
         finally:
             if job.ended:
                 self._ended[job.job_id] = (job.output.size, job.output.truncated)
+                if not job.saved and job.final is not None:
+                    self._unsaved[job.job_id] = job.final
             del self._jobs[job.job_id]
+
+    async def _save_unsaved(self) -> None:
+        """Retry storing final statuses that failed earlier (stops at the first failure)."""
+        for job_id, status in list(self._unsaved.items()):
+            try:
+                await self._store.update(status)
+            except WorkerError as exc:
+                log.warning("job %s: still cannot store the final status: %s", job_id, exc)
+                return
+            del self._unsaved[job_id]
 
     async def stop(self, job_id: str, *, grace: float | None = None) -> StopResult:
         """Stop a job: SIGTERM, ``grace`` seconds (default: the worker's), SIGKILL.
@@ -262,6 +282,9 @@ class Worker:
             return await job.status()
         if not isinstance(job_id, str):
             raise JobNotFound(f"no job {job_id!r}")
+        if job_id in self._unsaved:
+            await trio.lowlevel.checkpoint()
+            return self._unsaved[job_id]
         status = await self._store.get(job_id)
         if status is None:
             raise JobNotFound(f"no job {job_id}; `list` shows the jobs that exist")
@@ -274,7 +297,7 @@ class Worker:
         for record in records:
             job = self._jobs.get(record.job_id)
             result.append(await job.status(live_usage=False) if job is not None and job.started
-                          else record)
+                          else self._unsaved.get(record.job_id, record))
         return result
 
     def follow(self, job_id: str, offset: int = 0, *, wait: bool = True,
@@ -322,3 +345,5 @@ class Worker:
                 if job.started:
                     nursery.start_soon(job.stop, grace, "shutdown")
 
+        if self._unsaved and not self._store.closed:
+            await self._save_unsaved()

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -35,6 +36,7 @@ FD_SLACK: Final = 2
 SETTLE_TIMEOUT: Final = 60.0  # after the load: running jobs end, connections close
 CLIENTS_PER_IDENTITY: Final = 10
 REPO: Final = Path(__file__).resolve().parents[2]
+FUZZ_EXAMPLES_PER_RUN: Final = 500
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -158,12 +160,19 @@ async def soak(args: argparse.Namespace, home: Path) -> int:
 
 
 def fuzz(minutes: float) -> int:
-    """The input fuzzer of the test suite, for ``minutes`` (hypothesis, no example cap)."""
-    env = {**os.environ, "TRIO_JOBS_FUZZ_SECONDS": str(minutes * 60)}
+    """The test suite's input fuzzer, run again and again (fresh random seeds) for ``minutes``."""
+    env = {**os.environ, "TRIO_JOBS_FUZZ_EXAMPLES": str(FUZZ_EXAMPLES_PER_RUN)}
     test = REPO / "tests" / "reliability" / "test_fuzz_input.py"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test), "-s"]
-    print(f"fuzzing the server's input path for {minutes:g} min: {' '.join(cmd)}", flush=True)
-    return subprocess.run(cmd, env=env, cwd=REPO, check=False).returncode
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)]
+    deadline = time.monotonic() + minutes * 60
+    runs = 0
+    while True:
+        runs += 1
+        print(f"fuzz run {runs}: {FUZZ_EXAMPLES_PER_RUN} examples per property", flush=True)
+        code = subprocess.run(cmd, env=env, cwd=REPO, check=False).returncode
+        if code != 0 or time.monotonic() >= deadline:
+            print(f"fuzz: {runs} runs, {'FAIL' if code else 'OK'}", flush=True)
+            return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

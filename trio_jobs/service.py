@@ -188,8 +188,10 @@ class JobService:
         # dict holds only identities with a stream open: bounded by the policy's identities)
         self._streams: dict[str, int] = {}
         # StartJob checks "fewer than N running" and then starts; two concurrent requests of
-        # one user must not both pass the check, so checks and starts are serialized.
-        self._start_lock = trio.Lock()
+        # one user must not both pass the check, so each identity's checks and starts are
+        # serialized -- per identity, so that one user's starts never queue behind another's
+        # (one lock per identity of the policy: bounded).
+        self._start_locks: dict[str, trio.Lock] = {}
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -275,7 +277,7 @@ class JobService:
             owner=who.name,
             run_as=run_as,
         )
-        async with self._start_lock:
+        async with self._start_locks.setdefault(who.name, trio.Lock()):
             try:
                 running = [j for j in await self._worker.list(owner=who.name) if j.state is JobState.RUNNING]
                 self._policy.check_running_jobs(who, len(running))

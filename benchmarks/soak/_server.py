@@ -185,7 +185,8 @@ class SoakServer:
 
     def cgroup_driver(self) -> str:
         """The banner's ``cgroups: ...`` line (which driver the server uses)."""
-        return next((ln for ln in self.banner.splitlines() if ln.startswith("cgroups:")), "cgroups: ?")
+        line = next((ln for ln in self.banner.splitlines() if ln.startswith("cgroups:")), "cgroups: ?")
+        return line.split(":", 2)[1].strip()  # "cgroup v1 driver" (the paths follow)
 
     def stderr_text(self) -> str:
         return self.stderr_path.read_text(errors="replace")

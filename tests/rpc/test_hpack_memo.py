@@ -16,14 +16,17 @@ _HEADERS = st.lists(st.tuples(_NAMES, _VALUES), min_size=0, max_size=4)
 _STEPS = st.lists(st.one_of(_HEADERS, st.sampled_from([64, 256, 4096])), min_size=1, max_size=40)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(steps=_STEPS)
 def test_memo_coders_match_hpack(steps: list[list[tuple[bytes, bytes]] | int]) -> None:
     plain_enc, memo_enc = Encoder(), MemoEncoder()
     plain_dec, memo_dec = Decoder(), MemoDecoder(65536)
     for step in steps:
         if isinstance(step, int):  # the peer's SETTINGS_HEADER_TABLE_SIZE changed
-            plain_enc.header_table_size = memo_enc.header_table_size = step
+            # (only to a new value: hpack's encoder loses a size update when it is set
+            # twice to the same value, with or without the memo)
+            if step != plain_enc.header_table_size:
+                plain_enc.header_table_size = memo_enc.header_table_size = step
             continue
         block = plain_enc.encode(step)
         assert memo_enc.encode(step) == block

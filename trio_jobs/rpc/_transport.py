@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import ssl
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -84,6 +85,11 @@ class Transport:
         self._round_done = trio.Event()  # set when the next write round has been written
         self._in_flight: trio.Event | None = None  # set when the current round is written
         self._writer_scope = trio.CancelScope()
+        # trio.SSLStream.receive_some returns one TLS record (<= 16 KiB) per call and pays
+        # a trip through the scheduler for each; see _decrypted_more().
+        self._ssl_object: ssl.SSLObject | None = (
+            stream._ssl_object if isinstance(stream, trio.SSLStream) else None
+        )
 
     async def flush(self) -> None:
         """Have everything the protocol queued written; raises RpcError if the connection is gone.
@@ -157,6 +163,8 @@ class Transport:
                 data = await self.stream.receive_some(self.read_size)
                 if not data:
                     break
+                if self._ssl_object is not None:
+                    data = self._decrypted_more(data)
                 for event in self.protocol.receive_data(data):
                     self.handle_event(event)
                 if self.protocol.has_data_to_send:
@@ -173,6 +181,32 @@ class Transport:
             # Nothing useful can be written any more; closing also ends a write blocked
             # on a peer that stopped reading (see flush()).
             await trio.aclose_forcefully(self.stream)
+
+    def _decrypted_more(self, data: bytes | bytearray) -> bytes | bytearray:
+        """``data`` plus the TLS records already received and decryptable now, up to read_size.
+
+        One transport read brings up to 64 KiB (four records); trio hands them out one per
+        ``receive_some``, each with a scheduler round, which was most of a bulk stream's
+        receive cost. Reading the SSL object directly is safe here: the reader is the only
+        task that receives, and this never blocks, sends nor awaits. It stops at the first
+        record not complete yet (SSLWantReadError) and at any other SSL condition (close
+        notify, a corrupt record), which the next ``receive_some`` then reports properly.
+        """
+        assert self._ssl_object is not None
+        total = len(data)
+        if total >= self.read_size:
+            return data
+        parts = [data]
+        while total < self.read_size:
+            try:
+                more = self._ssl_object.read(self.read_size - total)
+            except ssl.SSLError:
+                break
+            if not more:
+                break
+            parts.append(more)
+            total += len(more)
+        return data if len(parts) == 1 else b"".join(parts)
 
     def handle_event(self, event: object) -> None:
         raise NotImplementedError

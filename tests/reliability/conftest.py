@@ -80,13 +80,15 @@ class InProc:
     service: JobService
     address: str
     pki: Path
+    cap: int  # output cap of every job
 
 
 @pytest.fixture
 async def inproc(tmp_path: Path, dev_pki: Path) -> AsyncIterator[InProc]:
     """A server without cgroups in this process; jobs get an 8 MiB output cap."""
     ctx = server_ssl_context(cert=dev_pki / "server.crt", key=dev_pki / "server.key", ca=dev_pki / "ca.crt")
-    async with open_worker(tmp_path / "data", output_cap=8 << 20, default_grace=1.0) as worker:
+    cap = 8 << 20
+    async with open_worker(tmp_path / "data", output_cap=cap, default_grace=1.0) as worker:
         service = JobService(worker, Policy.default())
         methods = [
             *service_from_descriptor(jobs_pb2.DESCRIPTOR.services_by_name["JobService"], service),
@@ -96,7 +98,7 @@ async def inproc(tmp_path: Path, dev_pki: Path) -> AsyncIterator[InProc]:
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(server.serve_tcp, "127.0.0.1", 0)
             host, port = addresses[0]
-            yield InProc(worker=worker, service=service, address=f"{host}:{port}", pki=dev_pki)
+            yield InProc(worker=worker, service=service, address=f"{host}:{port}", pki=dev_pki, cap=cap)
             await worker.shutdown(0)
             await server.shutdown(2.0)
             nursery.cancel_scope.cancel()

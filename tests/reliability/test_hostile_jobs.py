@@ -29,6 +29,8 @@ from .conftest import connect, p99, status_latencies
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
 
+    from .conftest import InProc
+
 pytestmark = pytest.mark.cgroups
 
 P99_BOUND = 0.050
@@ -251,3 +253,28 @@ async def test_invalid_utf8_and_nul_bytes(users: Users, tmp_path: Path) -> None:
         )
         start = 1 if extra[:1] == ["--offset"] else 0
         assert result.stdout == expected[start:], extra
+
+
+async def test_output_flood_past_the_cap(inproc: InProc) -> None:
+    """In-process server with an 8 MiB output cap: the flood is cut at the cap, marked
+    truncated, the job keeps running (its pipe is still drained) and others are served."""
+    async with connect(inproc.address, inproc.pki, "alice") as alice, connect(inproc.address, inproc.pki, "bob") as bob:
+        own = await bob.start("sleep", ["600"])
+        baseline = await status_latencies(bob, own.job_id, CALLS)
+        flood = await alice.start("yes")
+        got = await wait_output(alice, flood.job_id, inproc.cap)
+        assert got[: len(got) // 2 * 2] == b"y\n" * (len(got) // 2)
+        with trio.fail_after(60):
+            # we read the first `cap` bytes; `yes` is already writing past them
+            while not (status := await alice.status(flood.job_id)).output_truncated:
+                pass  # each try is a round trip; the next append past the cap flips it
+        assert (status.state, status.output_bytes) == ("running", inproc.cap)
+        during = await status_latencies(bob, own.job_id, CALLS)
+        print(
+            f"\noutput flood past the cap (in-process server): other user's status p99 idle "
+            f"{p99(baseline) * 1000:.1f} ms, during {p99(during) * 1000:.1f} ms"
+        )
+        assert p99(during) < max(P99_BOUND, 2 * p99(baseline))
+        stopped = await alice.stop(flood.job_id, grace=1)
+        assert (stopped.job.state, stopped.job.output_bytes, stopped.job.output_truncated) == ("killed", inproc.cap, True)
+        await bob.stop(own.job_id, grace=0)

@@ -1,5 +1,7 @@
 """A process of N followers of one job, each on its own mutual-TLS connection.
 
+Followers take the identities of ``--identities`` in turn (the server caps streams per identity).
+
     python -m benchmarks.e2e.followers --server H:P --pki D --job J --count N
 
 Each follower is ``JobsClient.tail`` (the code ``trio-jobs tail`` runs) with a sink that
@@ -20,12 +22,12 @@ import trio
 from trio_jobs.client import JobsClient
 
 
-async def _follow_all(server: str, pki: Path, identity: str, job: str, count: int, expect: int) -> dict[str, float]:
+async def _follow_all(server: str, pki: Path, identities: list[str], job: str, count: int, expect: int) -> dict[str, float]:
     total = 0
     first: float | None = None
     done = 0
 
-    async def one() -> None:
+    async def one(identity: str) -> None:
         nonlocal total, first, done
         got = 0
 
@@ -44,8 +46,8 @@ async def _follow_all(server: str, pki: Path, identity: str, job: str, count: in
 
     with trio.fail_after(900):
         async with trio.open_nursery() as nursery:
-            for _ in range(count):
-                nursery.start_soon(one)
+            for i in range(count):
+                nursery.start_soon(one, identities[i % len(identities)])
     last = time.monotonic()
     return {"bytes": total, "first": first if first is not None else last, "last": last, "complete": done}
 
@@ -54,12 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.e2e.followers")
     parser.add_argument("--server", required=True)
     parser.add_argument("--pki", required=True, type=Path)
-    parser.add_argument("--identity", default="admin")
+    parser.add_argument("--identities", default="admin", help="comma-separated; used in turn")
     parser.add_argument("--job", required=True)
     parser.add_argument("--count", required=True, type=int)
     parser.add_argument("--expect", required=True, type=int, help="bytes each follower must get")
     args = parser.parse_args(argv)
-    result = trio.run(_follow_all, args.server, args.pki, args.identity, args.job, args.count, args.expect)
+    result = trio.run(_follow_all, args.server, args.pki, args.identities.split(","), args.job, args.count, args.expect)
     print(json.dumps(result), flush=True)
     return 0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Final
 
 from trio_jobs.client import JobsClient
+from trio_jobs.security.pki import init_dev_pki, issue_client
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -44,7 +45,11 @@ max_running_jobs = 1100
 
 [identities.alice]
 [identities.bob]
-"""
+{watchers}"""
+# The service allows 64 output streams per identity: the 100 followers of the fan-out figure
+# are spread over admin and these admin identities ("a team watching one job").
+WATCHERS: Final = ("watcher1", "watcher2")
+FOLLOWER_IDENTITIES: Final = ("admin", *WATCHERS)
 
 
 def read_line(stream: IO[bytes], timeout: float) -> bytes:
@@ -84,12 +89,17 @@ def percentile(samples: Sequence[float], q: float) -> float:
 class BenchServer:
     """A server process with its own home (PKI, policy, data) under ``workdir``."""
 
-    def __init__(self, workdir: Path, *, cgroups: bool, profile: Path | None = None) -> None:
-        self.home = workdir / f"server-{uuid.uuid4().hex[:8]}"
-        self.home.mkdir(parents=True)
+    def __init__(self, workdir: Path, *, cgroups: bool, profile: Path | None = None, home: Path | None = None) -> None:
+        """``home``: an existing home whose ``data`` directory already holds jobs."""
+        self.home = home or workdir / f"server-{uuid.uuid4().hex[:8]}"
+        self.home.mkdir(parents=True, exist_ok=home is not None)
         self.pki = self.home / "pki"
         policy = self.home / "policy.toml"
-        policy.write_text(POLICY)
+        policy.write_text(POLICY.format(watchers="".join(f"[identities.{w}]\nadmin = true\n" for w in WATCHERS)))
+        if not self.pki.exists():
+            init_dev_pki(self.pki)
+        for name in WATCHERS if not (self.pki / f"{WATCHERS[0]}.crt").exists() else ():
+            issue_client(self.pki, name)
         self.cgroup_parent = f"trio-jobs-bench-{uuid.uuid4().hex[:12]}"
         self.stderr_path = self.home / "server.stderr"
         argv = [

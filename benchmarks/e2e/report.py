@@ -200,10 +200,11 @@ figure is compared in the same run with its ceiling or baseline:
 - **Fan-out**: 1, 10, 100 followers of one 32 MiB job: aggregate MB/s (all bytes / first
   byte to last end) and the server's peak RSS growth (VmRSS sampled every 20 ms).
 - **Scale**: 1,000 `sleep` jobs at once (admin's quota raised by the benchmark policy):
-  server RSS growth per job. History: 10,000 `/bin/true` jobs started by 32 concurrent
-  callers through the API (on a server without cgroups, where it is faster: history size is
-  what matters, not the limits), then `list` (all 10,000 in one answer) and `status` p99,
-  against the same calls with 10 jobs.
+  server RSS growth per job. History: 10,000 ended `/bin/true` jobs, written by the same
+  `Worker` the server runs, in the benchmark's process, into the data directory the server
+  then opens (through the API it would take an hour: every `StartJob` lists all of the
+  caller's jobs, see below); then `list` (all 10,000 in one answer), `status` and `StartJob`
+  latency, against the same calls on a server with 10 jobs.
 - **Isolation**: alice runs `head -c 1G /dev/zero` and follows it with `trio-jobs tail`;
   meanwhile bob calls `status` back to back and follows his own job that prints a line
   every 20 ms. Baseline: bob's status p99 before the flood.

@@ -18,7 +18,7 @@ import pytest
 import trio
 from e2e.conftest import read_line
 
-from trio_jobs.worker import JobSpec
+from trio_jobs.worker import JobSpec, JobState, open_worker
 
 from .conftest import connect
 
@@ -334,3 +334,56 @@ def test_second_server_on_one_data_directory_is_refused(served: Host) -> None:
     line = _one_clear_line(_serve_once(served))
     assert "another trio-jobs server is using the data directory" in line
     assert _status(served, job)["state"] == "JOB_STATE_RUNNING"  # untouched
+
+
+# -- without cgroups: the process group of a job of a killed server -----------------------------
+
+NO_CGROUP_SERVER = """
+import sys, trio
+from trio_jobs.worker import JobSpec, open_worker
+
+async def main():
+    async with open_worker(sys.argv[1]) as worker:  # no cgroups: process groups
+        script = "sleep 600 & echo $!; echo $$; echo ready; wait"
+        status = await worker.start(JobSpec(command="/bin/sh", args=("-c", script), owner="admin"))
+        print(status.job_id, flush=True)
+        out = b""
+        async for chunk in worker.follow(status.job_id):
+            out += chunk.data
+            if out.endswith(b"ready\\n"):
+                break
+        sys.stdout.buffer.write(out)
+        sys.stdout.flush()
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+async def test_restart_without_cgroups_kills_the_old_process_group(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    old = await trio.lowlevel.open_process(
+        [sys.executable, "-c", NO_CGROUP_SERVER, str(data)], stdout=subprocess.PIPE
+    )
+    try:
+        assert old.stdout is not None
+        with trio.fail_after(60):
+            out = await _read_until(old.stdout, b"ready\n")
+        job, child, main = out.decode().split()[:3]
+        pids = [int(child), int(main)]
+        started = {pid: _start_time(pid) for pid in pids}
+        assert all(started.values()), started
+    finally:
+        old.kill()
+        await old.wait()
+        if old.stdout is not None:
+            await old.stdout.aclose()
+    assert [pid for pid in pids if _start_time(pid) == started[pid]] == pids  # they outlive it
+
+    async with open_worker(data) as worker:
+        survivors = [pid for pid in pids if _start_time(pid) == started[pid]]
+        assert survivors == [], f"processes of the old run survived the restart: {survivors}"
+        status = await worker.status(job)
+        assert status.state is JobState.LOST
+        # the history is intact
+        assert [j.job_id for j in await worker.list()] == [job]

@@ -139,7 +139,7 @@ class Job:
             await cgroup.add_process(spawned.pid)
             spawned.release()
             status = self._status()
-            await self._store.insert(status)
+            await self._store.insert(status, pid=spawned.pid)
         except BaseException:
             with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                 await self._abort_start(spawned, cgroup)

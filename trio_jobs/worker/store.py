@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 import trio
 
 from .errors import WorkerClosed, WorkerError
+from .leftovers import start_time
 from .limits import Limits, Usage
 from .spec import JobState, JobStatus
 
@@ -43,7 +44,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     limits TEXT NOT NULL,
     usage TEXT NOT NULL,
     output_bytes INTEGER NOT NULL,
-    output_truncated INTEGER NOT NULL
+    output_truncated INTEGER NOT NULL,
+    pid INTEGER,
+    pid_start INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq);
 """
@@ -127,6 +130,10 @@ class JobStore:
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA busy_timeout=5000")
                 conn.executescript(SCHEMA)
+                have = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+                for column in ("pid", "pid_start"):  # added after the first release
+                    if column not in have:
+                        conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} INTEGER")
                 # Prove we can write now (a locked or read-only database fails here, at start,
                 # not at the first job): take the write lock, waiting up to busy_timeout.
                 conn.execute("BEGIN IMMEDIATE")
@@ -155,11 +162,29 @@ class JobStore:
     def closed(self) -> bool:
         return self._closed
 
-    async def insert(self, status: JobStatus) -> None:
-        marks = ", ".join("?" * len(COLUMNS))
-        sql = f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({marks})"
+    async def insert(self, status: JobStatus, *, pid: int | None = None) -> None:
+        """Add a new record; ``pid``: the job's main process (its start time is noted too,
+        so that a later run can kill what an unclean stop left, see ``leftovers``)."""
+        columns = (*COLUMNS, "pid", "pid_start")
+        marks = ", ".join("?" * len(columns))
+        sql = f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({marks})"
         row = _to_row(status)
-        await self._run(lambda c: c.execute(sql, row))
+
+        def insert(c: sqlite3.Connection) -> None:
+            started = None if pid is None else start_time(pid)
+            c.execute(sql, (*row, pid if started is not None else None, started))
+
+        await self._run(insert)
+
+    async def running_processes(self) -> list[tuple[str, int, int]]:
+        """(job id, main pid, its start time) of every RUNNING record that has them."""
+        def select(c: sqlite3.Connection) -> list[tuple[str, int, int]]:
+            rows = c.execute("SELECT job_id, pid, pid_start FROM jobs WHERE state = ? AND pid "
+                             "IS NOT NULL AND pid_start IS NOT NULL ORDER BY seq",
+                             (JobState.RUNNING.value,)).fetchall()
+            return [(r["job_id"], r["pid"], r["pid_start"]) for r in rows]
+
+        return await self._run(select)
 
     async def update(self, status: JobStatus) -> None:
         sets = ", ".join(f"{c} = ?" for c in COLUMNS[1:])

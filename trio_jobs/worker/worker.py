@@ -23,7 +23,8 @@ import trio
 from .cgroups.base import CgroupError
 from .cgroups.none import NoCgroupDriver
 from .errors import InvalidArgument, JobNotFound, WorkerClosed, WorkerError
-from .job import CLEANUP_TIMEOUT, Job
+from .job import CLEANUP_TIMEOUT, EMPTY_TIMEOUT, Job
+from .leftovers import group_members, kill_leftover_group, wait_gone
 from .output import DEFAULT_MAX_CHUNK, DEFAULT_TAIL_SIZE, OutputLog, OutputReader
 from .spec import JobState, JobStatus, StopResult, check_transition
 from .store import JobStore, utcnow
@@ -93,6 +94,8 @@ async def _open_store_and_jobs(
         raise WorkerError(f"cannot prepare the cgroup driver {driver.name}: {exc}") from exc
     store = await JobStore.open(data_dir / DB_NAME)
     try:
+        if driver.name == "none":  # a cgroup driver's prepare() killed them already
+            await _kill_leftover_groups(store)
         ended = await _recover(store, out_dir)
         async with trio.open_nursery() as nursery:
             worker = Worker(_store=store, _driver=driver, _nursery=nursery, _out_dir=out_dir,
@@ -112,6 +115,21 @@ async def _open_store_and_jobs(
             await worker._save_unsaved()
     finally:
         await store.aclose()
+
+
+async def _kill_leftover_groups(store: JobStore) -> None:
+    """Without cgroups: SIGKILL the process groups of jobs an unclean stop left running."""
+    for job_id, pid, started in await store.running_processes():
+        if not await trio.to_thread.run_sync(kill_leftover_group, pid, started):
+            continue
+        log.warning("job %s: killed process group %d left by the previous server", job_id, pid)
+        # SIGKILL is delivered asynchronously: start serving only once they are gone
+        members = await trio.to_thread.run_sync(group_members, pid)
+        with trio.move_on_after(EMPTY_TIMEOUT) as scope:
+            await wait_gone(members)
+        if scope.cancelled_caught:
+            log.warning("job %s: processes %s still exist %.0f s after SIGKILL", job_id,
+                        members, EMPTY_TIMEOUT)
 
 
 async def _recover(store: JobStore, out_dir: Path) -> dict[str, tuple[int, bool]]:

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final, final
 
+import h2.events
+from h2.utilities import HeaderValidationFlags, normalize_inbound_headers, validate_headers
 from hpack import Decoder, Encoder
 from hpack.table import HeaderTable
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-MEMO_ENTRIES: Final = 64
+MEMO_ENTRIES: Final = 16
 MEMO_MAX_BLOCK: Final = 1024
 
 
@@ -112,3 +114,41 @@ class MemoDecoder(Decoder):
             limits = (self.max_header_list_size, self.max_allowed_table_size)
             self._memo[key] = (version, *limits, headers)
         return list(headers)
+
+
+@final
+class HeaderChecker:
+    """h2's inbound header normalisation and validation, memoised per header list.
+
+    h2 runs them (a chain of seven generators per header) on every received block; they
+    are a pure function of the header list and the validation flags, so a list seen
+    before passes (or fails) the same way. The protocol turns h2's inbound checks off and
+    calls :meth:`check` for every header event instead, before looking at the headers;
+    a failure raises h2's ProtocolError, which closes the connection as h2 itself would.
+    Bounded like the HPACK memos (``MEMO_ENTRIES`` lists of ``MEMO_MAX_BLOCK`` bytes).
+    """
+
+    def __init__(self, *, client_side: bool) -> None:
+        self._client = client_side
+        self._memo: dict[tuple[Any, ...], list[Any]] = {}
+
+    def check(self, event: h2.events.Event) -> list[Any]:
+        headers: list[Any] = getattr(event, "headers", None) or []
+        flags = HeaderValidationFlags(
+            is_client=self._client,
+            is_trailer=isinstance(event, h2.events.TrailersReceived),
+            is_response_header=isinstance(
+                event, h2.events.ResponseReceived | h2.events.InformationalResponseReceived
+            ),
+            is_push_promise=isinstance(event, h2.events.PushedStreamReceived),
+        )
+        key = (flags, *headers)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return list(hit)
+        checked = list(validate_headers(normalize_inbound_headers(headers, flags), flags))
+        if sum(len(n) + len(v) for n, v in headers) <= MEMO_MAX_BLOCK:
+            if len(self._memo) >= MEMO_ENTRIES:
+                self._memo.clear()
+            self._memo[key] = checked
+        return list(checked)

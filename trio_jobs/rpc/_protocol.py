@@ -50,13 +50,20 @@ from hyperframe.frame import DataFrame, Frame
 
 from . import _events as ev
 from ._framing import FramingError, MessageDecoder
-from ._hpack import MemoDecoder, MemoEncoder
+from ._hpack import HeaderChecker, MemoDecoder, MemoEncoder
 from ._status import StatusCode
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 DEFAULT_WINDOW: Final = 65_535
+_HEADER_EVENTS: Final = (
+    h2.events.RequestReceived,
+    h2.events.ResponseReceived,
+    h2.events.InformationalResponseReceived,
+    h2.events.TrailersReceived,
+    h2.events.PushedStreamReceived,
+)
 
 
 class _GoAwayTolerantStateMachine(H2ConnectionStateMachine):
@@ -168,7 +175,9 @@ class GrpcProtocol:
             header_encoding=None,
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
-            validate_inbound_headers=True,
+            # h2's inbound checks run in _dispatch instead, memoised (see HeaderChecker).
+            validate_inbound_headers=False,
+            normalize_inbound_headers=False,
         )
         conn = h2.connection.H2Connection(config)
         conn.state_machine = _GoAwayTolerantStateMachine()
@@ -191,6 +200,7 @@ class GrpcProtocol:
         conn.decoder.max_header_list_size = max_header_list_size
         self._h2 = conn
         self._streams: dict[int, _Stream] = {}
+        self._headers = HeaderChecker(client_side=self.client_side)
         self._connection_window = connection_window
         self.closed = False  # a fatal error happened; only data_to_send() is useful now
         self.goaway_received: int | None = None  # peer's last_stream_id
@@ -272,6 +282,8 @@ class GrpcProtocol:
                 )
             )
         else:
+            if isinstance(e, _HEADER_EVENTS):
+                e.headers = self._headers.check(e)  # raises h2's ProtocolError
             self._dispatch_headers(e, out)
 
     def _dispatch_headers(self, e: h2.events.Event, out: list[ev.Event]) -> None:

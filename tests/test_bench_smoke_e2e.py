@@ -7,10 +7,16 @@ for each row, and that the quick run writes nothing into docs/.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import trio
+
+from trio_jobs.cli.sink import StdoutWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = r"[\d,]+(?:\.\d+)?"
@@ -48,3 +54,59 @@ def test_e2e_benchmark_quick_run() -> None:
         assert all(float(x.replace(",", "")) > 0 for x in row.groups()), row.group(0)
     assert re.search(rf"^\| list p99, ({NUMBER}) jobs in history \|", done.stdout, re.MULTILINE), done.stdout
     assert "wrote" not in done.stderr, "--quick must not write docs/benchmarks.md or charts"
+
+
+# The client-side fix the benchmark's profile led to (trio_jobs/cli/sink.py): `tail` writes
+# into a pipe from trio's thread with RWF_NOWAIT. Real pipes and files; no sleeps.
+
+PATTERN = bytes(range(256)) * 4096  # 1 MiB, many times a pipe's 64 KiB buffer
+
+
+async def test_tail_sink_writes_every_byte_into_a_full_pipe() -> None:
+    read_fd, write_fd = os.pipe()
+    writer = StdoutWriter(write_fd)
+    assert writer.in_loop, "a pipe is written from trio's thread"
+    received = bytearray()
+
+    def drain() -> None:
+        while data := os.read(read_fd, 7000):
+            received.extend(data)
+
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, drain)
+                for piece in (PATTERN[:100], PATTERN[100:70_000], PATTERN[70_000:]):
+                    await writer.write(piece)
+                os.close(write_fd)
+                write_fd = -1
+    finally:
+        if write_fd >= 0:
+            os.close(write_fd)
+        os.close(read_fd)
+    assert bytes(received) == PATTERN
+
+
+async def test_tail_sink_leaves_the_pipe_blocking_and_reports_a_closed_reader() -> None:
+    read_fd, write_fd = os.pipe()
+    try:
+        writer = StdoutWriter(write_fd)
+        await writer.write(b"x" * 1000)
+        assert os.get_blocking(write_fd), "stdout is shared: its blocking mode must not change"
+        os.close(read_fd)
+        read_fd = -1
+        with pytest.raises(BrokenPipeError):
+            await writer.write(b"more")
+    finally:
+        os.close(write_fd)
+        if read_fd >= 0:
+            os.close(read_fd)
+
+
+async def test_tail_sink_writes_a_regular_file_from_a_thread(tmp_path: Path) -> None:
+    with (tmp_path / "out").open("wb") as f:
+        writer = StdoutWriter(f.fileno())
+        assert not writer.in_loop
+        await writer.write(PATTERN[:5000])
+        await writer.write(PATTERN[5000:])
+    assert (tmp_path / "out").read_bytes() == PATTERN

@@ -8,6 +8,7 @@ exit; we print the functions with the most own time (tottime).
 from __future__ import annotations
 
 import io
+import os
 import pstats
 import subprocess
 from typing import TYPE_CHECKING
@@ -43,10 +44,14 @@ async def profile_tail(workdir: Path, size: int, count: int = 12) -> str:
             job = await client.start("head", ["-c", str(size), "/dev/zero"])
 
         def run_tail() -> None:
-            subprocess.run(
-                [PYTHON, "-m", "cProfile", "-o", str(client_prof), "-m", "trio_jobs.cli", "tail", job.job_id],
-                env=server.cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600, check=True,
-            )  # fmt: skip
+            # into a pipe that we drain, as in the streaming figure (`tail JOB | ...`)
+            argv = [PYTHON, "-m", "cProfile", "-o", str(client_prof), "-m", "trio_jobs.cli", "tail", job.job_id]
+            with subprocess.Popen(argv, env=server.cli_env(), stdout=subprocess.PIPE) as proc:
+                assert proc.stdout is not None
+                while os.read(proc.stdout.fileno(), 1 << 20):
+                    pass
+            if proc.returncode != 0:
+                raise RuntimeError(f"the profiled tail exited {proc.returncode}")
 
         await trio.to_thread.run_sync(run_tail)
     finally:

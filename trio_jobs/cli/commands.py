@@ -26,6 +26,7 @@ from .errors import (
     exit_code_for,
 )
 from .output import list_table, status_table, to_json
+from .sink import StdoutWriter
 
 if TYPE_CHECKING:
     import argparse
@@ -180,13 +181,9 @@ async def cmd_tail(args: argparse.Namespace) -> int:
 
 
 async def _follow(client: JobsClient, job_id: str, *, offset: int, follow: bool) -> int:
-    out_fd = sys.stdout.fileno()
-
-    async def sink(data: bytes) -> None:
-        await trio.to_thread.run_sync(_write_all, out_fd, data)
-
+    writer = StdoutWriter(sys.stdout.fileno())
     try:
-        final = await client.tail(job_id, sink, offset=offset, follow=follow)
+        final = await client.tail(job_id, writer.write, offset=offset, follow=follow)
     except BrokenPipeError:
         return EXIT_BROKEN_PIPE
     except OSError as exc:
@@ -204,9 +201,3 @@ def _job_exit(job: JobInfo) -> int:
         sys.stderr.write(f"trio-jobs: job {job.job_id} is {job.state}: its exit status is unknown\n")
         return EXIT_ERROR
     return status
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]

@@ -23,7 +23,7 @@ import trio
 
 from . import ceilings, report, scenarios
 from .harness import BenchServer, percentile
-from .profiling import profile_tail
+from .profiling import profile_starts, profile_tail
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.quick or args.no_profile):
             log(f"profiling one tail of {sizes.profile >> 20} MiB (server and client under cProfile)")
             profile = trio.run(profile_tail, Path(tmp), sizes.profile)
+            log("profiling 300 sequential StartJob (server under cProfile)")
+            profile += "\n\n" + trio.run(profile_starts, Path(tmp), 300)
     elapsed = time.monotonic() - t0
     table_rows = rows(figs, sizes)
     print(f"load average before: {load_before}, after: {load_after}; {elapsed:.0f} s")

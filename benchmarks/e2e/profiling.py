@@ -1,4 +1,5 @@
-"""Where the time goes on the hottest path: one ``tail`` of a big job, server and client profiled.
+"""Where the time goes on the hot paths: one ``tail`` of a big job (server and client
+profiled) and sequential ``StartJob`` calls (server profiled).
 
 The server runs under cProfile (``server_main --profile``); the client is ``trio-jobs tail``
 run as ``python -m cProfile -o FILE -m trio_jobs.cli tail JOB``. Both write their stats at
@@ -60,3 +61,16 @@ async def profile_tail(workdir: Path, size: int, count: int = 12) -> str:
         _top(server_prof, f"Server, while streaming {size >> 20} MiB to one `tail`", count),
         _top(client_prof, "Client, `trio-jobs tail` of the same job", count),
     ])  # fmt: skip
+
+
+async def profile_starts(workdir: Path, count: int, top: int = 12) -> str:
+    """Profile the server (no cgroups) while one client starts ``count`` jobs one at a time."""
+    server_prof = workdir / "server-starts.prof"
+    server = BenchServer(workdir, cgroups=False, profile=server_prof)
+    try:
+        async with server.client() as client:
+            for _ in range(count):
+                await client.start("/bin/true")
+    finally:
+        server.close()
+    return _top(server_prof, f"Server, {count} sequential `StartJob` of /bin/true (history grows to {count})", top)

@@ -67,11 +67,13 @@ def _job_cgroups(parent: str) -> list[Path]:
     root = Path("/sys/fs/cgroup")
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         _, controllers, own = line.split(":", 2)
-        mount = root / controllers.split(",")[0].removeprefix("name=") if controllers else root / "unified"
-        base = mount / own.lstrip("/") / parent
-        if base.is_dir():
-            found += [p for p in base.iterdir() if p.is_dir()]
-    return found
+        # v1: one mount per controller; v2: /sys/fs/cgroup itself, or .../unified on hybrid hosts
+        mounts = [root / controllers.split(",")[0].removeprefix("name=")] if controllers else [root / "unified", root]
+        for mount in mounts:
+            base = mount / own.lstrip("/") / parent
+            if base.is_dir():
+                found += [p for p in base.iterdir() if p.is_dir()]
+    return sorted(set(found))
 
 
 # -- a client killed mid-stream --------------------------------------------------------------

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import pytest
 import trio
 from e2e.conftest import read_line
 
-from trio_jobs.worker import JobSpec, JobState, open_worker
+from trio_jobs.worker import JobSpec, JobState, leftovers, open_worker, store
 
 from .conftest import connect
 
@@ -389,3 +390,45 @@ async def test_restart_without_cgroups_kills_the_old_process_group(tmp_path: Pat
         assert status.state is JobState.LOST
         # the history is intact
         assert [j.job_id for j in await worker.list()] == [job]
+
+
+async def test_leftover_kill_spares_a_reused_pid() -> None:
+    """A recorded pid whose start time no longer matches belongs to someone else: untouched."""
+    proc = await trio.lowlevel.open_process(["sleep", "600"], start_new_session=True)
+    try:
+        started = leftovers.start_time(proc.pid)
+        assert started is not None
+        assert not leftovers.kill_leftover_group(proc.pid, started - 1)  # "another" process
+        assert leftovers.group_members(proc.pid) == [proc.pid]
+        assert leftovers.kill_leftover_group(proc.pid, started)
+        with trio.fail_after(30):
+            await proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        assert not leftovers.kill_leftover_group(proc.pid, started)  # gone: nothing to do
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+async def test_database_of_an_older_release_opens(tmp_path: Path) -> None:
+    """Records written before pid/pid_start existed: columns are added, the running job LOST."""
+    data = tmp_path / "data"
+    data.mkdir()
+    old_schema = store.SCHEMA.replace(",\n    pid INTEGER,\n    pid_start INTEGER", "")
+    assert "pid_start" not in old_schema
+    conn = sqlite3.connect(data / "jobs.sqlite3")
+    conn.executescript(old_schema)
+    conn.execute(
+        "INSERT INTO jobs (job_id, owner, command, args, state, stopped_by_user, oom_killed, "
+        "stopped_by_shutdown, created_at, limits, usage, output_bytes, output_truncated) "
+        "VALUES (?, 'alice', '/bin/true', '[]', 'RUNNING', 0, 0, 0, ?, '{}', '{}', 0, 0)",
+        ("6d1f0b7e-9a49-4a4e-9d3e-0c1c7f7c2a11", "2026-01-01T00:00:00+00:00"),
+    )
+    conn.commit()
+    conn.close()
+    async with open_worker(data) as worker:
+        (job,) = await worker.list()
+        assert job.state is JobState.LOST
+        started = await worker.start(JobSpec(command="/bin/true", owner="alice"))
+        assert (await worker.stop(started.job_id, grace=0)).status.job_id == started.job_id

@@ -6,7 +6,8 @@ This module is the only bridge between :mod:`trio_jobs.worker` (jobs, no protobu
 1. looks the caller up in the policy by ``ctx.peer_identity`` (unknown -> PERMISSION_DENIED);
 2. validates the request (-> INVALID_ARGUMENT with a message saying what to fix);
 3. calls the worker, translating its errors at the boundary (``WorkerClosed`` ->
-   UNAVAILABLE, ``JobNotFound`` -> NOT_FOUND, ``InvalidJobSpec`` -> INVALID_ARGUMENT).
+   UNAVAILABLE, ``JobNotFound`` -> NOT_FOUND, ``InvalidJobSpec`` -> INVALID_ARGUMENT, any
+   other ``WorkerError`` of a start, e.g. a full disk -> UNAVAILABLE with its message).
 
 Another user's job is reported exactly like a job that does not exist (same code, same
 message), so nobody learns which job ids exist. A job id that is not a UUID is
@@ -20,6 +21,7 @@ policy checks and what the worker executes, so the check and the execution canno
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import uuid
 from dataclasses import fields
@@ -44,6 +46,7 @@ from .worker import (
     RunAs,
     Usage,
     WorkerClosed,
+    WorkerError,
 )
 from .worker.validate import resolve_program
 
@@ -55,6 +58,8 @@ if TYPE_CHECKING:
     from .security.policy import IdentityPolicy, Policy, UnixUser
     from .worker import JobStatus, Worker
 
+
+log = logging.getLogger(__name__)
 
 MAX_GRACE_SECONDS: Final = 3600.0
 """An upper bound on StopJob's grace period, so one request cannot pin a job for years."""
@@ -279,8 +284,7 @@ class JobService:
         )
         async with self._start_locks.setdefault(who.name, trio.Lock()):
             try:
-                running = [j for j in await self._worker.list(owner=who.name) if j.state is JobState.RUNNING]
-                self._policy.check_running_jobs(who, len(running))
+                self._policy.check_running_jobs(who, self._worker.running_count(owner=who.name))
                 status = await self._worker.start(spec)
             except QuotaExceeded as exc:
                 _abort(StatusCode.RESOURCE_EXHAUSTED, str(exc))
@@ -288,6 +292,9 @@ class JobService:
                 _abort(StatusCode.INVALID_ARGUMENT, str(exc))
             except WorkerClosed:
                 self._unavailable()
+            except WorkerError as exc:  # the host refused (disk full, cgroup error, ...): retryable
+                log.warning("StartJob for %s failed: %s", who.name, exc)
+                _abort(StatusCode.UNAVAILABLE, f"the server could not start the job: {exc}; retry later or ask its operator")
         return pb.StartJobResponse(job_id=status.job_id, status=status_to_proto(status))
 
     async def StopJob(self, request: pb.StopJobRequest, ctx: ServerContext) -> pb.StopJobResponse:

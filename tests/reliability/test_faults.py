@@ -234,7 +234,12 @@ def _disk_full_scenario(host: Host, data: Path, tmp_path: Path) -> None:
     assert _status(host, sleeper)["state"] == "JOB_STATE_KILLED"
     attempt = host.run("start", "--", "echo", "while-full", check=False)
     print(f"\nstart on a full disk: exit {attempt.returncode}: {attempt.stderr.decode(errors='replace').strip()}")
-    assert attempt.returncode != 0 or host.run("tail", attempt.stdout.decode().strip()).stdout == b"while-full\n"
+    if attempt.returncode != 0:  # refused: a clear, retryable error, never "internal error"
+        assert attempt.returncode == 3, attempt.stderr  # UNAVAILABLE
+        assert b"could not start the job" in attempt.stderr, attempt.stderr
+        assert b"internal" not in attempt.stderr, attempt.stderr
+    else:
+        assert host.run("tail", attempt.stdout.decode().strip()).stdout == b"while-full\n"
     assert host.server is not None
     assert host.server.poll() is None, "the server died on a full disk"
 

@@ -145,6 +145,23 @@ async def test_grace_zero_kills_at_once(worker: Worker) -> None:
     assert result.status.signal == signal.SIGKILL
 
 
+async def test_running_count_per_owner(worker: Worker) -> None:
+    def job(owner: str, script: str) -> JobSpec:
+        return JobSpec(command="/bin/sh", args=("-c", script), owner=owner)
+
+    a1 = await worker.start(job("a", "exec sleep 1000"))
+    await worker.start(job("a", "exec sleep 1000"))
+    b = await worker.start(job("b", "exec sleep 1000"))
+    done = await worker.start(job("a", "true"))
+    with trio.fail_after(10):
+        await read_all(worker, done.job_id)  # ends once the job has ended
+    assert (worker.running_count(owner="a"), worker.running_count(owner="b")) == (2, 1)
+    assert worker.running_count() == 3
+    await worker.stop(a1.job_id, grace=0)
+    await worker.stop(b.job_id, grace=0)
+    assert (worker.running_count(owner="a"), worker.running_count(owner="b")) == (1, 0)
+
+
 async def test_stop_racing_a_natural_exit_reports_the_truth(worker: Worker) -> None:
     """Stop sent at the moment the job exits on its own: either outcome may happen, but what
     is reported must be the one that did (exit code 7 means it was not force-ended)."""

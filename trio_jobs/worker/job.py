@@ -94,6 +94,10 @@ class Job:
         return self._final is not None
 
     @property
+    def owner(self) -> str:
+        return self._spec.owner
+
+    @property
     def final(self) -> JobStatus | None:
         """The final status once the job has ended (None while it runs)."""
         return self._final

@@ -308,6 +308,11 @@ class Worker:
             raise JobNotFound(f"no job {job_id}; `list` shows the jobs that exist")
         return status
 
+    def running_count(self, *, owner: str | None = None) -> int:
+        """How many jobs (of ``owner``, or of everyone) run now. In memory: no store query,
+        so a quota check costs O(running jobs), not O(history)."""
+        return sum(1 for job in self._jobs.values() if not job.ended and owner in (None, job.owner))
+
     async def list(self, *, owner: str | None = None) -> list[JobStatus]:
         """Jobs in start order: every job (``owner=None``) or those of ``owner``."""
         records = await self._store.list(owner)

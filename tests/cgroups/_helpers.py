@@ -23,7 +23,11 @@ if TYPE_CHECKING:
 # Leak tests run 200 jobs; inside the cgroup v2 VM (TCG, ~14x slower, 8-minute budget for
 # the whole guest run) fewer jobs exercise the same v2 clean-up paths.
 IN_VM: Final = os.environ.get("TRIO_JOBS_IN_VM") == "1"
-LEAK_JOBS: Final = 30 if IN_VM else 200
+LEAK_JOBS: Final = 200  # issue 6: "after 200 jobs no job cgroup, process or fd is left"
+# The driver-level twin of the leak test repeats it without the worker; under emulation
+# (TCG runs Python ~15x slower) 30 jobs keep it within the VM's time, the worker-level
+# test still runs all 200 there.
+MECHANICS_LEAK_JOBS: Final = 30 if IN_VM else 200
 
 
 # stdin is the gate: the wrapper reads one line from it (and exits, without running the

@@ -17,7 +17,15 @@ from trio_jobs.worker.cgroups.v1 import V1Driver
 from trio_jobs.worker.cgroups.v2 import V2Driver
 from trio_jobs.worker.limits import Limits
 
-from ._helpers import LEAK_JOBS, alive, descendants, members, open_fds, read_lines, spawn_in
+from ._helpers import (
+    MECHANICS_LEAK_JOBS,
+    alive,
+    descendants,
+    members,
+    open_fds,
+    read_lines,
+    spawn_in,
+)
 
 if TYPE_CHECKING:
     from .conftest import Driver
@@ -162,7 +170,7 @@ async def test_add_process_of_a_dead_pid_is_a_clear_error(mechanics_driver: Driv
 async def test_no_leaks_after_200_jobs(mechanics_driver: Driver) -> None:
     fds_before = open_fds()
     with trio.fail_after(120):
-        for i in range(LEAK_JOBS):
+        for i in range(MECHANICS_LEAK_JOBS):
             job = await mechanics_driver.create(f"leak-{i}", NO_LIMITS)
             # Every tenth job leaves a daemonized grandchild behind that must be killed.
             argv = ["/bin/sh", "-c", "setsid sleep 1000 &" if i % 10 == 0 else "exit 0"]

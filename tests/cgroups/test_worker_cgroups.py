@@ -17,7 +17,7 @@ import trio
 
 from trio_jobs.worker import JobSpec, JobState, Limits, MiB, open_worker
 
-from ._helpers import LEAK_JOBS, alive, boost_cpu_weight, descendants, open_fds
+from ._helpers import IN_VM, LEAK_JOBS, alive, boost_cpu_weight, descendants, open_fds
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -223,7 +223,7 @@ async def _job_procs_file(driver: Driver, job_id: str) -> str:
 @pytest.mark.slow
 async def test_no_cgroup_process_or_fd_left_after_200_jobs(driver: Driver, tmp_path: Path) -> None:
     fds_before = open_fds()
-    with trio.fail_after(240):
+    with trio.fail_after(600 if IN_VM else 240):
         async with open_worker(tmp_path / "data", cgroups=driver) as worker:
             for i in range(LEAK_JOBS):
                 script = "setsid sleep 1000 & exit 0" if i % 20 == 0 else "exit 0"

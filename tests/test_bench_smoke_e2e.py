@@ -30,7 +30,7 @@ ROWS = (
     "fan-out 10 followers, aggregate",
     "server RSS per running job (50 sleeping)",
     "bob's status p99 while alice floods",
-    "bob's follower: longest gap during the flood",
+    "bob's follower: line delay p99 during the flood",
 )
 
 

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 Figures = dict[str, float]
 CLI: Final = (PYTHON, "-m", "trio_jobs.cli")
 READ_SIZE: Final = 1 << 20
-TICKER: Final = "i=0; while [ $i -lt 30000 ]; do echo tick $i; i=$((i+1)); sleep 0.02; done"
+# bob's job: a line every 20 ms holding the wall-clock time it was written (ns since the epoch)
+TICKER: Final = "i=0; while [ $i -lt 30000 ]; do date +%s%N; i=$((i+1)); sleep 0.02; done"
 
 
 async def _discard(data: bytes) -> None:
@@ -240,16 +241,30 @@ async def few_jobs(server: BenchServer, calls: int) -> Figures:
 
 
 async def isolation(server: BenchServer, size: int, calls: int) -> Figures:
-    """alice floods (``head -c SIZE /dev/zero`` + her ``tail``); bob's status and follower."""
-    arrivals: list[float] = []
+    """alice floods (``head -c SIZE /dev/zero`` + her ``tail``); bob's status and follower.
+
+    bob's follower is judged by delivery delay: for each line of his ticker, the wall-clock
+    time it reached him minus the time written in it, before and during the flood.
+    """
+    delays: list[tuple[float, float]] = []  # (arrival monotonic, delay s)
+    partial = bytearray()
 
     async def tick_sink(data: bytes) -> None:
-        arrivals.append(time.monotonic())
+        now_wall, now = time.time(), time.monotonic()
+        partial.extend(data)
+        *lines, rest = bytes(partial).split(b"\n")
+        partial[:] = rest
+        delays.extend((now, now_wall - int(line) / 1e9) for line in lines if line.isdigit())
 
     async with server.client("bob") as bob, server.client("alice") as alice, trio.open_nursery() as nursery:
         ticker = await bob.start("sh", ["-c", TICKER])
         nursery.start_soon(bob.tail, ticker.job_id, tick_sink)
-        idle = await _latencies(lambda: bob.status(ticker.job_id), calls)
+        idle_start = time.monotonic()
+        idle: list[float] = []
+        # at least half a second before the flood, so that bob's follower gets ~25 lines
+        while len(idle) < calls or (time.monotonic() - idle_start < 0.5 and len(idle) < calls * 100):
+            idle += await _latencies(lambda: bob.status(ticker.job_id), 1)
+        idle_end = time.monotonic()
         flood = await alice.start("head", ["-c", str(size), "/dev/zero"])
         flood_done = trio.Event()
         loaded: list[float] = []
@@ -268,13 +283,17 @@ async def isolation(server: BenchServer, size: int, calls: int) -> Figures:
             await flood_done.wait()
         window_end = time.monotonic()
         await bob.stop(ticker.job_id, grace=0)
-    during = [t for t in arrivals if window_start <= t <= window_end]
-    gaps = [b - a for a, b in zip([window_start, *during], [*during, window_end], strict=True)]
+    before = [d for t, d in delays if idle_start <= t <= idle_end] or [0.0]
+    during = [d for t, d in delays if window_start <= t <= window_end]
+    if not during:
+        raise RuntimeError("bob's follower got nothing during the flood")
     return {
         "status_idle_p99_ms": percentile(idle, 99) * 1e3,
         "status_flood_p99_ms": percentile(loaded, 99) * 1e3,
         "status_flood_calls": len(loaded),
         "flood_s": window_end - window_start,
-        "bob_chunks": len(during),
-        "bob_max_gap_ms": max(gaps) * 1e3,
+        "bob_lines": len(during),
+        "bob_idle_max_delay_ms": max(before) * 1e3,
+        "bob_p99_delay_ms": percentile(during, 99) * 1e3,
+        "bob_max_delay_ms": max(during) * 1e3,
     }

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from hpack import Decoder, Encoder, HPACKError
+from hpack import Decoder, Encoder, HPACKError, NeverIndexedHeaderTuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,13 +14,22 @@ from trio_jobs.rpc._hpack import MEMO_ENTRIES, MemoDecoder, MemoEncoder
 # A small alphabet so that blocks repeat (memo hits) and the table churns (evictions).
 _NAMES = st.sampled_from([b"content-type", b"grpc-status", b"x-a", b"x-b", b":status"])
 _VALUES = st.sampled_from([b"0", b"1", b"application/grpc", b"v" * 40, b"w" * 300])
-_HEADERS = st.lists(st.tuples(_NAMES, _VALUES), min_size=0, max_size=4)
+_PAIR = st.tuples(_NAMES, _VALUES)
+# plain pairs mostly; sometimes the two ways of asking hpack not to index a header
+_HEADER = st.one_of(
+    _PAIR,
+    _PAIR,
+    _PAIR,
+    _PAIR.map(lambda p: NeverIndexedHeaderTuple(*p)),
+    _PAIR.map(lambda p: (p[0], p[1], True)),
+)
+_HEADERS = st.lists(_HEADER, min_size=0, max_size=4)
 _STEPS = st.lists(st.one_of(_HEADERS, st.sampled_from([64, 256, 4096])), min_size=1, max_size=40)
 
 
 @settings(max_examples=300, deadline=None)
 @given(steps=_STEPS)
-def test_memo_coders_match_hpack(steps: list[list[tuple[bytes, bytes]] | int]) -> None:
+def test_memo_coders_match_hpack(steps: list[list[Any] | int]) -> None:
     plain_enc, memo_enc = Encoder(), MemoEncoder()
     plain_dec, memo_dec = Decoder(), MemoDecoder(65536)
     for step in steps:
@@ -32,7 +43,7 @@ def test_memo_coders_match_hpack(steps: list[list[tuple[bytes, bytes]] | int]) -
         assert memo_enc.encode(step) == block
         expected = list(plain_dec.decode(block, raw=True))
         assert memo_dec.decode(block, raw=True) == expected
-        assert [(bytes(n), bytes(v)) for n, v in expected] == step
+        assert [(bytes(n), bytes(v)) for n, v in expected] == [(h[0], h[1]) for h in step]
 
 
 def test_repeated_blocks_are_memoised_and_memo_is_bounded() -> None:
@@ -56,3 +67,11 @@ def test_malformed_block_raises_every_time() -> None:
     for _ in range(2):
         with pytest.raises(HPACKError):
             dec.decode(b"\xff\xff\xff\xff", raw=True)
+
+
+def test_a_never_indexed_header_does_not_share_a_plain_pairs_block() -> None:
+    plain, memo = Encoder(), MemoEncoder()
+    sensitive = [NeverIndexedHeaderTuple(b"x-a", b"1")]
+    pair = [(b"x-a", b"1")]
+    for headers in (sensitive, pair, pair, sensitive):  # equal as tuples, not as headers
+        assert memo.encode(headers) == plain.encode(headers)

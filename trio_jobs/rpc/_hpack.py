@@ -71,12 +71,18 @@ class MemoEncoder(Encoder):
         table = self._table
         if table.resized or isinstance(headers, dict):  # a size update goes first: no memo
             return super().encode(headers, huffman)
-        key = (huffman, *headers)
+        items = list(headers)
+        # Only plain (name, value) pairs: a NeverIndexedHeaderTuple or a 3-tuple asking for
+        # no indexing compares equal to (or differs only in length from) a plain pair but
+        # must not share its block.
+        if any(type(h) is not tuple or len(h) != 2 for h in items):
+            return super().encode(items, huffman)
+        key = (huffman, *items)
         hit = self._memo.get(key)
         if hit is not None and hit[0] == table.version:
             return hit[1]
         version = table.version
-        block = super().encode(key[1:], huffman)
+        block = super().encode(items, huffman)
         if table.version == version and len(block) <= MEMO_MAX_BLOCK:
             if len(self._memo) >= MEMO_ENTRIES:
                 self._memo.clear()

@@ -206,8 +206,9 @@ figure is compared in the same run with its ceiling or baseline:
   caller's jobs, see below); then `list` (all 10,000 in one answer), `status` and `StartJob`
   latency, against the same calls on a server with 10 jobs.
 - **Isolation**: alice runs `head -c 1G /dev/zero` and follows it with `trio-jobs tail`;
-  meanwhile bob calls `status` back to back and follows his own job that prints a line
-  every 20 ms. Baseline: bob's status p99 before the flood.
+  meanwhile bob calls `status` back to back and follows his own job, which writes the
+  wall-clock time into a line every 20 ms: the follower's figure is each line's delivery
+  delay (arrival minus the time in it). Baselines: the same before the flood.
 
 **Reading the numbers.** 2 CPUs, shared with teammates' test runs: the server, the client
 and the job compete for them, so compare ratios within one run; the load average is recorded.

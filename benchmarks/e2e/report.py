@@ -176,8 +176,8 @@ DEFAULT_SECTION: Final = f"""{BEGIN}
 ## End to end (`benchmarks/e2e`)
 
 ```
-./dev bench e2e                                # full run (~5 min), rewrites the results below
-.venv/bin/python -m benchmarks.e2e --quick     # smoke run, ~15 s, writes nothing
+./dev bench e2e                                # full run (~3 min), rewrites the results below
+.venv/bin/python -m benchmarks.e2e --quick     # smoke run, ~10 s, writes nothing
 .venv/bin/python -m benchmarks.e2e --no-doc --no-profile
 ```
 

@@ -86,10 +86,12 @@ async def test_half_open_handshakes_do_not_starve_a_good_client(host: Host) -> N
         try:
             for i in range(500):
                 sock = await trio.open_tcp_stream(name, port)
+                # Timestamp at connect, before anything else can yield: the server's timer
+                # starts at its accept, which is never earlier than this.
+                opened_at.append(trio.current_time())
+                idle.append(sock)
                 if i % 2:  # half of them start a ClientHello and stall inside it
                     await sock.send_all(PARTIAL_CLIENT_HELLO)
-                idle.append(sock)
-                opened_at.append(trio.current_time())
             t0 = time.perf_counter()
             async with JobsClient.connect(host.address, ssl_context=ctx_for(host, "alice")) as client:
                 await client.list()

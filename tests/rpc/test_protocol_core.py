@@ -21,7 +21,8 @@ from trio_jobs.rpc import StatusCode
 from trio_jobs.rpc import _events as ev
 from trio_jobs.rpc._client_protocol import ClientProtocol
 from trio_jobs.rpc._framing import encode_message
-from trio_jobs.rpc._protocol import StreamGone, _GoAwayTolerantStateMachine
+from trio_jobs.rpc._h2glue import _GoAwayTolerantStateMachine
+from trio_jobs.rpc._protocol import StreamGone
 from trio_jobs.rpc._server_protocol import ServerProtocol
 
 MiB = 1024 * 1024

@@ -203,8 +203,8 @@ figure is compared in the same run with its ceiling or baseline:
 - **Scale**: 1,000 `sleep` jobs at once (admin's quota raised by the benchmark policy):
   server RSS growth per job. History: 10,000 ended `/bin/true` jobs, written by the same
   `Worker` the server runs, in the benchmark's process, into the data directory the server
-  then opens (through the API it would take an hour: every `StartJob` lists all of the
-  caller's jobs, see below); then `list` (all 10,000 in one answer), `status` and `StartJob`
+  then opens (twice as fast as 10,000 `StartJob` calls, which were quadratic until commit
+  319f012, see below); then `list` (all 10,000 in one answer), `status` and `StartJob`
   latency, against the same calls on a server with 10 jobs.
 - **Isolation**: alice runs `head -c 1G /dev/zero` and follows it with `trio-jobs tail`;
   meanwhile bob calls `status` back to back and follows his own job, which writes the

@@ -34,6 +34,7 @@ ROWS = (
 )
 
 
+@pytest.mark.slow
 def test_e2e_benchmark_quick_run() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.e2e", "--quick"],

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -82,8 +83,12 @@ def cgroup_writes(count: int) -> tuple[list[float], int]:
             samples.append(time.perf_counter() - t0)
         return samples, len(made)
     finally:
-        for base in made:
-            base.rmdir()
+        for base in made:  # also after an error half-way: job dirs first (empty cgroups)
+            for child in base.glob("job-*"):
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+            with contextlib.suppress(OSError):
+                base.rmdir()
 
 
 def _hierarchy_used(base: Path) -> bool:

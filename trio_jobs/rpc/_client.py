@@ -279,6 +279,14 @@ async def open_channel(
 ) -> AsyncIterator[Channel]:
     """A channel over an established stream (TLS already done, ALPN h2 already checked)."""
     channel = Channel(stream, authority=authority, options=options or ChannelOptions())
+    # The body runs inside the nursery of the reader and writer, but its exception must
+    # reach the caller as it is (``except RpcError``, plain Cancelled/KeyboardInterrupt),
+    # not wrapped in an ExceptionGroup: it is caught here, the nursery is cancelled and
+    # exits cleanly (the reader and writer end on cancellation without raising), and the
+    # very same exception object is re-raised outside it (trio's advice for context
+    # managers that own a nursery). A failure of the reader or writer themselves (a bug)
+    # still surfaces as a group.
+    body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(channel.writer)
@@ -287,10 +295,17 @@ async def open_channel(
             nursery.start_soon(channel.reader)
             try:
                 yield channel
+            except BaseException as exc:  # re-raised below, outside the nursery
+                body_error = exc
             finally:
                 nursery.cancel_scope.cancel()
     finally:
         await channel.aclose()
+    if body_error is not None:
+        try:
+            raise body_error
+        finally:
+            body_error = None  # no reference cycle through the traceback
 
 
 @asynccontextmanager

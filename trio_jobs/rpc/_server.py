@@ -361,18 +361,25 @@ class Server:
                 )
                 await trio.aclose_forcefully(stream)
                 continue
-            nursery.start_soon(self.serve_connection, stream)
+            # Counted here, not in the connection task: that task only starts running
+            # later, and connections accepted meanwhile would slip past the cap.
+            self._active += 1
+            nursery.start_soon(self._serve_counted, stream)
+
+    async def _serve_counted(self, stream: trio.abc.Stream) -> None:
+        try:
+            await self._serve_connection(stream)
+        finally:
+            self._active -= 1
 
     async def serve_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one connection (TLS handshake first when the server has an ssl_context).
 
         Returns when the connection is closed; never raises for a peer's misbehaviour.
+        Counts towards ``max_connections`` while it runs (refused by the accept loop).
         """
         self._active += 1
-        try:
-            await self._serve_connection(stream)
-        finally:
-            self._active -= 1
+        await self._serve_counted(stream)
 
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
         cert: dict[str, Any] | None = None

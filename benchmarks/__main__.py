@@ -10,7 +10,7 @@ from __future__ import annotations
 import runpy
 import sys
 
-SUITES = {"rpc": "benchmarks.rpc", "worker": "benchmarks.bench_worker", "e2e": "benchmarks.e2e"}
+SUITES = {"rpc": "benchmarks.rpc", "worker": "benchmarks.bench_worker", "tls": "benchmarks.bench_tls", "e2e": "benchmarks.e2e"}
 
 
 def main() -> int:

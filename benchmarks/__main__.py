@@ -1,8 +1,9 @@
 """``./dev bench SUITE [ARGS...]``: run one benchmark suite (see docs/benchmarks.md).
 
-Suites: ``rpc`` (the gRPC layer against grpcio, grpclib and bare TLS) and ``worker`` (the
-job worker in-process: follower memory and throughput, job start latency), ``e2e`` (the whole
-product: real servers and clients over mutual TLS, with charts).
+Suites: ``rpc`` (the gRPC layer against grpcio, grpclib and bare TLS), ``worker`` (the job
+worker in-process: follower memory and throughput, job start latency), ``tls`` (PKI creation
+and one mutual TLS 1.3 handshake) and ``e2e`` (the whole product: real servers and clients
+over mutual TLS, with charts).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
   received, which makes a graceful shutdown impossible; this one keeps the connection open.
 * :data:`_QUIET`: frame classes whose ``repr`` is O(1) (h2 computes it for every received
   frame, even with logging off).
-* :class:`_FrameBuffer`: refuses an oversized frame at its header and lets the protocol
-  skip h2 for bytes that cannot complete a frame.
+* :class:`_FrameBuffer`: refuses an oversized frame at its header, lets the protocol
+  skip h2 for bytes that cannot complete a frame, and hands h2 at most a budget of
+  frames per call.
 """
 
 from __future__ import annotations
@@ -63,15 +64,28 @@ _QUIET: Final[dict[type[Frame], type[Frame]]] = {
 
 
 class _FrameBuffer(FrameBuffer):
-    """h2's frame buffer, plus two things for large DATA over TLS (16 KiB records).
+    """h2's frame buffer, plus two things for large DATA over TLS (16 KiB records), and
+    a frame budget against floods.
 
     * A frame header announcing more than our SETTINGS_MAX_FRAME_SIZE is refused as soon
       as it arrives; h2 would first buffer the whole frame (up to 16 MiB) to refuse it.
     * :meth:`completes_nothing` lets the protocol append bytes that cannot complete a
       frame without running all of h2's receive machinery for them.
+    * :attr:`frame_budget` caps the frames h2 takes per ``receive_data``; when it ran out,
+      :attr:`budget_exhausted` is set and the rest of the bytes stay buffered.
     """
 
+    # Frames h2 may take from the buffer in one receive_data() call; the rest wait for
+    # the next call (see GrpcProtocol.receive_data and Transport.reader).
+    frame_budget: int | None = None
+    budget_exhausted = False
+
     def __next__(self) -> Frame:
+        if self.frame_budget is not None:
+            if self.frame_budget <= 0:
+                self.budget_exhausted = True
+                raise StopIteration
+            self.frame_budget -= 1
         data = self._data
         if len(data) >= 9:
             length = int.from_bytes(data[:3], "big")

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 DEFAULT_WINDOW: Final = 65_535
+DEFAULT_FRAMES_PER_CALL: Final = 32
 _HEADER_EVENTS: Final = (
     h2.events.RequestReceived,
     h2.events.ResponseReceived,
@@ -106,8 +107,13 @@ class GrpcProtocol:
         connection_window: int,
         max_frame_size: int,
         clock: Callable[[], float],
+        frames_per_call: int | None = DEFAULT_FRAMES_PER_CALL,
     ) -> None:
         self.max_receive_message = max_receive_message
+        # At most this many frames are processed per receive_data() call (h2 takes ~75 us
+        # per HEADERS): the I/O layer yields between calls, so one connection's flood
+        # cannot hold the event loop for long. None: no limit.
+        self.frames_per_call: int | None = frames_per_call
         self._clock = clock
         config = h2.config.H2Configuration(
             client_side=self.client_side,
@@ -163,10 +169,15 @@ class GrpcProtocol:
 
     # -- input -------------------------------------------------------------------------
     def receive_data(self, data: bytes | bytearray) -> list[ev.Event]:
-        """Feed bytes from the peer. Never raises: failures become ConnectionFailed."""
+        """Feed bytes from the peer. Never raises: failures become ConnectionFailed.
+
+        Processes at most :attr:`frames_per_call` frames; see :attr:`input_pending`.
+        """
         if self.closed:
             return []
         buffer = self._frames
+        buffer.frame_budget = self.frames_per_call
+        buffer.budget_exhausted = False
         if buffer.completes_nothing(len(data)):
             buffer.add_data(data)  # the middle of a large frame: nothing to process yet
             return []
@@ -180,10 +191,18 @@ class GrpcProtocol:
         out: list[ev.Event] = []
         try:
             for e in h2_events:
+                if self.closed:  # a policy queued GOAWAY: the rest of the input is moot
+                    break
                 self._dispatch(e, out)
         except h2.exceptions.ProtocolError as exc:
             out.append(self._fail(int(exc.error_code), str(exc), True))
         return out
+
+    @property
+    def input_pending(self) -> bool:
+        """True when the last ``receive_data`` stopped at its frame budget: call
+        ``receive_data(b"")`` (after letting others run) to process the rest."""
+        return self._frames.budget_exhausted and not self.closed
 
     def _fail(self, code: int, reason: str, send_goaway: bool) -> ev.ConnectionFailed:
         self.closed = True

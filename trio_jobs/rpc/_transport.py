@@ -5,6 +5,9 @@ Theory of operation
 A connection owns a trio stream and a sans-IO protocol, and runs two tasks on them:
 
 * the reader loops ``receive_some -> protocol.receive_data -> handle events -> flush``.
+  The protocol takes at most ``frames_per_call`` frames per call; the reader yields
+  between calls, so one connection's flood of small frames cannot hold the event loop,
+  and it stops as soon as the protocol closed the connection (GOAWAY queued).
   Its flush waits until the answers it queued (PING/SETTINGS acks, RST_STREAMs) are
   written, so when the peer stops reading, the reader stops reading too and nothing
   queues without bound;
@@ -165,8 +168,19 @@ class Transport:
                     break
                 if self._ssl_object is not None:
                     data = self._decrypted_more(data)
-                for event in self.protocol.receive_data(data):
-                    self.handle_event(event)
+                events = self.protocol.receive_data(data)
+                while True:
+                    for event in events:
+                        self.handle_event(event)
+                    if not self.protocol.input_pending:  # (also False once closed)
+                        break
+                    # A read of many small frames (a flood) is processed in slices of
+                    # frames_per_call, letting every other task run between them.
+                    if self.protocol.has_data_to_send:
+                        await self.flush()
+                    else:
+                        await trio.lowlevel.checkpoint()
+                    events = self.protocol.receive_data(b"")
                 if self.protocol.has_data_to_send:
                     await self.flush()
             else:

@@ -32,6 +32,10 @@ class ServerLimits:
     reset_burst: int = 400
     """Token bucket for streams the client resets while we serve them (Rapid Reset):
     exhausting it -> GOAWAY(ENHANCE_YOUR_CALM, "too_many_resets")."""
+    settings_rate: float = 10.0
+    settings_burst: int = 100
+    """Token bucket for SETTINGS frames from the client (each one is applied and ACKed):
+    exhausting it -> GOAWAY(ENHANCE_YOUR_CALM, "too_many_settings")."""
     drain_timeout: float = 10.0
     """Default deadline for in-flight calls in :meth:`Server.shutdown`."""
     shutdown_ping_timeout: float = 2.0

@@ -228,6 +228,8 @@ class GrpcProtocol:
         elif isinstance(e, h2.events.PingAckReceived):
             out.append(ev.PingAcknowledged(data=bytes(e.ping_data or b"")))
         elif isinstance(e, h2.events.RemoteSettingsChanged):
+            if not self._on_settings(out):
+                return
             out.append(ev.SettingsReceived())
             if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in e.changed_settings:
                 out.append(ev.WindowUpdated(stream_id=0))
@@ -251,6 +253,10 @@ class GrpcProtocol:
 
     def _on_ping(self, out: list[ev.Event]) -> None:
         """h2 answers pings itself; the server adds its ping policy here."""
+
+    def _on_settings(self, out: list[ev.Event]) -> bool:
+        """h2 applies and ACKs SETTINGS itself; False if a policy closed the connection."""
+        return True
 
     def _on_data(self, e: h2.events.DataReceived, out: list[ev.Event]) -> None:
         sid = e.stream_id or 0

@@ -71,6 +71,8 @@ class _ServerConnection(Transport):
             max_ping_strikes=limits.max_ping_strikes,
             reset_rate=limits.reset_rate,
             reset_burst=limits.reset_burst,
+            settings_rate=limits.settings_rate,
+            settings_burst=limits.settings_burst,
             clock=trio.current_time,
         )
         super().__init__(stream, protocol, limits.read_size)

@@ -38,6 +38,26 @@ def is_grpc_content_type(value: bytes | None) -> bool:
     return rest == b"" or rest[:1] in (b"+", b";")
 
 
+class _TokenBucket:
+    """``burst`` tokens, refilled at ``rate`` per second; :meth:`take` is False when empty."""
+
+    __slots__ = ("_burst", "_clock", "_rate", "_stamp", "_tokens")
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._clock = clock
+        self._stamp = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        self._tokens -= 1.0
+        return self._tokens >= 0
+
+
 class ServerProtocol(GrpcProtocol):
     client_side = False
 
@@ -49,6 +69,8 @@ class ServerProtocol(GrpcProtocol):
         reset_rate: float,
         reset_burst: int,
         clock: Callable[[], float],
+        settings_rate: float = 10.0,
+        settings_burst: int = 100,
         **kwargs: int,
     ) -> None:
         super().__init__(clock=clock, **kwargs)
@@ -58,10 +80,11 @@ class ServerProtocol(GrpcProtocol):
         self._last_ping: float | None = None
         # Token bucket against Rapid Reset (CVE-2023-44487): each stream the peer resets
         # while we still work on it costs a token; tokens refill at reset_rate per second.
-        self._reset_rate = reset_rate
-        self._reset_burst = reset_burst
-        self._reset_tokens = float(reset_burst)
-        self._reset_stamp = clock()
+        self._resets = _TokenBucket(reset_rate, reset_burst, clock)
+        # Against SETTINGS floods: h2 applies and ACKs every SETTINGS frame (no budget in
+        # HTTP/2 itself); each costs a token. A client sends one at the start and rarely
+        # more (grpc-go's BDP probe: a few per second at most).
+        self._settings = _TokenBucket(settings_rate, settings_burst, clock)
 
     # -- policies ----------------------------------------------------------------------
     def _on_sent_data(self) -> None:
@@ -79,18 +102,16 @@ class ServerProtocol(GrpcProtocol):
         self._last_ping = now
 
     def _on_stream_reset(self, sid: int, code: int, out: list[ev.Event]) -> None:
-        if sid in self._streams:
-            now = self._clock()
-            self._reset_tokens = min(
-                float(self._reset_burst),
-                self._reset_tokens + (now - self._reset_stamp) * self._reset_rate,
-            )
-            self._reset_stamp = now
-            self._reset_tokens -= 1.0
-            if self._reset_tokens < 0:
-                out.append(self.fail(ErrorCodes.ENHANCE_YOUR_CALM, "too_many_resets"))
-                return
+        if sid in self._streams and not self._resets.take():
+            out.append(self.fail(ErrorCodes.ENHANCE_YOUR_CALM, "too_many_resets"))
+            return
         super()._on_stream_reset(sid, code, out)
+
+    def _on_settings(self, out: list[ev.Event]) -> bool:
+        if self._settings.take():
+            return True
+        out.append(self.fail(ErrorCodes.ENHANCE_YOUR_CALM, "too_many_settings"))
+        return False
 
     # -- requests ----------------------------------------------------------------------
     def _dispatch_headers(self, e: h2.events.Event, out: list[ev.Event]) -> None:

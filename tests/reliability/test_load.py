@@ -198,13 +198,7 @@ def attacker_main(argv: list[str]) -> None:
 
 # Known rpc-layer weaknesses (reported; the rpc layer is not ours to change): the figures are
 # printed, and these cases pass once rpc fixes them (xfail is not strict).
-KNOWN_STALLS: Final = {
-    "rapid_reset": "rpc: every frame of a read is parsed before the reader yields (~75 us per "
-    "HEADERS in h2), so Rapid Reset on fresh connections stalls the server loop 50-100 ms at a "
-    "time: bob's p99 was 100-300 ms (docs/reliability.md)",
-    "settings_flood": "rpc: no limit on unsolicited SETTINGS (unlike PINGs): 20,000 per round "
-    "are all applied and ACKed, bob's p50 was 16-23 ms and p99 49-67 ms (docs/reliability.md)",
-}
+KNOWN_STALLS: Final[dict[str, str]] = {}  # rapid_reset, settings_flood: fixed in rpc (issue 3)
 
 
 async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:

@@ -5,8 +5,12 @@
     python -m benchmarks.soak --quick              # a few seconds (the test suite's smoke run)
     python -m benchmarks.soak --fuzz-minutes 10    # then the input fuzzer for 10 minutes
 
-Exit status: 0 when there was no unexpected error and nothing grew (file descriptors,
-processes, job cgroups; RSS within ``RSS_SLACK``); 1 otherwise; 2 for a usage error.
+The load runs ``--rounds`` times (default 2) against the same server, which settles after
+each round. Exit status: 0 when there was no unexpected error and nothing grew (file
+descriptors, processes, job cgroups; RSS within ``RSS_SLACK`` of the start, and -- the leak
+check -- within ``LEAK_SLACK`` from the end of the first round to the end of the last: the
+allocator keeps its high-water mark after the first round, a leak keeps growing); 1
+otherwise; 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
 
 MiB: Final = 1024 * 1024
 RSS_SLACK: Final = 64 * MiB  # allocator high-water marks are not a leak; more than this is
+LEAK_SLACK: Final = 16 * MiB  # RSS growth from the first round's end to the last's
 FD_SLACK: Final = 2
 SETTLE_TIMEOUT: Final = 60.0  # after the load: running jobs end, connections close
 CLIENTS_PER_IDENTITY: Final = 10
@@ -45,15 +50,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=60.0, help="load duration (default 60)")
     p.add_argument("--minutes", type=float, help="load duration in minutes (instead of --seconds)")
     p.add_argument("--think", type=float, default=0.05, help="max pause between a client's iterations, s")
-    p.add_argument("--quick", action="store_true", help="20 clients for 3 s: a smoke run")
+    p.add_argument("--rounds", type=int, default=2, help="load rounds against one server (default 2)")
+    p.add_argument("--quick", action="store_true", help="20 clients for 3 s, one round: a smoke run")
     p.add_argument("--fuzz-minutes", type=float, default=0.0, help="then run the input fuzzer this long")
     args = p.parse_args(argv)
     if args.minutes is not None:
         args.seconds = args.minutes * 60
     if args.quick:
-        args.clients, args.seconds = 20, 3.0
-    if args.clients < 1 or args.seconds <= 0 or args.think < 0 or args.fuzz_minutes < 0:
-        p.error("--clients must be >= 1, --seconds > 0, --think and --fuzz-minutes >= 0")
+        args.clients, args.seconds, args.rounds = 20, 3.0, 1
+    if args.clients < 1 or args.seconds <= 0 or args.think < 0 or args.fuzz_minutes < 0 or args.rounds < 1:
+        p.error("--clients and --rounds must be >= 1, --seconds > 0, --think and --fuzz-minutes >= 0")
     return args
 
 
@@ -62,12 +68,32 @@ def _pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
 
 
-def report(args: argparse.Namespace, stats: Stats, before: Snapshot, after: Snapshot, driver: str) -> tuple[str, list[str]]:
-    """The one-page report and the list of failures (empty = pass)."""
+def merge(rounds: Sequence[Stats]) -> Stats:
+    """The statistics of several load rounds as one."""
+    out = Stats()
+    for s in rounds:
+        out.requests.update(s.requests)
+        out.expected.update(s.expected)
+        for rpc, samples in s.latencies.items():
+            out.latencies.setdefault(rpc, []).extend(samples)
+        out.unexpected.extend(s.unexpected[: max(0, 20 - len(out.unexpected))])
+        out.unexpected_count += s.unexpected_count
+        out.jobs_started += s.jobs_started
+    return out
+
+
+def report(
+    args: argparse.Namespace, stats: Stats, before: Snapshot, ends: Sequence[Snapshot], driver: str
+) -> tuple[str, list[str]]:
+    """The one-page report and the list of failures (empty = pass). ``ends``: a snapshot
+    after each round (settled), the last one being "after"."""
+    after = ends[-1]
     total = sum(stats.requests.values())
+    seconds = args.seconds * len(ends)
     lines = [
-        f"trio-jobs soak: {args.clients} clients x {args.seconds:g} s against trio-jobs serve ({driver})",
-        f"requests: {total} ({total / args.seconds:.0f}/s); jobs started: {stats.jobs_started}",
+        f"trio-jobs soak: {args.clients} clients x {args.seconds:g} s x {len(ends)} round(s) "
+        f"against trio-jobs serve ({driver})",
+        f"requests: {total} ({total / seconds:.0f}/s); jobs started: {stats.jobs_started}",
         f"unexpected errors: {stats.unexpected_count}",
         "expected refusals: " + (", ".join(f"{k} {v}" for k, v in stats.expected.items()) or "none"),
         "",
@@ -89,7 +115,12 @@ def report(args: argparse.Namespace, stats: Stats, before: Snapshot, after: Snap
         ("job cgroups", before.cgroups, after.cgroups),
     ]
     lines += [f"{name:<16}{b:>10.0f}{a:>10.0f}" for name, b, a in rows]
+    lines.append("RSS after each round (MiB): " + ", ".join(f"{e.rss_bytes / MiB:.0f}" for e in ends))
     failures = []
+    if len(ends) > 1 and ends[-1].rss_bytes > ends[0].rss_bytes + LEAK_SLACK:
+        failures.append(
+            f"RSS kept growing after the first round: {ends[0].rss_bytes // MiB} -> {ends[-1].rss_bytes // MiB} MiB"
+        )
     if stats.unexpected_count:
         failures.append(f"{stats.unexpected_count} unexpected errors, e.g. " + "; ".join(stats.unexpected[:5]))
     if after.fds > before.fds + FD_SLACK:
@@ -135,17 +166,22 @@ async def soak(args: argparse.Namespace, home: Path) -> int:
             await _warm_up(server)
             before = await _settle(server, None)
             contexts = {i: server.ssl_context(identity_name(i)) for i in range(identities)}
-            stats = await run_load(
-                server.address,
-                lambda i: contexts[i // CLIENTS_PER_IDENTITY],
-                clients=args.clients,
-                seconds=args.seconds,
-                think=args.think,
-            )
-            after = await _settle(server, before)
+            rounds: list[Stats] = []
+            ends: list[Snapshot] = []
+            for _ in range(args.rounds):
+                rounds.append(
+                    await run_load(
+                        server.address,
+                        lambda i: contexts[i // CLIENTS_PER_IDENTITY],
+                        clients=args.clients,
+                        seconds=args.seconds,
+                        think=args.think,
+                    )
+                )
+                ends.append(await _settle(server, before))
         finally:
             code = await server.stop()
-        text, failures = report(args, stats, before, after, server.cgroup_driver())
+        text, failures = report(args, merge(rounds), before, ends, server.cgroup_driver())
         if code != 0:
             failures.append(f"the server exited {code}: {server.stderr_text()[-2000:]}")
         if "Traceback" in server.stderr_text():

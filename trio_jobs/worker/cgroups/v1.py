@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, final
 
@@ -168,16 +169,8 @@ def _check_positive(name: str, value: int | None) -> None:
 
 
 def check_limits(limits: Limits) -> None:
-    for name in (
-        "cpu_millis",
-        "memory_bytes",
-        "io_read_bps",
-        "io_write_bps",
-        "io_read_iops",
-        "io_write_iops",
-        "pids_max",
-    ):
-        _check_positive(name, getattr(limits, name))
+    for field in fields(limits):
+        _check_positive(field.name, getattr(limits, field.name))
 
 
 def cfs_quota_us(cpu_millis: int, period_us: int = CFS_PERIOD_US) -> int:

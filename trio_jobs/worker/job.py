@@ -5,7 +5,7 @@ for the job's pump):
 
 1. create the cgroup; spawn the held wrapper; ``add_process``; release it (see ``spawn``);
    insert the RUNNING record; ``task_status.started(status)``.
-2. the pump copies the pipe into the output log until EOF.
+2. the pump (a thread of its own, worker/pump.py) copies the pipe into the output log until EOF.
 3. the main process exits (pidfd readable, not reaped) -> ``kill_all`` on the cgroup ->
    ``wait_empty`` -> wait for the pump to reach EOF, at most ``DRAIN_TIMEOUT`` (a process that
    escaped the kill -- only possible without cgroups, via setsid -- may hold the pipe forever;
@@ -31,6 +31,7 @@ import trio
 from .cgroups.base import CgroupError
 from .errors import WorkerError
 from .limits import Usage
+from .pump import pump_pipe
 from .spawn import PIPE_SIZE, Spawned, spawn
 from .spec import JobState, JobStatus, StopResult, check_transition
 from .store import utcnow
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("trio_jobs.worker")
 
 PIPE_READ_SIZE: Final = PIPE_SIZE  # up to a whole pipe's worth per read and file write
-MIN_READ_SIZE: Final = 64 * 1024
 DRAIN_TIMEOUT: Final = 2.0  # after everything was killed, how long EOF may take to arrive
 EMPTY_TIMEOUT: Final = 10.0  # how long a killed cgroup may take to empty before we go on
 CLEANUP_TIMEOUT: Final = 15.0  # shielded cleanup when the job task itself is cancelled
@@ -149,11 +149,10 @@ class Job:
                 await self._abort_start(spawned, cgroup)
             raise
         assert spawned.output_fd is not None
-        stream = trio.lowlevel.FdStream(spawned.output_fd)
-        spawned.output_fd = None  # the stream owns it now
+        output_fd, spawned.output_fd = spawned.output_fd, None  # the pump owns it now
         self.started = True
         task_status.started(status)
-        await self._supervise(spawned, cgroup, stream)
+        await self._supervise(spawned, cgroup, output_fd)
 
     async def _abort_start(self, spawned: Spawned, cgroup: JobCgroup) -> None:
         spawned.abort()  # a held wrapper exits 125 without exec
@@ -165,12 +164,11 @@ class Job:
         spawned.close_pipes()
         await _quietly(cgroup.remove(), self.job_id, "remove cgroup")
 
-    async def _supervise(self, spawned: Spawned, cgroup: JobCgroup,
-                         stream: trio.lowlevel.FdStream) -> None:
+    async def _supervise(self, spawned: Spawned, cgroup: JobCgroup, output_fd: int) -> None:
         pump_done = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump, stream, pump_done)
+                nursery.start_soon(self._pump, output_fd, pump_done)
                 await spawned.wait_exited()
                 await _quietly(cgroup.kill_all(), self.job_id, "kill the rest of the job")
                 with trio.move_on_after(EMPTY_TIMEOUT) as empty:
@@ -189,25 +187,10 @@ class Job:
             with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                 await self._finish(spawned, cgroup)
 
-    async def _pump(self, stream: trio.lowlevel.FdStream, done: trio.Event) -> None:
+    async def _pump(self, output_fd: int, done: trio.Event) -> None:
         """Copy the job's pipe into the output log until EOF (or until cancelled)."""
-        try:
-            async with stream:
-                # Read size adapts: 64 KiB for a chatty job (os.read allocates the full size
-                # first), growing to the whole pipe while reads come back full.
-                size = MIN_READ_SIZE
-                while data := await stream.receive_some(size):
-                    size = min(PIPE_READ_SIZE, size * 2) if len(data) == size else MIN_READ_SIZE
-                    try:
-                        await self.output.append(data)
-                    except OSError as exc:
-                        # Disk full or similar: keep draining (a job blocked on a full pipe
-                        # would never end) but accept no more output.
-                        log.error("job %s: cannot write output: %s", self.job_id, exc)
-                        self.output.mark_truncated()
-            done.set()
-        except trio.ClosedResourceError:
-            pass
+        await pump_pipe(output_fd, self.output, read_size=PIPE_READ_SIZE, name=f"job {self.job_id}")
+        done.set()
 
     async def _finish(self, spawned: Spawned, cgroup: JobCgroup) -> None:
         """Kill what is left, reap, collect usage, remove the cgroup, publish the final status."""

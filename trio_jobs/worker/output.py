@@ -2,11 +2,12 @@
 
 Theory of operation
 -------------------
-A job's stdout+stderr arrive through one pipe; a single writer task (the job's pump) calls
-:meth:`OutputLog.append`. Each append first writes the bytes to the job's spool file (in a
-thread, so a slow disk never blocks the event loop; while it is slow the pump does not read
+A job's stdout+stderr arrive through one pipe; a single writer (the job's pump, a thread of
+its own: worker/pump.py) writes the bytes to the job's spool file and then, on the event
+loop, calls :meth:`OutputLog.publish` (:meth:`OutputLog.append` does both for in-loop
+writers). A slow disk never blocks the event loop; while it is slow the pump does not read
 the pipe, so the *job* is what waits -- the backpressure goes to the producer, never to a
-follower), then copies the newest bytes into a fixed-size ring (the in-memory tail), then
+follower. Publishing copies the newest bytes into a fixed-size ring (the in-memory tail), then
 advances ``size`` and wakes the followers. So every byte below ``size`` is in the file, and
 the last ``tail_size`` of them are also in memory.
 
@@ -129,11 +130,28 @@ class OutputLog:
             data = data[: max(room, 0)]
         if not data:
             return
-        assert self._write_fd is not None
-        await trio.to_thread.run_sync(_write_all, self._write_fd, data)
-        self._ring_store(data)
-        self._size += len(data)
-        self._wake()
+        await trio.to_thread.run_sync(write_all, self.write_fd, data)
+        self.publish(data, dropped=False)
+
+    @property
+    def write_fd(self) -> int:
+        """The spool file's descriptor, for a writer in another thread (see worker/pump.py)."""
+        if self._write_fd is None:
+            raise RuntimeError("the log has ended")
+        return self._write_fd
+
+    def publish(self, data: bytes, *, dropped: bool) -> None:
+        """Make ``data``, already written to the file at offset ``size``, visible to readers.
+
+        The second half of an append, for a writer that wrote the file itself; ``dropped``
+        says it dropped bytes at the cap. Single writer, on the event loop.
+        """
+        if dropped:
+            self._truncated = True
+        if data:
+            self._ring_store(data)
+            self._size += len(data)
+            self._wake()
 
     def finish(self) -> None:
         """The job has ended: no more output. Followers end once they have read everything."""
@@ -183,7 +201,7 @@ class OutputLog:
         return OutputReader(self, offset, wait=wait, max_chunk=max_chunk)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)

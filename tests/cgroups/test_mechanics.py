@@ -101,22 +101,27 @@ async def test_signal_all_reaches_every_process(mechanics_driver: Driver) -> Non
 async def test_wait_empty_returns_when_the_job_exits_by_itself(mechanics_driver: Driver) -> None:
     job = await mechanics_driver.create(_job_id(), NO_LIMITS)
     with trio.fail_after(20):
-        proc = await spawn_in(job, ["/bin/sh", "-c", "read -r _; exit 3"])
-        # Nothing happens until we let the job end: wait_empty must still be blocked.
-        async with trio.open_nursery() as nursery:
-            done = trio.Event()
+        # A job that blocks until it is told to end (the wrapper gives the program
+        # /dev/null as stdin, so it must not read stdin: that would end it at once).
+        proc = await spawn_in(job, ["/bin/sh", "-c", "exec sleep 1000"])
+        try:
+            # Nothing happens until we let the job end: wait_empty must still be blocked.
+            async with trio.open_nursery() as nursery:
+                done = trio.Event()
 
-            async def waiter() -> None:
-                await job.wait_empty()
-                done.set()
+                async def waiter() -> None:
+                    await job.wait_empty()
+                    done.set()
 
-            nursery.start_soon(waiter)
-            await trio.testing.wait_all_tasks_blocked()
-            assert not done.is_set()
-            assert members(job) == {proc.pid}
-            proc.kill()  # the job "ends": its only process exits
-        assert done.is_set()
-        await proc.wait()
+                nursery.start_soon(waiter)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not done.is_set()
+                assert members(job) == {proc.pid}
+                proc.kill()  # the job "ends": its only process exits, not through the driver
+            assert done.is_set()
+        finally:
+            proc.kill()  # idempotent; never leave the process to later tests
+            await proc.wait()
     await job.remove()
 
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT: Final = 8  # chunks handed to the loop and not yet published
+MIN_READ_SIZE: Final = 64 * 1024
 
 
 async def pump_pipe(fd: int, output: OutputLog, *, read_size: int, name: str) -> None:
@@ -69,13 +70,17 @@ async def pump_pipe(fd: int, output: OutputLog, *, read_size: int, name: str) ->
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(stop_r, select.POLLIN)
+        # Read size adapts: 64 KiB for a chatty job (os.read allocates the full size first),
+        # doubling up to ``read_size`` while reads come back full.
+        size = min(MIN_READ_SIZE, read_size)
         while True:
             ready = {ready_fd for ready_fd, _ in poller.poll()}
             if stop_r in ready:
                 return
-            data = os.read(fd, read_size)
+            data = os.read(fd, size)
             if not data:
                 return  # EOF: every writer has closed the pipe
+            size = min(read_size, size * 2) if len(data) == size else min(MIN_READ_SIZE, read_size)
             room = max(output.cap - accepted, 0)
             kept = data if len(data) <= room else data[:room]
             error: OSError | None = None

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import pytest
-from e2e.conftest import Host
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from e2e.conftest import Host
 
 pytestmark = pytest.mark.slow
 
@@ -50,17 +49,6 @@ def _node_modules() -> Path:
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
             pytest.skip(f"could not install {' '.join(PACKAGES)} with npm: {exc}")
     return modules
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Host]:
-    (tmp_path / "logs").mkdir()
-    host = Host(tmp_path / "home", tmp_path / "logs")
-    try:
-        host.start_server()
-        yield host
-    finally:
-        host.close()
 
 
 def _run_node(modules: Path, host: Host, identity: str) -> dict[str, Any]:

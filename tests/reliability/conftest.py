@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
-from e2e.conftest import Host
+from e2e.conftest import Host, host, served  # noqa: F401  (fixtures shared with tests/e2e)
 
 from trio_jobs.client import JobsClient
 from trio_jobs.rpc import Server, health_service, service_from_descriptor
@@ -28,7 +28,7 @@ from trio_jobs.v1 import jobs_pb2
 from trio_jobs.worker import Worker, open_worker
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator, Sequence
+    from collections.abc import AsyncIterator, Sequence
     from contextlib import AbstractAsyncContextManager
     from pathlib import Path
 
@@ -55,23 +55,6 @@ async def status_latencies(client: JobsClient, job_id: str, calls: int = 100) ->
             await client.status(job_id)
             samples.append(time.perf_counter() - t0)
     return samples
-
-
-@pytest.fixture
-def host(tmp_path: Path) -> Iterator[Host]:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    h = Host(tmp_path / "home", logs)
-    try:
-        yield h
-    finally:
-        h.close()
-
-
-@pytest.fixture
-def served(host: Host) -> Host:
-    host.start_server()
-    return host
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -154,3 +154,23 @@ def boost_cpu_weight(driver: V1Driver | V2Driver) -> None:
         (driver.parent_dir("cpu") / "cpu.shares").write_text("10240")
     else:
         (driver.parent_dir / "cpu.weight").write_text("1000")
+
+
+# A bounded fork loop (a few hundred forks, never an exponential bomb): prints how many
+# forks succeeded and failed, then waits with its children until it is killed.
+FORK_LOOP: Final = """
+import os, signal, sys
+made = failed = 0
+for _ in range(300):
+    try:
+        pid = os.fork()
+    except OSError:
+        failed += 1
+        continue
+    if pid == 0:
+        signal.pause()
+        os._exit(0)
+    made += 1
+print(made, failed, flush=True)
+signal.pause()
+"""

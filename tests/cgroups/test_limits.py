@@ -20,7 +20,7 @@ import trio
 from trio_jobs.worker.cgroups.devices import disk_of
 from trio_jobs.worker.limits import Limits, MiB
 
-from ._helpers import boost_cpu_weight, members, read_limit, read_lines, spawn_in
+from ._helpers import FORK_LOOP, boost_cpu_weight, members, read_limit, read_lines, spawn_in
 
 if TYPE_CHECKING:
     from .conftest import Driver
@@ -148,25 +148,6 @@ async def test_io_write_limit_direct_io(driver: Driver, tmp_path: Path) -> None:
     assert 3.0 <= seconds <= 5.0, f"8 MiB at 2 MiB/s on {disk.name} took {seconds} s"
     assert (await job.usage()).io_write_bytes >= 8 * MiB
     await job.remove()
-
-
-FORK_LOOP = """
-import os, signal, sys
-made = failed = 0
-for _ in range(300):  # bounded: a few hundred forks, never an exponential bomb
-    try:
-        pid = os.fork()
-    except OSError:
-        failed += 1
-        continue
-    if pid == 0:
-        signal.pause()
-        os._exit(0)
-    made += 1
-print(made, failed, flush=True)
-signal.pause()
-"""
-
 
 async def test_pids_limit_contains_a_fork_loop(driver: Driver) -> None:
     job = await driver.create(str(uuid.uuid4()), Limits(pids_max=64))

@@ -1,10 +1,11 @@
-"""``python -m benchmarks.e2e [--quick] [--no-doc] [--no-profile]``: the end-to-end benchmark.
+"""``python -m benchmarks.e2e [--quick] [--no-doc] [--no-profile] [--only NAMES]``: the end-to-end benchmark.
 
 Starts real servers (each in its own process, with and without cgroups), drives them over
 mutual TLS on 127.0.0.1 with the client library and the ``trio-jobs`` CLI, measures every
 figure next to its ceiling in the same run, prints a table, and (full run only) rewrites the
 "End to end" results in docs/benchmarks.md and its charts in docs/img/. ``--quick`` is a
-smoke run of a few seconds that writes nothing. See docs/benchmarks.md.
+smoke run of a few seconds that writes nothing; ``--only start,history`` runs just those
+scenarios (with their ceilings) and writes nothing either. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -61,68 +62,85 @@ def _load() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-async def measure(sizes: Sizes, workdir: Path, log: Callable[[str], None]) -> Figures:
+SCENARIOS: Final = ("start", "stream", "fanout", "isolation", "running", "history")
+"""What ``--only`` can name; a full run measures all of them (and only a full run writes the doc)."""
+
+
+async def measure(sizes: Sizes, workdir: Path, log: Callable[[str], None],
+                  only: frozenset[str] = frozenset(SCENARIOS)) -> Figures:
     figs: Figures = {}
-    log("ceilings: spawn, cgroup writes, bare TLS")
+    log("ceilings: spawn, cgroup writes" + (", bare TLS" if "stream" in only else ""))
     spawn = ceilings.spawn_true(sizes.spawns)
     cg, hierarchies = ceilings.cgroup_writes(sizes.cgroup_ops)
-    pki = workdir / "bare-tls-pki"  # the same kind of development PKI the servers use
-    init_dev_pki(pki)
     figs["ceiling"] = {
         "spawn_p50_ms": percentile(spawn, 50) * 1e3,
         "spawn_p99_ms": percentile(spawn, 99) * 1e3,
         "cgroup_p50_ms": percentile(cg, 50) * 1e3 if cg else 0.0,
         "cgroup_p99_ms": percentile(cg, 99) * 1e3 if cg else 0.0,
         "hierarchies": float(hierarchies),
-        "tls_mbps": await ceilings.bare_tls_receive(pki, sizes.stream),
     }
-    log("job start without cgroups")
-    with BenchServer(workdir, cgroups=False) as server:
-        figs["start_none"] = await scenarios.job_start(
-            server, sequential=sizes.start_seq, burst=sizes.start_burst, concurrency=8
-        )
-    with BenchServer(workdir, cgroups=True) as server:
-        figs["driver"] = {"cgroups": float(server.driver != "none")}
-        log(f"job start with the {server.driver!r} cgroup driver")
-        figs["start_cg"] = await scenarios.job_start(
-            server, sequential=sizes.start_seq, burst=sizes.start_burst, concurrency=8
-        )
-        log(f"streaming {sizes.stream >> 20} MiB to one trio-jobs tail")
-        figs["stream"] = await scenarios.streaming(server, sizes.stream)
-        for n in sizes.fanout_counts:
-            log(f"fan-out: {n} followers of a {sizes.fanout >> 20} MiB job")
-            figs[f"fanout-{n}"] = await scenarios.fanout(server, sizes.fanout, n)
-        log(f"isolation: alice floods {sizes.flood >> 20} MiB; bob's status and follower")
-        figs["isolation"] = await scenarios.isolation(server, sizes.flood, sizes.calls)
-    with BenchServer(workdir, cgroups=True) as server:
-        log(f"scale: {sizes.running} sleeping jobs at once")
-        figs["running"] = await scenarios.scale_running(server, sizes.running, 16)
-    log(f"history: writing {sizes.history} jobs with the worker in-process")
-    home = workdir / "history"
-    fill_rate = await scenarios.prefill_history(home, sizes.history, 16)
-    with BenchServer(workdir, cgroups=False, home=home) as server:
-        log("history: list, status and StartJob latency (no cgroups)")
-        figs["history"] = await scenarios.history(server, sizes.calls)
-    with BenchServer(workdir, cgroups=False) as server:
-        figs["history"].update(await scenarios.few_jobs(server, sizes.calls), fill_jobs_s=fill_rate)
+    if "stream" in only:
+        pki = workdir / "bare-tls-pki"  # the same kind of development PKI the servers use
+        init_dev_pki(pki)
+        figs["ceiling"]["tls_mbps"] = await ceilings.bare_tls_receive(pki, sizes.stream)
+    if "start" in only:
+        log("job start without cgroups")
+        with BenchServer(workdir, cgroups=False) as server:
+            figs["start_none"] = await scenarios.job_start(
+                server, sequential=sizes.start_seq, burst=sizes.start_burst, concurrency=8
+            )
+    if only & {"start", "stream", "fanout", "isolation"}:
+        with BenchServer(workdir, cgroups=True) as server:
+            figs["driver"] = {"cgroups": float(server.driver != "none")}
+            if "start" in only:
+                log(f"job start with the {server.driver!r} cgroup driver")
+                figs["start_cg"] = await scenarios.job_start(
+                    server, sequential=sizes.start_seq, burst=sizes.start_burst, concurrency=8
+                )
+            if "stream" in only:
+                log(f"streaming {sizes.stream >> 20} MiB to one trio-jobs tail")
+                figs["stream"] = await scenarios.streaming(server, sizes.stream)
+            for n in sizes.fanout_counts if "fanout" in only else ():
+                log(f"fan-out: {n} followers of a {sizes.fanout >> 20} MiB job")
+                figs[f"fanout-{n}"] = await scenarios.fanout(server, sizes.fanout, n)
+            if "isolation" in only:
+                log(f"isolation: alice floods {sizes.flood >> 20} MiB; bob's status and follower")
+                figs["isolation"] = await scenarios.isolation(server, sizes.flood, sizes.calls)
+    if "running" in only:
+        with BenchServer(workdir, cgroups=True) as server:
+            log(f"scale: {sizes.running} sleeping jobs at once")
+            figs["running"] = await scenarios.scale_running(server, sizes.running, 16)
+    if "history" in only:
+        log(f"history: writing {sizes.history} jobs with the worker in-process")
+        home = workdir / "history"
+        fill_rate = await scenarios.prefill_history(home, sizes.history, 16)
+        with BenchServer(workdir, cgroups=False, home=home) as server:
+            log("history: list, status and StartJob latency (no cgroups)")
+            figs["history"] = await scenarios.history(server, sizes.calls)
+        with BenchServer(workdir, cgroups=False) as server:
+            figs["history"].update(await scenarios.few_jobs(server, sizes.calls), fill_jobs_s=fill_rate)
     return figs
 
 
 def rows(figs: Figures, sizes: Sizes) -> list[report.Row]:
+    """The table's rows, in a fixed order; a figure that was not measured (``--only``) has none."""
     R = report.Row
     c = figs["ceiling"]
     spawn50, spawn99 = c["spawn_p50_ms"], c["spawn_p99_ms"]
     cg50, cg99 = spawn50 + c["cgroup_p50_ms"], spawn99 + c["cgroup_p99_ms"]
-    none, cg = figs["start_none"], figs["start_cg"]
-    out = [
-        R(figure="job start p50, no cgroups", value=none["p50_ms"], unit="ms", ceiling=spawn50,
-          ceiling_name="spawn+wait /bin/true", target="<= 3x", ok=none["p50_ms"] <= 3 * spawn50),
-        R(figure="job start p99, no cgroups", value=none["p99_ms"], unit="ms", ceiling=spawn99,
-          ceiling_name="spawn+wait p99"),
-        R(figure="jobs started/s, no cgroups (8 callers)", value=none["jobs_s"], unit="/s",
-          ceiling=1e3 / spawn50, ceiling_name="1 / spawn p50"),
-    ]  # fmt: skip
-    if figs["driver"]["cgroups"]:
+    out: list[report.Row] = []
+    if "start_none" in figs:
+        none = figs["start_none"]
+        out += [
+            R(figure="job start p50, no cgroups", value=none["p50_ms"], unit="ms", ceiling=spawn50,
+              ceiling_name="spawn+wait /bin/true", target="<= 3x", ok=none["p50_ms"] <= 3 * spawn50),
+            R(figure="job start p99, no cgroups", value=none["p99_ms"], unit="ms", ceiling=spawn99,
+              ceiling_name="spawn+wait p99"),
+            R(figure="jobs started/s, no cgroups (8 callers)", value=none["jobs_s"], unit="/s",
+              ceiling=1e3 / spawn50, ceiling_name="1 / spawn p50"),
+        ]  # fmt: skip
+    if "start_cg" in figs and figs["driver"]["cgroups"]:
+        cg = figs["start_cg"]
         h = int(c["hierarchies"])
         out += [
             R(figure="job start p50, cgroups", value=cg["p50_ms"], unit="ms", ceiling=cg50,
@@ -132,41 +150,56 @@ def rows(figs: Figures, sizes: Sizes) -> list[report.Row]:
             R(figure="jobs started/s, cgroups (8 callers)", value=cg["jobs_s"], unit="/s",
               ceiling=1e3 / cg50, ceiling_name="1 / ceiling p50"),
         ]  # fmt: skip
-    st = figs["stream"]
-    out += [
-        R(figure=f"tail of {sizes.stream >> 20} MiB over mTLS", value=st["mbps"], unit="MB/s",
-          ceiling=c["tls_mbps"], ceiling_name="bare trio.SSLStream", target=">= 0.7x", ok=st["mbps"] >= 0.7 * c["tls_mbps"]),
-        R(figure="job wall time with one follower", value=st["job_followed_s"], unit="s",
-          ceiling=st["job_alone_s"], ceiling_name="no follower", target="not slowed (<= 1.2x)",
-          ok=st["job_followed_s"] <= 1.2 * st["job_alone_s"] + 0.05),
-    ]  # fmt: skip
-    one = figs[f"fanout-{sizes.fanout_counts[0]}"]["mbps"]
-    for n in sizes.fanout_counts:
-        f = figs[f"fanout-{n}"]
-        big = n == 100
-        out.append(R(figure=f"fan-out {n} followers, aggregate", value=f["mbps"], unit="MB/s", ceiling=one,
-                     ceiling_name="1 follower", target=">= 0.8x" if big else "", ok=f["mbps"] >= 0.8 * one if big else None))  # fmt: skip
-    last = figs[f"fanout-{sizes.fanout_counts[-1]}"]
-    out.append(R(figure=f"server RSS growth, {sizes.fanout_counts[-1]} followers", value=last["rss_growth_mib"],
-                 unit="MiB", ceiling=100, ceiling_name="target", target="< 100 MiB", ok=last["rss_growth_mib"] < 100))  # fmt: skip
-    run, hist, iso = figs["running"], figs["history"], figs["isolation"]
-    out += [
-        R(figure=f"server RSS per running job ({int(run['running'])} sleeping)", value=run["rss_per_job_kib"],
-          unit="KiB", ceiling=150, ceiling_name="target", target="< 150 KiB", ok=run["rss_per_job_kib"] < 150),
-        R(figure=f"list p99, {int(hist['jobs'])} jobs in history", value=hist["list_p99_ms"], unit="ms",
-          ceiling=hist["list_few_p99_ms"], ceiling_name="list of 10 jobs", target="< 50 ms", ok=hist["list_p99_ms"] < 50),
-        R(figure=f"job start p50, {int(hist['jobs'])} jobs in history", value=hist["start_p50_ms"], unit="ms",
-          ceiling=none["p50_ms"], ceiling_name="empty history"),
-        R(figure=f"status p99, {int(hist['jobs'])} jobs in history", value=hist["status_p99_ms"], unit="ms",
-          ceiling=hist["status_few_p99_ms"], ceiling_name="10 jobs", target="< 50 ms", ok=hist["status_p99_ms"] < 50),
-        R(figure="bob's status p99 while alice floods", value=iso["status_flood_p99_ms"], unit="ms",
-          ceiling=iso["status_idle_p99_ms"], ceiling_name="no flood", target="< 50 ms", ok=iso["status_flood_p99_ms"] < 50),
-        R(figure="bob's follower: line delay p99 during the flood", value=iso["bob_p99_delay_ms"], unit="ms",
-          ceiling=iso["bob_idle_max_delay_ms"], ceiling_name="max before the flood",
-          target="keeps streaming (< 50 ms)", ok=iso["bob_p99_delay_ms"] < 50),
-        R(figure="bob's follower: line delay max during the flood", value=iso["bob_max_delay_ms"], unit="ms",
-          ceiling=iso["bob_idle_max_delay_ms"], ceiling_name="max before the flood"),
-    ]  # fmt: skip
+    if "stream" in figs:
+        st = figs["stream"]
+        out += [
+            R(figure=f"tail of {sizes.stream >> 20} MiB over mTLS", value=st["mbps"], unit="MB/s",
+              ceiling=c["tls_mbps"], ceiling_name="bare trio.SSLStream", target=">= 0.7x", ok=st["mbps"] >= 0.7 * c["tls_mbps"]),
+            R(figure="job wall time with one follower", value=st["job_followed_s"], unit="s",
+              ceiling=st["job_alone_s"], ceiling_name="no follower", target="not slowed (<= 1.2x)",
+              ok=st["job_followed_s"] <= 1.2 * st["job_alone_s"] + 0.05),
+        ]  # fmt: skip
+    if f"fanout-{sizes.fanout_counts[0]}" in figs:
+        one = figs[f"fanout-{sizes.fanout_counts[0]}"]["mbps"]
+        for n in sizes.fanout_counts:
+            f = figs[f"fanout-{n}"]
+            big = n == 100
+            out.append(R(figure=f"fan-out {n} followers, aggregate", value=f["mbps"], unit="MB/s", ceiling=one,
+                         ceiling_name="1 follower", target=">= 0.8x" if big else "", ok=f["mbps"] >= 0.8 * one if big else None))  # fmt: skip
+        last = figs[f"fanout-{sizes.fanout_counts[-1]}"]
+        out.append(R(figure=f"server RSS growth, {sizes.fanout_counts[-1]} followers", value=last["rss_growth_mib"],
+                     unit="MiB", ceiling=100, ceiling_name="target", target="< 100 MiB", ok=last["rss_growth_mib"] < 100))  # fmt: skip
+    if "running" in figs:
+        run = figs["running"]
+        out.append(
+            R(figure=f"server RSS per running job ({int(run['running'])} sleeping)", value=run["rss_per_job_kib"],
+              unit="KiB", ceiling=150, ceiling_name="target", target="< 150 KiB", ok=run["rss_per_job_kib"] < 150),
+        )  # fmt: skip
+    if "history" in figs:
+        hist = figs["history"]
+        # the start baseline is the empty-history server of the start figure; with --only
+        # history (no start figure), the 10-job server's starts
+        start_base, start_base_name = ((figs["start_none"]["p50_ms"], "empty history") if "start_none" in figs
+                                       else (hist["start_few_p50_ms"], "10 jobs"))  # fmt: skip
+        out += [
+            R(figure=f"list p99, {int(hist['jobs'])} jobs in history", value=hist["list_p99_ms"], unit="ms",
+              ceiling=hist["list_few_p99_ms"], ceiling_name="list of 10 jobs", target="< 50 ms", ok=hist["list_p99_ms"] < 50),
+            R(figure=f"job start p50, {int(hist['jobs'])} jobs in history", value=hist["start_p50_ms"], unit="ms",
+              ceiling=start_base, ceiling_name=start_base_name),
+            R(figure=f"status p99, {int(hist['jobs'])} jobs in history", value=hist["status_p99_ms"], unit="ms",
+              ceiling=hist["status_few_p99_ms"], ceiling_name="10 jobs", target="< 50 ms", ok=hist["status_p99_ms"] < 50),
+        ]  # fmt: skip
+    if "isolation" in figs:
+        iso = figs["isolation"]
+        out += [
+            R(figure="bob's status p99 while alice floods", value=iso["status_flood_p99_ms"], unit="ms",
+              ceiling=iso["status_idle_p99_ms"], ceiling_name="no flood", target="< 50 ms", ok=iso["status_flood_p99_ms"] < 50),
+            R(figure="bob's follower: line delay p99 during the flood", value=iso["bob_p99_delay_ms"], unit="ms",
+              ceiling=iso["bob_idle_max_delay_ms"], ceiling_name="max before the flood",
+              target="keeps streaming (< 50 ms)", ok=iso["bob_p99_delay_ms"] < 50),
+            R(figure="bob's follower: line delay max during the flood", value=iso["bob_max_delay_ms"], unit="ms",
+              ceiling=iso["bob_idle_max_delay_ms"], ceiling_name="max before the flood"),
+        ]  # fmt: skip
     return out
 
 
@@ -179,13 +212,28 @@ def workload(sizes: Sizes) -> str:
     )
 
 
+def _scenario_names(text: str) -> frozenset[str]:
+    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+    unknown = sorted(names - set(SCENARIOS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown scenario {', '.join(unknown) or '(none given)'}; choose from {', '.join(SCENARIOS)}"
+        )
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run; writes nothing")
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md and charts")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled tail run")
+    parser.add_argument("--only", metavar="NAMES", type=_scenario_names,
+                        help=f"run only these scenarios (comma-separated: {','.join(SCENARIOS)}); "
+                        "implies --no-doc and --no-profile")
     args = parser.parse_args(argv)
     sizes = Sizes.quick() if args.quick else Sizes()
+    only = args.only if args.only is not None else frozenset(SCENARIOS)
+    partial = args.only is not None
 
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -193,10 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     load_before = _load()
     with tempfile.TemporaryDirectory(prefix="trio-jobs-bench-e2e-") as tmp:
-        figs = trio.run(measure, sizes, Path(tmp), log)
+        figs = trio.run(measure, sizes, Path(tmp), log, only)
         load_after = _load()
         profile = ""
-        if not (args.quick or args.no_profile):
+        if not (args.quick or args.no_profile or partial):
             log(f"profiling one tail of {sizes.profile >> 20} MiB (server and client under cProfile)")
             profile = trio.run(profile_tail, Path(tmp), sizes.profile)
             log("profiling 300 sequential StartJob (server under cProfile)")
@@ -208,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if profile:
         print()
         print(profile)
-    if args.quick or args.no_doc:
+    if args.quick or args.no_doc or partial:  # the doc is written only from a full run
         return 0
     drew = report.charts(figs, sizes.fanout_counts)
     if not drew:

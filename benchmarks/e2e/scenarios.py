@@ -232,12 +232,17 @@ async def history(server: BenchServer, calls: int) -> Figures:
 
 
 async def few_jobs(server: BenchServer, calls: int) -> Figures:
-    """The same ``list`` and ``status`` calls with 10 jobs: the baseline of ``history``."""
+    """The same ``list``, ``status`` (and StartJob) calls with 10 jobs: the baseline of ``history``."""
     async with server.client() as client:
         few = await _starts(client, 10, 1, ("/bin/true",))
         list_few = await _latencies(client.list_proto, calls)
         status_few = await _latencies(lambda: client.status(random.choice(few)), calls * 5)
-    return {"list_few_p99_ms": percentile(list_few, 99) * 1e3, "status_few_p99_ms": percentile(status_few, 99) * 1e3}
+        starts_few = await _latencies(lambda: client.start("/bin/true"), calls)  # after the list: 10 jobs there
+    return {
+        "list_few_p99_ms": percentile(list_few, 99) * 1e3,
+        "status_few_p99_ms": percentile(status_few, 99) * 1e3,
+        "start_few_p50_ms": percentile(starts_few, 50) * 1e3,
+    }
 
 
 async def isolation(server: BenchServer, size: int, calls: int) -> Figures:

@@ -29,7 +29,7 @@ import trio
 from trio_jobs.client import JobsClient
 
 from ._load import Stats, run_load
-from ._server import Snapshot, SoakServer, identity_name, job_cgroups, snapshot
+from ._server import HeapProbe, Snapshot, SoakServer, identity_name, job_cgroups, snapshot
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -52,6 +52,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--think", type=float, default=0.05, help="max pause between a client's iterations, s")
     p.add_argument("--rounds", type=int, default=2, help="load rounds against one server (default 2)")
     p.add_argument("--quick", action="store_true", help="20 clients for 3 s, one round: a smoke run")
+    p.add_argument("--heap", choices=("rss", "tracemalloc"), default="",
+                   help="after each round probe the server's memory: RSS before/after malloc_trim, "
+                   "and with 'tracemalloc' the Python heap and what grew in it from the first round to the last")
     p.add_argument("--fuzz-minutes", type=float, default=0.0, help="then run the input fuzzer this long")
     args = p.parse_args(argv)
     if args.minutes is not None:
@@ -136,6 +139,29 @@ def report(
     return "\n".join(lines), failures
 
 
+def heap_report(heaps: Sequence[HeapProbe], top: int = 12) -> str:
+    """The server's memory after each round, and what grew most in the Python heap."""
+    import tracemalloc
+
+    def row(name: str, values: list[int]) -> str:
+        return f"{name:<34}" + ", ".join(f"{v / MiB:.1f}" for v in values)
+
+    lines = ["", "memory after each round (MiB)",
+             row("  RSS", [h.rss for h in heaps]),
+             row("  RSS after malloc_trim(0)", [h.trimmed for h in heaps])]
+    if heaps[0].snapshot is not None:
+        lines.append(row("  Python objects (tracemalloc)", [h.traced for h in heaps]))
+    if len(heaps) > 1 and heaps[0].snapshot is not None and heaps[-1].snapshot is not None:
+        first = tracemalloc.Snapshot.load(str(heaps[0].snapshot))
+        last = tracemalloc.Snapshot.load(str(heaps[-1].snapshot))
+        lines.append(f"largest growth, first round's end -> last round's end (top {top}):")
+        for stat in last.compare_to(first, "lineno")[:top]:
+            frame = stat.traceback[0]
+            lines.append(f"  {stat.size_diff / 1024:>+9.1f} KiB {stat.count_diff:>+7} blocks  "
+                         f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno}")
+    return "\n".join(lines)
+
+
 async def _settle(server: SoakServer, before: Snapshot | None) -> Snapshot:
     """Wait (bounded) until no job runs and the server's fds are back; return a snapshot."""
     async with JobsClient.connect(server.address, ssl_context=server.ssl_context("admin")) as admin:
@@ -159,7 +185,9 @@ async def _warm_up(server: SoakServer) -> None:
 
 async def soak(args: argparse.Namespace, home: Path) -> int:
     identities = max(1, -(-args.clients // CLIENTS_PER_IDENTITY))
-    server = SoakServer(home, identities=identities, max_running_jobs=CLIENTS_PER_IDENTITY + 2)
+    server = SoakServer(home, identities=identities, max_running_jobs=CLIENTS_PER_IDENTITY + 2,
+                        heap=args.heap)
+    heaps: list[HeapProbe] = []
     async with trio.open_nursery() as nursery:
         try:
             await server.start(nursery)
@@ -179,6 +207,8 @@ async def soak(args: argparse.Namespace, home: Path) -> int:
                     )
                 )
                 ends.append(await _settle(server, before))
+                if args.heap:
+                    heaps.append(await server.heap_probe())
         finally:
             code = await server.stop()
         text, failures = report(args, merge(rounds), before, ends, server.cgroup_driver())
@@ -190,6 +220,8 @@ async def soak(args: argparse.Namespace, home: Path) -> int:
         if left:
             failures.append(f"{left} job cgroups left after the server stopped")
         print(text)
+        if heaps:
+            print(heap_report(heaps))
         print("verdict: " + ("OK" if not failures else "FAIL\n  " + "\n  ".join(failures)), flush=True)
         nursery.cancel_scope.cancel()
     return 0 if not failures else 1

@@ -112,11 +112,24 @@ def snapshot(pid: int, parent_name: str) -> Snapshot:
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class HeapProbe:
+    traced: int  # bytes of live Python objects (0 unless tracemalloc ran)
+    rss: int
+    trimmed: int  # RSS after malloc_trim(0)
+    snapshot: Path | None  # the tracemalloc snapshot
+
+
 class SoakServer:
     """``trio-jobs serve`` on 127.0.0.1 port 0 in ``home``; :meth:`start`, then :meth:`stop`."""
 
-    def __init__(self, home: Path, *, identities: int, max_running_jobs: int, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, home: Path, *, identities: int, max_running_jobs: int, extra_args: tuple[str, ...] = (),
+        heap: str = "",
+    ) -> None:
         self.home = home
+        self.heap = heap  # "", "rss" or "tracemalloc": probe the heap after rounds (_traced_serve)
+        self._snapshots = 0
         self.identities = identities
         self.max_running_jobs = max_running_jobs
         self.extra_args = extra_args
@@ -134,6 +147,8 @@ class SoakServer:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_JOBS_")}
         env["TRIO_JOBS_HOME"] = str(self.home)
+        if self.heap == "tracemalloc":
+            env["SOAK_TRACEMALLOC"] = "1"
         return env
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -141,7 +156,8 @@ class SoakServer:
         self.home.mkdir(parents=True, exist_ok=True)
         policy = self.home / "policy.toml"
         policy.write_text(policy_toml(self.identities, self.max_running_jobs))
-        argv = [sys.executable, "-m", "trio_jobs.cli", "serve", "--port", "0", "--policy", str(policy)]
+        module = "benchmarks.soak._traced_serve" if self.heap else "trio_jobs.cli"
+        argv = [sys.executable, "-m", module, "serve", "--port", "0", "--policy", str(policy)]
         argv += ["--cgroup-parent", self.cgroup_parent, *self.extra_args]
         with self.stderr_path.open("wb") as stderr:
             self.process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=stderr, env=self.env())
@@ -182,6 +198,20 @@ class SoakServer:
             return await self.process.wait()
         self.process.kill()
         return await self.process.wait()
+
+    async def heap_probe(self) -> HeapProbe:
+        """Probe a ``heap`` server's memory now (see _traced_serve); trims the C heap."""
+        assert self.heap
+        assert self.process is not None
+        n, self._snapshots = self._snapshots, self._snapshots + 1
+        done = self.home / f"heap-{n}.done"
+        self.process.send_signal(signal.SIGUSR2)
+        with trio.fail_after(STARTUP_TIMEOUT):
+            while not done.exists():  # noqa: ASYNC110 - another process writes it
+                await trio.sleep(0.1)
+        traced, rss, trimmed = (int(word) for word in done.read_text().split())
+        snap = self.home / f"heap-{n}.snap"
+        return HeapProbe(traced=traced, rss=rss, trimmed=trimmed, snapshot=snap if snap.exists() else None)
 
     def cgroup_driver(self) -> str:
         """The banner's ``cgroups: ...`` line (which driver the server uses)."""

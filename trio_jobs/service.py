@@ -262,30 +262,43 @@ class JobService:
             _abort(StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             self._policy.check_limits(who, {name: getattr(limits, name) for name in LIMIT_FIELDS})
-            run_as = run_as_of(await trio.to_thread.run_sync(self._policy.resolve_run_as, who))
-            program = await trio.to_thread.run_sync(resolve_program, request.command, JOB_PATH, working_dir, run_as)
-            self._policy.check_program(who, program, search_path=JOB_PATH)
-        except InvalidJobSpec as exc:
-            _abort(StatusCode.INVALID_ARGUMENT, f"{exc}; give the full path of a program installed on the server")
         except LimitAboveCap as exc:
             _abort(StatusCode.INVALID_ARGUMENT, str(exc))
-        except PermissionDenied as exc:
-            _abort(StatusCode.PERMISSION_DENIED, str(exc))
-        except PolicyError as exc:
-            _abort(StatusCode.FAILED_PRECONDITION, f"{exc}; ask the server's operator to fix the policy")
-        spec = JobSpec(
-            command=program,
-            args=tuple(request.args),
-            env=dict(request.env),
-            working_dir=working_dir,
-            limits=limits,
-            owner=who.name,
-            run_as=run_as,
-        )
+        quota: QuotaExceeded | None = None
+
+        def build() -> JobSpec:
+            """In the worker's start thread, before anything is created: the user lookup, the
+            program's resolution (stat, read of 4 bytes) and the policy's check of it."""
+            try:
+                run_as = run_as_of(self._policy.resolve_run_as(who))
+                program = resolve_program(request.command, JOB_PATH, working_dir, run_as)
+                self._policy.check_program(who, program, search_path=JOB_PATH)
+            except InvalidJobSpec as exc:
+                _abort(StatusCode.INVALID_ARGUMENT, f"{exc}; give the full path of a program installed on the server")
+            except PermissionDenied as exc:
+                _abort(StatusCode.PERMISSION_DENIED, str(exc))
+            except PolicyError as exc:
+                _abort(StatusCode.FAILED_PRECONDITION, f"{exc}; ask the server's operator to fix the policy")
+            if quota is not None:  # reported after the checks above, as it always was
+                raise quota
+            return JobSpec(
+                command=program,
+                args=tuple(request.args),
+                env=dict(request.env),
+                working_dir=working_dir,
+                limits=limits,
+                owner=who.name,
+                run_as=run_as,
+            )
+
         async with self._start_locks.setdefault(who.name, trio.Lock()):
             try:
                 self._policy.check_running_jobs(who, self._worker.running_count(owner=who.name))
-                status = await self._worker.start(spec)
+            except QuotaExceeded as exc:
+                quota = exc
+            try:
+                # One thread call for the checks above and the whole start (worker/launch.py).
+                status = await self._worker.start_with(build)
             except QuotaExceeded as exc:
                 _abort(StatusCode.RESOURCE_EXHAUSTED, str(exc))
             except InvalidJobSpec as exc:

@@ -27,9 +27,12 @@ class FailingJobCgroup:
         self.removed = False
         self.path = ""
 
+    def add_process_blocking(self, pid: int) -> None:
+        raise CgroupError("cgroup.procs: No space left on device")
+
     async def add_process(self, pid: int) -> None:
         await trio.lowlevel.checkpoint()
-        raise CgroupError("cgroup.procs: No space left on device")
+        self.add_process_blocking(pid)
 
     async def signal_all(self, sig: int) -> None:
         await self._inner.signal_all(sig)
@@ -63,13 +66,16 @@ class FailingDriver:
     async def prepare(self) -> None:
         await trio.lowlevel.checkpoint()
 
-    async def create(self, job_id: str, limits: Limits) -> FailingJobCgroup:
-        await trio.lowlevel.checkpoint()
+    def create_blocking(self, job_id: str, limits: Limits) -> FailingJobCgroup:
         if self._fail_create:
             raise CgroupError("mkdir: Permission denied")
         cg = FailingJobCgroup()
         self.cgroups.append(cg)
         return cg
+
+    async def create(self, job_id: str, limits: Limits) -> FailingJobCgroup:
+        await trio.lowlevel.checkpoint()
+        return self.create_blocking(job_id, limits)
 
 
 @pytest.mark.parametrize("fail_create", [True, False])

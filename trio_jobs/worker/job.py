@@ -1,10 +1,11 @@
 """One running job: its process, cgroup and output pump, from start to the final record.
 
-Life of a job (all inside :meth:`Job.run`, a task in the worker's nursery that owns a nursery
-for the job's pump):
+Life of a job:
 
-1. create the cgroup; spawn the held wrapper; ``add_process``; release it (see ``spawn``);
-   insert the RUNNING record; ``task_status.started(status)``.
+1. start, in one worker thread (``launch.py``): create the cgroup; spawn the held wrapper;
+   ``add_process``; release it (see ``spawn``); insert the RUNNING record. Only then is a
+   :class:`Job` made, and :meth:`Job.supervise` (a task in the worker's nursery that owns a
+   nursery for the job's pump) runs it to its end:
 2. the pump (a thread of its own, worker/pump.py) copies the pipe into the output log until EOF.
 3. the main process exits (pidfd readable, not reaped) -> ``kill_all`` on the cgroup ->
    ``wait_empty`` -> wait for the pump to reach EOF, at most ``DRAIN_TIMEOUT`` (a process that
@@ -30,21 +31,22 @@ import trio
 
 from .cgroups.base import CgroupError
 from .errors import WorkerError
+from .launch import quietly as _quietly
+from .launch import running_status
 from .limits import Usage
 from .pump import pump_pipe
-from .spawn import PIPE_SIZE, Spawned, spawn
+from .spawn import PIPE_SIZE
 from .spec import JobState, JobStatus, StopResult, check_transition
 from .store import utcnow
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from datetime import datetime
 
     from .cgroups.base import CgroupDriver, JobCgroup
     from .output import OutputLog
-    from .spawn import ExitInfo
+    from .spawn import ExitInfo, Spawned
     from .spec import JobSpec
     from .store import JobStore
-    from .validate import Prepared
 
 log = logging.getLogger("trio_jobs.worker")
 
@@ -58,36 +60,31 @@ Reason = Literal["user", "shutdown"]
 
 @final
 class Job:
-    """A job this worker started. Created by the Worker, which runs :meth:`run`."""
+    """A job this worker started: its process runs and its record exists. Created by the
+    Worker from a successful launch, which then runs :meth:`supervise`."""
 
-    def __init__(self, *, job_id: str, spec: JobSpec, prepared: Prepared, driver: CgroupDriver,
-                 store: JobStore, output: OutputLog) -> None:
+    def __init__(self, *, job_id: str, spec: JobSpec, driver: CgroupDriver, store: JobStore,
+                 output: OutputLog, cgroup: JobCgroup, spawned: Spawned,
+                 created_at: datetime) -> None:
         self.job_id = job_id
         self.output = output
         self._spec = spec
-        self._prepared = prepared
         self._driver = driver
         self._store = store
-        self._cgroup: JobCgroup | None = None
-        self._spawned: Spawned | None = None
+        self._cgroup = cgroup
+        self._spawned = spawned
         self._signalled_by: Reason | None = None
         self._ended = trio.Event()
         self._final: JobStatus | None = None
-        self._created_at = utcnow()
-        self.started = False  # True once the process runs and the record exists
+        self._created_at = created_at
         self.saved = False  # True once the final record is in the store
 
     # -- status -------------------------------------------------------------------------------
 
     def _status(self, *, usage: Usage | None = None) -> JobStatus:
-        spec = self._spec
-        return JobStatus(
-            job_id=self.job_id, owner=spec.owner, command=spec.command, args=tuple(spec.args),
-            state=JobState.RUNNING, exit_code=None, signal=None, stopped_by_user=False,
-            oom_killed=False, stopped_by_shutdown=False, created_at=self._created_at,
-            ended_at=None, limits=spec.limits, usage=usage or Usage(),
-            output_bytes=self.output.size, output_truncated=self.output.truncated,
-        )
+        return running_status(self.job_id, self._spec, self._created_at, usage=usage,
+                              output_bytes=self.output.size,
+                              output_truncated=self.output.truncated)
 
     @property
     def ended(self) -> bool:
@@ -108,61 +105,31 @@ class Job:
             await trio.lowlevel.checkpoint()
             return self._final
         usage = Usage()
-        if live_usage and self._cgroup is not None:
+        if live_usage:
             try:
                 usage = await self._cgroup.usage()
             except CgroupError as exc:
                 log.warning("job %s: cannot read usage: %s", self.job_id, exc)
         return self._final or self._status(usage=usage)
 
+    def status_now(self) -> JobStatus:
+        """The current status without usage (what ``list`` shows), synchronously."""
+        return self._final or self._status()
+
     async def wait_ended(self) -> JobStatus:
         await self._ended.wait()
         assert self._final is not None
         return self._final
 
-    # -- start and life -------------------------------------------------------------------------
+    # -- life -----------------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[JobStatus] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
-        """Start the job, report ``started(status)`` once it runs, then supervise it to the end.
-
-        Errors before ``started`` propagate (no record was written); after it, every error is
-        logged and the job still gets a final record: this task never raises then.
-        """
-        self._cgroup = cgroup = await self._driver.create(self.job_id, self._spec.limits)
-        try:
-            spec, prepared = self._spec, self._prepared
-            spawned = await spawn(prepared.program, tuple(spec.args), env=prepared.env,
-                                  cwd=spec.working_dir, run_as=spec.run_as)
-        except BaseException:
-            with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
-                await cgroup.remove()
-            raise
-        self._spawned = spawned
-        try:
-            await cgroup.add_process(spawned.pid)
-            spawned.release()
-            status = self._status()
-            await self._store.insert(status, pid=spawned.pid)
-        except BaseException:
-            with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
-                await self._abort_start(spawned, cgroup)
-            raise
+    async def supervise(self) -> None:
+        """Run the job to its end and write its final record. Never raises (errors are
+        logged; the job still gets a final record); cancellation kills the job first."""
+        spawned = self._spawned
         assert spawned.output_fd is not None
         output_fd, spawned.output_fd = spawned.output_fd, None  # the pump owns it now
-        self.started = True
-        task_status.started(status)
-        await self._supervise(spawned, cgroup, output_fd)
-
-    async def _abort_start(self, spawned: Spawned, cgroup: JobCgroup) -> None:
-        spawned.abort()  # a held wrapper exits 125 without exec
-        if not spawned.has_exited():
-            await _quietly(cgroup.kill_all(), self.job_id, "kill")
-            spawned.kill()
-        await spawned.wait_exited()
-        spawned.reap()
-        spawned.close_pipes()
-        await _quietly(cgroup.remove(), self.job_id, "remove cgroup")
+        await self._supervise(spawned, self._cgroup, output_fd)
 
     async def _supervise(self, spawned: Spawned, cgroup: JobCgroup, output_fd: int) -> None:
         pump_done = trio.Event()
@@ -245,7 +212,6 @@ class Job:
 
     def _note_signal(self, reason: Reason) -> bool:
         """Record that a stop signals the job now; False if the main process already exited."""
-        assert self._spawned is not None
         if self._spawned.has_exited():
             return False
         if self._signalled_by is None:
@@ -254,7 +220,6 @@ class Job:
 
     async def stop(self, grace: float, reason: Reason = "user") -> StopResult:
         """SIGTERM, wait ``grace`` seconds, SIGKILL; return once ended. See the module doc."""
-        assert self._cgroup is not None
         if self._final is not None:  # already ended: not an error, and not our doing
             await trio.lowlevel.checkpoint()
             return StopResult(status=self._final, force_ended=False)
@@ -269,10 +234,3 @@ class Job:
                                                      or final.stopped_by_shutdown)
         return StopResult(status=final, force_ended=forced and self._signalled_by == reason)
 
-
-async def _quietly(op: Awaitable[object], job_id: str, what: str) -> None:
-    """Await a cgroup operation; log (not raise) a CgroupError: the job must still end."""
-    try:
-        await op
-    except CgroupError as exc:
-        log.warning("job %s: cannot %s: %s", job_id, what, exc)

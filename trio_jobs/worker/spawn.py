@@ -141,12 +141,12 @@ class Spawned:
             os.close(fd)
 
 
-async def spawn(program: str, args: tuple[str, ...], *, env: dict[str, str], cwd: str,
-                run_as: RunAs | None) -> Spawned:
+def spawn_blocking(program: str, args: tuple[str, ...], *, env: dict[str, str], cwd: str,
+                   run_as: RunAs | None) -> Spawned:
     """Start the held wrapper. Raises InvalidJobSpec when the OS refuses (cwd, user, E2BIG).
 
-    Cancellation: the fork itself runs in a thread and completes; if we are cancelled after
-    it, the child is killed and reaped before Cancelled propagates.
+    Blocking (a fork and exec: ~0.1 ms with CPython's vfork path), for the job start's worker
+    thread; on any error nothing is left running and every fd is closed.
     """
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     # A bigger pipe means fewer, larger reads and file writes (one thread hop each) for a
@@ -159,11 +159,11 @@ async def spawn(program: str, args: tuple[str, ...], *, env: dict[str, str], cwd
         kwargs = {"user": run_as.uid, "group": run_as.gid, "extra_groups": list(run_as.groups)}
     try:
         try:
-            popen = await trio.to_thread.run_sync(lambda: subprocess.Popen(
+            popen = subprocess.Popen(
                 [SHELL, "-c", WRAPPER, program, *args], executable=SHELL, stdin=go_r,
                 stdout=out_w, stderr=out_w, env=env, cwd=cwd, start_new_session=True,
                 close_fds=True, **kwargs,  # type: ignore[call-overload]
-            ))
+            )
         finally:
             os.close(out_w)
             os.close(go_r)
@@ -179,7 +179,6 @@ async def spawn(program: str, args: tuple[str, ...], *, env: dict[str, str], cwd
     except OSError as exc:  # EMFILE and friends; the child is unreaped, so its pid is ours
         os.close(out_r)
         os.close(go_w)  # the wrapper reads EOF and exits 125 without exec
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(popen.wait)
+        popen.wait()
         raise WorkerError(f"cannot watch the job process: {exc}") from exc
     return Spawned(popen, pidfd, out_r, go_w)

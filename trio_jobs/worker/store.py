@@ -1,8 +1,10 @@
 """Job records in SQLite (stdlib ``sqlite3``), kept off the event loop.
 
-One connection, used by one thread at a time: every operation runs in ``trio.to_thread``
-while holding a ``trio.Lock``, so calls are serialised and the loop never waits on the disk.
-Thread hops are not cancellable (the statement completes), so a record is never half written.
+One connection, used by one thread at a time: every operation holds a ``threading.Lock``
+while it runs, in a worker thread -- either its own ``trio.to_thread`` call (the async
+methods) or the job start's one thread call (``insert_blocking``, see ``launch.py``), so calls
+are serialised and the loop never waits on the disk. Thread hops are not cancellable (the
+statement completes), so a record is never half written.
 The database is in WAL mode; ``synchronous=NORMAL`` is durable against a process crash
 (what LOST recovery needs), not necessarily against power loss.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
@@ -23,7 +26,7 @@ from .limits import Limits, Usage
 from .spec import JobState, JobStatus
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from pathlib import Path
 
 SCHEMA: Final = """
@@ -55,6 +58,9 @@ COLUMNS: Final = (
     "oom_killed", "stopped_by_shutdown", "created_at", "ended_at", "limits", "usage",
     "output_bytes", "output_truncated",
 )
+_INSERT: Final = (f"INSERT INTO jobs ({', '.join((*COLUMNS, 'pid', 'pid_start'))}) "
+                  f"VALUES ({', '.join('?' * (len(COLUMNS) + 2))})")
+_IN_BATCH: Final = 500  # ids per "IN (...)": under SQLite's oldest variable limit (999)
 
 
 T = TypeVar("T")
@@ -117,7 +123,7 @@ class JobStore:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
-        self._lock = trio.Lock()
+        self._lock = threading.Lock()  # held by the thread that uses the connection
         self._closed = False
 
     @classmethod
@@ -149,32 +155,39 @@ class JobStore:
             raise WorkerError(_open_error(path, exc)) from exc
         return cls(conn)
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        async with self._lock:
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the connection; blocking (call it in a worker thread)."""
+        with self._lock:
             if self._closed:
                 raise WorkerClosed("the worker is closed")
             try:
-                return await trio.to_thread.run_sync(fn, self._conn)
+                return fn(self._conn)
             except sqlite3.Error as exc:
                 raise WorkerError(f"job store error: {exc}") from exc
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await trio.to_thread.run_sync(self._call, fn)
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    async def insert(self, status: JobStatus, *, pid: int | None = None) -> None:
+    def insert_blocking(self, status: JobStatus, *, pid: int | None = None) -> None:
         """Add a new record; ``pid``: the job's main process (its start time is noted too,
-        so that a later run can kill what an unclean stop left, see ``leftovers``)."""
-        columns = (*COLUMNS, "pid", "pid_start")
-        marks = ", ".join("?" * len(columns))
-        sql = f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({marks})"
+        so that a later run can kill what an unclean stop left, see ``leftovers``).
+
+        Blocking: for a worker thread (the job start's, see ``launch.py``)."""
         row = _to_row(status)
 
         def insert(c: sqlite3.Connection) -> None:
             started = None if pid is None else start_time(pid)
-            c.execute(sql, (*row, pid if started is not None else None, started))
+            c.execute(_INSERT, (*row, pid if started is not None else None, started))
 
-        await self._run(insert)
+        self._call(insert)
+
+    async def insert(self, status: JobStatus, *, pid: int | None = None) -> None:
+        """:meth:`insert_blocking` in a thread of its own."""
+        await trio.to_thread.run_sync(lambda: self.insert_blocking(status, pid=pid))
 
     async def running_processes(self) -> list[tuple[str, int, int]]:
         """(job id, main pid, its start time) of every RUNNING record that has them."""
@@ -199,6 +212,36 @@ class JobStore:
 
         return await self._run(get)
 
+    async def job_ids(self, owner: str | None = None) -> list[str]:
+        """Ids of every record (or of ``owner``'s), in insertion order. Cheap: one column,
+        plain tuples (no ``sqlite3.Row``), no JSON or date parsing."""
+        def select(c: sqlite3.Connection) -> list[str]:
+            cur = c.cursor()
+            cur.row_factory = None
+            if owner is None:
+                cur.execute("SELECT job_id FROM jobs ORDER BY seq")
+            else:
+                cur.execute("SELECT job_id FROM jobs WHERE owner = ? ORDER BY seq", (owner,))
+            return [job_id for (job_id,) in cur.fetchall()]
+
+        return await self._run(select)
+
+    async def get_many(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        """The records of these ids (ids without one are left out), in one thread call."""
+        def select(c: sqlite3.Connection) -> dict[str, JobStatus]:
+            found: dict[str, JobStatus] = {}
+            for i in range(0, len(job_ids), _IN_BATCH):
+                batch = job_ids[i:i + _IN_BATCH]
+                marks = ", ".join("?" * len(batch))
+                for row in c.execute(f"SELECT * FROM jobs WHERE job_id IN ({marks})", batch):
+                    found[row["job_id"]] = _from_row(row)
+            return found
+
+        if not job_ids:
+            await trio.lowlevel.checkpoint()
+            return {}
+        return await self._run(select)
+
     async def list(self, owner: str | None = None) -> list[JobStatus]:
         def select(c: sqlite3.Connection) -> list[JobStatus]:
             if owner is None:
@@ -215,7 +258,12 @@ class JobStore:
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
+
+        def close() -> None:
+            with self._lock:
+                if not self._closed:
+                    self._closed = True
+                    self._conn.close()
+
         with trio.CancelScope(shield=True):  # closing is quick and must happen
-            async with self._lock:
-                self._closed = True
-                await trio.to_thread.run_sync(self._conn.close)
+            await trio.to_thread.run_sync(close)

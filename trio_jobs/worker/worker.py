@@ -1,7 +1,8 @@
 """The Worker: starts, stops, follows and lists jobs on this host. Embeddable in any trio app.
 
-Ownership: :func:`open_worker` owns the store and a nursery; each job is a task in that
-nursery (:meth:`Job.run`) which owns the job's process, cgroup and output pump. Leaving
+Ownership: :func:`open_worker` owns the store, the spare spool files and a nursery; each job
+is a task in that nursery (:meth:`Job.supervise`) which owns the job's process, cgroup and
+output pump. A start runs in one worker thread (``launch.py``). Leaving
 ``open_worker`` stops every running job (reason: shutdown) with the default grace period,
 persists their records, and closes the store -- also when the body was cancelled or raised.
 """
@@ -24,18 +25,17 @@ from .cgroups.base import CgroupError
 from .cgroups.none import NoCgroupDriver
 from .errors import InvalidArgument, JobNotFound, WorkerClosed, WorkerError
 from .job import CLEANUP_TIMEOUT, EMPTY_TIMEOUT, Job
+from .launch import Launch, SpoolFiles, launch, undo
 from .leftovers import group_members, kill_leftover_group, wait_gone
 from .output import DEFAULT_MAX_CHUNK, DEFAULT_TAIL_SIZE, OutputLog, OutputReader
 from .spec import JobState, JobStatus, StopResult, check_transition
 from .store import JobStore, utcnow
-from .validate import prepare
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable, Iterable
 
     from .cgroups.base import CgroupDriver
     from .spec import JobSpec
-    from .validate import Prepared
 
 log = logging.getLogger("trio_jobs.worker")
 
@@ -97,24 +97,30 @@ async def _open_store_and_jobs(
         if driver.name == "none":  # a cgroup driver's prepare() killed them already
             await _kill_leftover_groups(store)
         ended = await _recover(store, out_dir)
-        async with trio.open_nursery() as nursery:
-            worker = Worker(_store=store, _driver=driver, _nursery=nursery, _out_dir=out_dir,
-                            _output_cap=output_cap, _default_grace=default_grace,
-                            _tail_size=tail_size, _ended=ended)
-            try:
-                yield worker
-            finally:
-                # Shielded, with a deadline: the jobs get their grace period even when the
-                # body was cancelled; past the deadline the job tasks are cancelled, and their
-                # own shielded cleanup SIGKILLs and records them.
-                with trio.move_on_after(default_grace + CLEANUP_TIMEOUT, shield=True):
-                    await worker.shutdown()
-                nursery.cancel_scope.cancel()
+        spools = SpoolFiles(out_dir)
+        try:
+            async with trio.open_nursery() as nursery:
+                worker = Worker(_store=store, _driver=driver, _nursery=nursery, _out_dir=out_dir,
+                                _output_cap=output_cap, _default_grace=default_grace,
+                                _tail_size=tail_size, _ended=ended, _spools=spools)
+                nursery.start_soon(worker._refill_spools)
+                try:
+                    yield worker
+                finally:
+                    # Shielded, with a deadline: the jobs get their grace period even when
+                    # the body was cancelled; past the deadline the job tasks are cancelled,
+                    # and their own shielded cleanup SIGKILLs and records them.
+                    with trio.move_on_after(default_grace + CLEANUP_TIMEOUT, shield=True):
+                        await worker.shutdown()
+                    nursery.cancel_scope.cancel()
+        finally:
+            spools.close()
         # every job task has ended: a last try for final statuses the store refused earlier
         with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
             await worker._save_unsaved()
     finally:
         await store.aclose()
+
 
 
 async def _kill_leftover_groups(store: JobStore) -> None:
@@ -168,15 +174,6 @@ def _lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-def _prepare_and_create(spec: JobSpec, path: Path) -> tuple[Prepared, int]:
-    prepared = prepare(spec)  # raises InvalidJobSpec before anything exists
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise WorkerError(f"cannot create the output file {path}: {exc}") from exc
-    return prepared, fd
-
-
 def _file_size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -196,7 +193,7 @@ class Worker:
 
     def __init__(self, *, _store: JobStore, _driver: CgroupDriver, _nursery: trio.Nursery,
                  _out_dir: Path, _output_cap: int, _default_grace: float, _tail_size: int,
-                 _ended: dict[str, tuple[int, bool]]) -> None:
+                 _ended: dict[str, tuple[int, bool]], _spools: SpoolFiles) -> None:
         self._store = _store
         self._driver = _driver
         self._nursery = _nursery
@@ -204,7 +201,9 @@ class Worker:
         self._output_cap = _output_cap
         self._default_grace = _default_grace
         self._tail_size = _tail_size
-        self._jobs: dict[str, Job] = {}  # started in this run and not yet recorded as ended
+        self._spools = _spools
+        self._spools_wanted = trio.Event()  # a start took a spare spool file
+        self._jobs: dict[str, Job] = {}  # started in this run, until their task ends
         self._ended = _ended  # job id -> (output_bytes, output_truncated) of ended jobs
         # Final statuses the store could not take (disk full, locked): served from here and
         # written again before every start and at shutdown. Bounded by the jobs of this run.
@@ -225,42 +224,51 @@ class Worker:
         Raises InvalidJobSpec (nothing was created), WorkerClosed, or WorkerError (e.g. the
         cgroup could not be created).
         """
+        return await self.start_with(lambda: spec)
+
+    async def start_with(self, build: Callable[[], JobSpec]) -> JobStatus:
+        """:meth:`start` the spec that ``build()`` returns. ``build`` runs first, in the
+        start's worker thread, before anything is created: blocking checks (user lookups,
+        stat) belong there, and whatever it raises propagates unchanged (nothing was created).
+
+        The start is one thread call (see ``launch.py``); it cannot be cancelled half-way.
+        If the caller is cancelled meanwhile, the job runs (and is listed) and Cancelled
+        reaches the caller at its next checkpoint: only the caller misses its id.
+        """
         if self._closed:
             raise WorkerClosed("the worker is shutting down and starts no new jobs")
         if self._unsaved:
             await self._save_unsaved()
         job_id = str(uuid.uuid4())
-        path = self._out_dir / f"{job_id}.out"
-        # One thread hop for both (start latency): validate, then create the spool file.
-        prepared, fd = await trio.to_thread.run_sync(_prepare_and_create, spec, path)
-        output = OutputLog(path, cap=self._output_cap, tail_size=self._tail_size, write_fd=fd)
-        job = Job(job_id=job_id, spec=spec, prepared=prepared, driver=self._driver,
-                  store=self._store, output=output)
+        state = Launch(job_id=job_id, path=self._out_dir / f"{job_id}.out")
         try:
-            status: JobStatus = await self._nursery.start(self._run_job, job)
+            started = await trio.to_thread.run_sync(lambda: launch(
+                state, build, driver=self._driver, store=self._store, spools=self._spools))
         except BaseException as exc:
-            if job.started:
-                # nursery.start() can raise Cancelled after started(): the job runs (and is
-                # listed); only this caller missed its id.
-                raise
-            output.finish()
-            with trio.move_on_after(5, shield=True):
-                await trio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+            await undo(state, CLEANUP_TIMEOUT)
             if isinstance(exc, CgroupError):
                 raise WorkerError(f"cannot set up the job's cgroup: {exc}") from exc
             raise
+        finally:
+            if self._spools.wanted:
+                self._spools_wanted.set()
+        # The process runs and its record exists: from here to start_soon, no checkpoint.
+        output = OutputLog(state.path, cap=self._output_cap, tail_size=self._tail_size,
+                           write_fd=started.fd)
+        job = Job(job_id=job_id, spec=started.spec, driver=self._driver, store=self._store,
+                  output=output, cgroup=started.cgroup, spawned=started.spawned,
+                  created_at=started.status.created_at)
+        self._jobs[job_id] = job
+        self._nursery.start_soon(self._run_job, job)
         if self._closed:  # shutdown began while we were starting: it did not see this job
             await job.stop(0, "shutdown")
             raise WorkerClosed("the worker is shutting down; the job was stopped")
-        return status
+        return started.status
 
-    async def _run_job(self, job: Job, *, task_status: trio.TaskStatus[JobStatus]) -> None:
-        self._jobs[job.job_id] = job
+    async def _run_job(self, job: Job) -> None:
         try:
-            await job.run(task_status=task_status)
+            await job.supervise()
         except Exception:
-            if not job.started:
-                raise  # to start(), via nursery.start
             log.exception("job %s: supervisor failed", job.job_id)  # never take down others
         finally:
             if job.ended:
@@ -268,6 +276,13 @@ class Worker:
                 if not job.saved and job.final is not None:
                     self._unsaved[job.job_id] = job.final
             del self._jobs[job.job_id]
+
+    async def _refill_spools(self) -> None:
+        """Keep spare spool files ready (see ``launch.SpoolFiles``); runs until cancelled."""
+        while True:
+            await trio.to_thread.run_sync(self._spools.refill)
+            await self._spools_wanted.wait()
+            self._spools_wanted = trio.Event()
 
     async def _save_unsaved(self) -> None:
         """Retry storing final statuses that failed earlier (stops at the first failure)."""
@@ -289,14 +304,14 @@ class Worker:
             grace = self._default_grace
         _check_grace(grace)
         job = self._jobs.get(job_id)
-        if job is not None and job.started:
+        if job is not None:
             return await job.stop(grace, "user")
         return StopResult(status=await self.status(job_id), force_ended=False)
 
     async def status(self, job_id: str) -> JobStatus:
         """The job's status (usage is read live while it runs). Raises JobNotFound."""
         job = self._jobs.get(job_id)
-        if job is not None and job.started:
+        if job is not None:
             return await job.status()
         if not isinstance(job_id, str):
             raise JobNotFound(f"no job {job_id!r}")
@@ -313,13 +328,44 @@ class Worker:
         so a quota check costs O(running jobs), not O(history)."""
         return sum(1 for job in self._jobs.values() if not job.ended and owner in (None, job.owner))
 
+    async def job_ids(self, *, owner: str | None = None) -> list[str]:
+        """Ids of every job (``owner=None``) or of ``owner``'s, in start order (the order of
+        :meth:`list`). One cheap query: for callers that keep ended jobs' statuses (which
+        never change) and need :meth:`statuses` only for the others."""
+        return await self._store.job_ids(owner)
+
+    async def statuses(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
+        """The status of each of these jobs, as :meth:`list` shows it (a running job without
+        live usage). Ids of no job are left out. Running jobs are answered from memory; the
+        store is asked (one query) only for the others."""
+        found: dict[str, JobStatus] = {}
+        others: list[str] = []
+        for job_id in job_ids:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                found[job_id] = job.status_now()
+            elif job_id in self._unsaved:
+                found[job_id] = self._unsaved[job_id]
+            else:
+                others.append(job_id)
+        if others:
+            records = await self._store.get_many(others)
+            for job_id, record in records.items():
+                # a job may have started or ended while we waited for the store
+                job = self._jobs.get(job_id)
+                found[job_id] = (job.status_now() if job is not None
+                                 else self._unsaved.get(job_id, record))
+        else:
+            await trio.lowlevel.checkpoint()
+        return found
+
     async def list(self, *, owner: str | None = None) -> list[JobStatus]:
         """Jobs in start order: every job (``owner=None``) or those of ``owner``."""
         records = await self._store.list(owner)
         result = []
         for record in records:
             job = self._jobs.get(record.job_id)
-            result.append(await job.status(live_usage=False) if job is not None and job.started
+            result.append(job.status_now() if job is not None
                           else self._unsaved.get(record.job_id, record))
         return result
 
@@ -330,7 +376,7 @@ class Worker:
         Raises JobNotFound, or InvalidArgument for a negative offset or max_chunk < 1.
         """
         job = self._jobs.get(job_id)
-        if job is not None and job.started:
+        if job is not None:
             return job.output.follow(offset, wait=wait, max_chunk=max_chunk)
         if self._store.closed:
             raise WorkerClosed("the worker is closed")
@@ -365,8 +411,7 @@ class Worker:
         self._closed = True
         async with trio.open_nursery() as nursery:
             for job in list(self._jobs.values()):
-                if job.started:
-                    nursery.start_soon(job.stop, grace, "shutdown")
+                nursery.start_soon(job.stop, grace, "shutdown")
 
         if self._unsaved and not self._store.closed:
             await self._save_unsaved()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import signal
 from typing import TYPE_CHECKING, Final
@@ -29,6 +30,8 @@ from .base import CgroupError
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # Waiting for exits: at most this many pidfds are open at once per waiter. The waiter waits
 # for a whole batch to exit and then re-reads the member list, so a job with more processes
@@ -271,6 +274,23 @@ async def rmdir_retry(path: Path) -> None:
                 raise CgroupError(f"cannot remove {path}: {exc.strerror or exc}") from exc
         await trio.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def remove_new_dirs(paths: list[Path]) -> None:
+    """Undo the mkdirs of a job cgroup whose creation failed half-way, deepest first.
+
+    No process was ever placed in them, so there is nothing to kill and no EBUSY to wait
+    out; a directory that still cannot be removed is logged (the driver's ``prepare()``
+    removes leftovers at the next start) so that the creation's own error is what the
+    caller sees.
+    """
+    for path in reversed(paths):
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove the new cgroup %s: %s", path, exc.strerror or exc)
 
 
 def make_dir(path: Path, *, exist_ok: bool) -> bool:

@@ -34,8 +34,17 @@ class JobCgroup(Protocol):
         """A human-readable location (a directory, or "" when there is none)."""
         ...
 
+    def add_process_blocking(self, pid: int) -> None:
+        """Move ``pid`` (blocked before exec) into this cgroup. Raises CgroupError.
+
+        Blocking, for the job start's worker thread (see ``worker/launch.py``): it only
+        writes this cgroup's own files, so it is safe next to the event loop's calls.
+        """
+        ...
+
     async def add_process(self, pid: int) -> None:
-        """Move ``pid`` (blocked before exec) into this cgroup. Raises CgroupError."""
+        """:meth:`add_process_blocking` on the event loop (cgroupfs writes never wait for a
+        disk, see ``_cgfs``)."""
         ...
 
     async def signal_all(self, sig: int) -> None:
@@ -77,6 +86,16 @@ class CgroupDriver(Protocol):
         """Set up the parent cgroup; kill and remove job cgroups left by an earlier run."""
         ...
 
+    def create_blocking(self, job_id: str, limits: Limits) -> JobCgroup:
+        """Create (and configure) the cgroup of a new job. Raises CgroupError, after removing
+        what it created (a new cgroup holds no process yet, so that is an rmdir).
+
+        Blocking, for the job start's worker thread (see ``worker/launch.py``): it only
+        creates and writes the new job's own directories, so it is safe next to the event
+        loop's calls on other jobs.
+        """
+        ...
+
     async def create(self, job_id: str, limits: Limits) -> JobCgroup:
-        """Create (and configure) the cgroup of a new job. Raises CgroupError."""
+        """:meth:`create_blocking` on the event loop."""
         ...

@@ -47,9 +47,12 @@ class NoJobCgroup:
     def path(self) -> str:
         return ""
 
-    async def add_process(self, pid: int) -> None:
+    def add_process_blocking(self, pid: int) -> None:
         # The wrapper is a session leader (start_new_session), so its pgid is its pid.
         self._pgid = pid
+
+    async def add_process(self, pid: int) -> None:
+        self.add_process_blocking(pid)
         await trio.lowlevel.checkpoint()
 
     def _killpg(self, sig: int) -> None:
@@ -101,6 +104,9 @@ class NoCgroupDriver:
 
     async def prepare(self) -> None:
         await trio.lowlevel.checkpoint()
+
+    def create_blocking(self, job_id: str, limits: Limits) -> NoJobCgroup:
+        return NoJobCgroup()
 
     async def create(self, job_id: str, limits: Limits) -> NoJobCgroup:
         await trio.lowlevel.checkpoint()

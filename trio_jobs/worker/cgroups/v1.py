@@ -80,9 +80,13 @@ class V1JobCgroup:
     def _exists(self) -> bool:
         return any(d.exists() for d in self._distinct)
 
-    async def add_process(self, pid: int) -> None:
+    def add_process_blocking(self, pid: int) -> None:
         for d in self._distinct:
             _cgfs.write_text(d / "cgroup.procs", str(pid))
+
+    async def add_process(self, pid: int) -> None:
+        await trio.lowlevel.checkpoint()
+        self.add_process_blocking(pid)
 
     async def signal_all(self, sig: int) -> None:
         _cgfs.signal_members(self._freezer / "cgroup.procs", self._is_member, sig)
@@ -228,20 +232,24 @@ class V1Driver:
             log.warning("removing leftover job cgroup %s of an earlier run", job_id)
             await self._job(job_id).remove()
 
-    async def create(self, job_id: str, limits: Limits) -> V1JobCgroup:
+    def create_blocking(self, job_id: str, limits: Limits) -> V1JobCgroup:
         check_job_id(job_id)
         check_limits(limits)
         job = self._job(job_id)
-        distinct = sorted({job.dir(c) for c in V1_CONTROLLERS})
+        made: list[Path] = []
         try:
-            for d in distinct:
+            for d in sorted({job.dir(c) for c in V1_CONTROLLERS}):
                 _cgfs.make_dir(d, exist_ok=False)
+                made.append(d)
             self._configure(job, limits)
         except BaseException:
-            with trio.CancelScope(shield=True), trio.move_on_after(REMOVE_WAIT_SECONDS):
-                await job.remove()
+            _cgfs.remove_new_dirs(made)  # only ours: never an existing cgroup of that name
             raise
         return job
+
+    async def create(self, job_id: str, limits: Limits) -> V1JobCgroup:
+        await trio.lowlevel.checkpoint()
+        return self.create_blocking(job_id, limits)
 
     def _configure(self, job: V1JobCgroup, limits: Limits) -> None:
         cpu = job.dir("cpu")

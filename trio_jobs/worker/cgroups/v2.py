@@ -60,8 +60,12 @@ class V2JobCgroup:
     def path(self) -> str:
         return str(self._dir)
 
-    async def add_process(self, pid: int) -> None:
+    def add_process_blocking(self, pid: int) -> None:
         _cgfs.write_text(self._dir / "cgroup.procs", str(pid))
+
+    async def add_process(self, pid: int) -> None:
+        await trio.lowlevel.checkpoint()
+        self.add_process_blocking(pid)
 
     async def signal_all(self, sig: int) -> None:
         _cgfs.signal_members(self._dir / "cgroup.procs", self._is_member, sig)
@@ -244,7 +248,7 @@ class V2Driver:
             cgroup_path=self._parent_cg.rstrip("/") + "/" + job_id,
         )
 
-    async def create(self, job_id: str, limits: Limits) -> V2JobCgroup:
+    def create_blocking(self, job_id: str, limits: Limits) -> V2JobCgroup:
         check_job_id(job_id)
         check_limits(limits)
         self._check_supported(limits)
@@ -253,10 +257,13 @@ class V2Driver:
         try:
             self._configure(self._parent / job_id, limits)
         except BaseException:
-            with trio.CancelScope(shield=True), trio.move_on_after(REMOVE_WAIT_SECONDS):
-                await job.remove()
+            _cgfs.remove_new_dirs([self._parent / job_id])
             raise
         return job
+
+    async def create(self, job_id: str, limits: Limits) -> V2JobCgroup:
+        await trio.lowlevel.checkpoint()
+        return self.create_blocking(job_id, limits)
 
     def _check_supported(self, limits: Limits) -> None:
         needs = {

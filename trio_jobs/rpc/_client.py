@@ -24,6 +24,7 @@ from ._options import ChannelOptions
 from ._protocol import StreamGone
 from ._status import Metadata, RpcError, StatusCode, status_from_rst_stream
 from ._transport import StreamState, Transport
+from ._wire import Wire
 
 if TYPE_CHECKING:
     import ssl
@@ -42,11 +43,22 @@ class _CallState(StreamState):
         self.status: ev.CallCompleted | None = None
         self.initial_metadata: Metadata = ()
 
+    def fail(self, error: RpcError) -> None:
+        # A call whose status arrived is over: losing the connection before its caller
+        # read that status (the server closes right after it) must not turn it into
+        # UNAVAILABLE.
+        if self.status is None:
+            super().fail(error)
+        else:
+            self.wake()
+
 
 class Channel(Transport):
     """One HTTP/2 connection to a gRPC server. Use :func:`connect` or :func:`open_channel`."""
 
-    def __init__(self, stream: trio.abc.Stream, *, authority: str, options: ChannelOptions) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream | Wire, *, authority: str, options: ChannelOptions
+    ) -> None:
         protocol = ClientProtocol(
             max_receive_message=options.max_receive_message,
             max_concurrent_streams=options.max_concurrent_streams,
@@ -56,7 +68,8 @@ class Channel(Transport):
             max_frame_size=options.max_frame_size,
             clock=trio.current_time,
         )
-        super().__init__(stream, protocol, options.read_size)
+        wire = stream if isinstance(stream, Wire) else Wire(stream)
+        super().__init__(wire, protocol, options.read_size)
         self.proto = protocol
         self.authority = authority
         self.options = options
@@ -155,6 +168,9 @@ class Channel(Transport):
         """The next response message, or None after an OK status; raises RpcError."""
         while True:
             if state.messages:
+                # Not a wait, but still a cancellation point: a cancelled consumer stops
+                # here even when the reader has queued more messages.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 data, ack = state.messages.popleft()
                 self.proto.acknowledge(state.stream_id, ack)
                 self.kick()  # a WINDOW_UPDATE, if h2 decided one is due
@@ -225,7 +241,7 @@ class Channel(Transport):
     async def aclose(self) -> None:
         """Close the connection; calls still running fail with UNAVAILABLE. Idempotent."""
         self.connection_lost(RpcError(StatusCode.UNAVAILABLE, "channel closed"))
-        await trio.aclose_forcefully(self.stream)
+        await self.wire.aclose()
 
 
 class ResponseStream(Generic[R]):
@@ -278,14 +294,24 @@ async def open_channel(
     stream: trio.abc.Stream, *, authority: str = "localhost", options: ChannelOptions | None = None
 ) -> AsyncIterator[Channel]:
     """A channel over an established stream (TLS already done, ALPN h2 already checked)."""
-    channel = Channel(stream, authority=authority, options=options or ChannelOptions())
+    async with _run_channel(Wire(stream), authority, options or ChannelOptions()) as channel:
+        yield channel
+
+
+@asynccontextmanager
+async def _run_channel(
+    wire: Wire, authority: str, options: ChannelOptions
+) -> AsyncIterator[Channel]:
+    channel = Channel(wire, authority=authority, options=options)
     # The body runs inside the nursery of the reader and writer, but its exception must
     # reach the caller as it is (``except RpcError``, plain Cancelled/KeyboardInterrupt),
     # not wrapped in an ExceptionGroup: it is caught here, the nursery is cancelled and
     # exits cleanly (the reader and writer end on cancellation without raising), and the
     # very same exception object is re-raised outside it (trio's advice for context
     # managers that own a nursery). A failure of the reader or writer themselves (a bug)
-    # still surfaces as a group.
+    # still surfaces as a group. When an outer cancel scope was cancelled, the reader and
+    # writer end with Cancelled too (the nursery's own scope does not catch what an outer
+    # scope caused): that group says nothing the body's own exception does not.
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
@@ -299,6 +325,9 @@ async def open_channel(
                 body_error = exc
             finally:
                 nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if body_error is None or group.split(trio.Cancelled)[1] is not None:
+            raise
     finally:
         await channel.aclose()
     if body_error is not None:
@@ -320,34 +349,38 @@ async def connect(
     """Connect over TCP (+ TLS with ALPN h2 when ``ssl_context`` is given).
 
     Raises RpcError(UNAVAILABLE) when the server cannot be reached, the TLS handshake
-    fails, or the server does not speak h2.
+    fails, or the server does not speak h2. TLS is the lean one of ``_wire.py``.
     """
     opts = options or ChannelOptions()
-    stream: trio.abc.Stream
-    with trio.move_on_after(opts.connect_timeout) as scope:
-        try:
-            tcp = await trio.open_tcp_stream(host, port)
-        except OSError as exc:
-            raise RpcError(
-                StatusCode.UNAVAILABLE, f"cannot connect to {host}:{port}: {exc}"
-            ) from exc
-        stream = tcp
-        if ssl_context is not None:
-            tls = trio.SSLStream(tcp, ssl_context, server_hostname=server_hostname or host)
+    wire: Wire | None = None
+    try:
+        with trio.move_on_after(opts.connect_timeout) as scope:
             try:
-                await tls.do_handshake()
-            except trio.BrokenResourceError as exc:
-                await trio.aclose_forcefully(tls)
-                cause = exc.__cause__ or exc
+                tcp = await trio.open_tcp_stream(host, port)
+            except OSError as exc:
                 raise RpcError(
-                    StatusCode.UNAVAILABLE, f"TLS handshake with {host}:{port} failed: {cause}"
+                    StatusCode.UNAVAILABLE, f"cannot connect to {host}:{port}: {exc}"
                 ) from exc
-            if tls.selected_alpn_protocol() != "h2":
-                await trio.aclose_forcefully(tls)
-                raise RpcError(StatusCode.UNAVAILABLE, f"{host}:{port} did not negotiate ALPN h2")
-            stream = tls
-    if scope.cancelled_caught:
-        raise RpcError(StatusCode.UNAVAILABLE, f"connecting to {host}:{port} timed out")
+            wire = Wire(tcp, ssl_context, server_hostname=server_hostname or host)
+            if ssl_context is not None:
+                try:
+                    await wire.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    cause = exc.__cause__ or exc
+                    raise RpcError(
+                        StatusCode.UNAVAILABLE, f"TLS handshake with {host}:{port} failed: {cause}"
+                    ) from exc
+                if wire.selected_alpn_protocol() != "h2":
+                    raise RpcError(
+                        StatusCode.UNAVAILABLE, f"{host}:{port} did not negotiate ALPN h2"
+                    )
+        if scope.cancelled_caught:
+            raise RpcError(StatusCode.UNAVAILABLE, f"connecting to {host}:{port} timed out")
+    except BaseException:
+        if wire is not None:
+            await wire.aclose()
+        raise
+    assert wire is not None
     authority = f"{server_hostname or host}:{port}"
-    async with open_channel(stream, authority=authority, options=opts) as channel:
+    async with _run_channel(wire, authority, opts) as channel:
         yield channel

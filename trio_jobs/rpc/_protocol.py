@@ -167,6 +167,10 @@ class GrpcProtocol:
     def has_data_to_send(self) -> bool:
         return bool(self._h2._data_to_send)
 
+    @property
+    def bytes_to_send(self) -> int:
+        return len(self._h2._data_to_send)
+
     # -- input -------------------------------------------------------------------------
     def receive_data(self, data: bytes | bytearray) -> list[ev.Event]:
         """Feed bytes from the peer. Never raises: failures become ConnectionFailed.

@@ -27,6 +27,7 @@ from ._server_protocol import ServerProtocol
 from ._service import Method, ServerContext
 from ._status import Metadata, RpcError, StatusCode
 from ._transport import StreamState, Transport, log
+from ._wire import Wire
 
 if TYPE_CHECKING:
     import ssl
@@ -55,7 +56,7 @@ class _ServerConnection(Transport):
     def __init__(
         self,
         server: Server,
-        stream: trio.abc.Stream,
+        wire: Wire,
         peer_certificate: dict[str, Any] | None,
         peer_identity: str | None,
     ) -> None:
@@ -75,7 +76,7 @@ class _ServerConnection(Transport):
             settings_burst=limits.settings_burst,
             clock=trio.current_time,
         )
-        super().__init__(stream, protocol, limits.read_size)
+        super().__init__(wire, protocol, limits.read_size)
         self.proto = protocol
         self.server = server
         self.peer_certificate = peer_certificate
@@ -295,7 +296,7 @@ class _ServerConnection(Transport):
             await self.idle.wait()
         await self.flush_quietly(_CLEANUP_TIMEOUT)  # the last calls' trailers
         self.scope.cancel()
-        await trio.aclose_forcefully(self.stream)
+        await self.wire.aclose()
 
 
 class Server:
@@ -388,44 +389,44 @@ class Server:
         if self.shutting_down:
             await trio.aclose_forcefully(stream)
             return
-        if self.ssl_context is not None:
-            tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
-            # Cancelled by shutdown() too: a half-open connection must not delay it.
-            with trio.move_on_after(self.limits.handshake_timeout) as hs:
-                self._handshakes.add(hs)
-                try:
-                    await tls.do_handshake()
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    log.info("TLS handshake failed: %s", exc.__cause__ or exc)
-                    await trio.aclose_forcefully(tls)
-                    return
-                finally:
-                    self._handshakes.discard(hs)
-            if hs.cancelled_caught or self.shutting_down:
-                log.info("TLS handshake timed out (or the server is shutting down)")
-                await trio.aclose_forcefully(tls)
-                return
-            if tls.selected_alpn_protocol() != "h2":
-                log.info("client did not negotiate ALPN h2; closing")
-                await trio.aclose_forcefully(tls)
-                return
-            cert = tls.getpeercert()
-            stream = tls
-        identity: str | None = None
-        if self.identify is not None and cert:
-            try:
-                identity = self.identify(cert)
-            except Exception:
-                log.exception("identify() failed; the peer has no identity")
-        conn = _ServerConnection(self, stream, cert, identity)
-        self._connections.add(conn)
+        # A socket gets the lean TLS of _wire.py; any other stream the same TLS over its
+        # send_all/receive_some.
+        wire = Wire(stream, self.ssl_context, server_side=True)
         try:
-            await conn.run()
-        except Exception:  # a bug must not take the other connections down with it
-            log.exception("connection task failed")
+            if self.ssl_context is not None:
+                # Cancelled by shutdown() too: a half-open connection must not delay it.
+                with trio.move_on_after(self.limits.handshake_timeout) as hs:
+                    self._handshakes.add(hs)
+                    try:
+                        await wire.do_handshake()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        log.info("TLS handshake failed: %s", exc.__cause__ or exc)
+                        return
+                    finally:
+                        self._handshakes.discard(hs)
+                if hs.cancelled_caught or self.shutting_down:
+                    log.info("TLS handshake timed out (or the server is shutting down)")
+                    return
+                if wire.selected_alpn_protocol() != "h2":
+                    log.info("client did not negotiate ALPN h2; closing")
+                    return
+                cert = wire.getpeercert()
+            identity: str | None = None
+            if self.identify is not None and cert:
+                try:
+                    identity = self.identify(cert)
+                except Exception:
+                    log.exception("identify() failed; the peer has no identity")
+            conn = _ServerConnection(self, wire, cert, identity)
+            self._connections.add(conn)
+            try:
+                await conn.run()
+            except Exception:  # a bug must not take the other connections down with it
+                log.exception("connection task failed")
+            finally:
+                self._connections.discard(conn)
         finally:
-            self._connections.discard(conn)
-            await trio.aclose_forcefully(stream)
+            await wire.aclose()  # bounded, and closes even when cancelled
 
     async def shutdown(self, drain_timeout: float | None = None) -> None:
         """Stop accepting, drain every connection within ``drain_timeout``, close them.

@@ -2,21 +2,31 @@
 
 Theory of operation
 -------------------
-A connection owns a trio stream and a sans-IO protocol, and runs two tasks on them:
+A connection owns a :class:`~._wire.Wire` (lean TLS on a socket, or any trio stream) and a
+sans-IO protocol, and runs two tasks on them:
 
 * the reader loops ``receive_some -> protocol.receive_data -> handle events -> flush``.
   The protocol takes at most ``frames_per_call`` frames per call; the reader yields
   between calls, so one connection's flood of small frames cannot hold the event loop,
   and it stops as soon as the protocol closed the connection (GOAWAY queued).
   Its flush waits until the answers it queued (PING/SETTINGS acks, RST_STREAMs) are
-  written, so when the peer stops reading, the reader stops reading too and nothing
-  queues without bound;
-* the writer is the only task that calls ``send_all``. Other tasks queue frames in the
-  protocol and wait in :meth:`Transport.flush` for the write round that carries them.
-  A caller cancelled meanwhile (deadline, RST_STREAM, cancel scope) just stops waiting:
-  a ``send_all`` cancelled half-way would break a ``trio.SSLStream`` for every call on
-  the connection. Frames queued by many tasks during one ``send_all`` go out together in
-  the next one.
+  handed to the kernel, so when the peer stops reading, the reader stops reading too
+  and nothing queues without bound;
+* writing: whoever queued frames moves them into the wire (encrypting them at once) and
+  tries a non-blocking send (:meth:`Transport.kick`); this never awaits, so frames of
+  concurrent tasks never interleave, and a call whose answer the kernel takes at once
+  costs no scheduler round for writing. What the socket does not take at once is left
+  to the writer task, the only one that waits for the socket to become writable. While
+  other tasks are runnable (many calls finishing in the same batch), ``kick`` leaves the
+  send to the writer, so their frames go out in one write instead of one each.
+  Callers that must know their bytes left wait in :meth:`Transport.flush`; a caller
+  cancelled meanwhile just stops waiting, the bytes stay queued in the wire.
+
+Send buffering is bounded on purpose: the bytes written to the wire and not handed to
+the kernel yet stay below :data:`SEND_HIGH_WATER` (plus one chunk) for every message
+sent through :meth:`Transport.send_message`, which waits for the writer instead. Without
+it a server stream to a client with a large window queued the whole window (1 MiB per
+follower) in h2's outbound buffer plus its ciphertext.
 
 Each stream has a :class:`StreamState`: the decoded messages not consumed yet (bounded by
 the stream window because their flow-control credit is only returned on consumption),
@@ -31,7 +41,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import ssl
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -42,9 +51,13 @@ from ._status import RpcError, StatusCode
 
 if TYPE_CHECKING:
     from ._protocol import GrpcProtocol
+    from ._wire import Wire
 
 log: Final = logging.getLogger("trio_jobs.rpc")
 _COPY_LIMIT: Final = 256 * 1024
+SEND_HIGH_WATER: Final = 256 * 1024
+"""Bytes of one connection written and not handed to the kernel yet above which a
+sender waits for the writer (the policy: wait, never buffer more)."""
 
 
 class StreamState:
@@ -78,79 +91,104 @@ class StreamState:
 class Transport:
     """Base of the server and client connections (see module docstring)."""
 
-    def __init__(self, stream: trio.abc.Stream, protocol: GrpcProtocol, read_size: int) -> None:
-        self.stream = stream
+    def __init__(self, wire: Wire, protocol: GrpcProtocol, read_size: int) -> None:
+        self.wire = wire
         self.protocol = protocol
         self.read_size = read_size
         self.states: dict[int, StreamState] = {}
         self.lost: RpcError | None = None  # set once the connection is unusable
+        self.peak_unsent = 0  # the most bytes ever waiting in the wire (for tests)
         self._want_write = trio.Event()
-        self._round_done = trio.Event()  # set when the next write round has been written
-        self._in_flight: trio.Event | None = None  # set when the current round is written
+        self._sent = trio.Event()  # set (and replaced) when bytes left or the connection died
+        self._sent_waiters = 0
         self._writer_scope = trio.CancelScope()
-        # trio.SSLStream.receive_some returns one TLS record (<= 16 KiB) per call and pays
-        # a trip through the scheduler for each; see _decrypted_more().
-        self._ssl_object: ssl.SSLObject | None = (
-            stream._ssl_object if isinstance(stream, trio.SSLStream) else None
-        )
+
+    def _pull(self) -> None:
+        """Move the protocol's pending frames into the wire (encrypted at once)."""
+        self.wire.write(self.protocol.data_to_send())
+        unsent = self.wire.buffered
+        if unsent > self.peak_unsent:
+            self.peak_unsent = unsent
+
+    def _progress(self) -> None:
+        if self._sent_waiters:
+            event, self._sent = self._sent, trio.Event()
+            event.set()
+
+    async def _wait_sent(self) -> None:
+        self._sent_waiters += 1
+        try:
+            await self._sent.wait()
+        finally:
+            self._sent_waiters -= 1
+
+    def kick(self) -> None:
+        """Write what the protocol queued, without waiting: at once if the socket takes it.
+
+        Never awaits and never raises. What is not sent at once is left to the writer;
+        so is everything while other tasks are runnable (they may queue more: one write).
+        Enough for DATA and stream-ending frames: what they can queue is bounded by the
+        peer's windows and :data:`SEND_HIGH_WATER`. The reader uses :meth:`flush` instead,
+        so that it stops reading when its answers cannot be written.
+        """
+        if self.lost is not None:
+            return
+        if self.protocol.has_data_to_send:
+            self._pull()
+        wire = self.wire
+        if not wire.buffered:
+            return
+        if trio.lowlevel.current_statistics().tasks_runnable or not wire.send_nowait():
+            self._want_write.set()
+        else:
+            self._progress()
 
     async def flush(self) -> None:
-        """Have everything the protocol queued written; raises RpcError if the connection is gone.
+        """Have everything queued so far handed to the kernel; RpcError if the connection is gone.
 
-        Only :meth:`writer` writes to the stream, so cancelling a caller never interrupts
-        a ``send_all`` (which would break a ``trio.SSLStream`` for every call on it).
-        Backpressure: the caller waits until the write round holding its frames is done,
-        so a peer that does not read blocks every writer.
+        Backpressure: the caller waits until its bytes have been sent, so a peer that does
+        not read blocks every flush. Cancel-safe: the bytes stay queued.
         """
         if self.lost is not None:
             raise RpcError(StatusCode.UNAVAILABLE, self.lost.message)
         if self.protocol.has_data_to_send:
-            done = self._round_done
-            self._want_write.set()
-        elif self._in_flight is not None:  # our frames may be in the write under way
-            done = self._in_flight
-        else:
+            self._pull()
+        wire = self.wire
+        target = wire.queued_total
+        if wire.sent_total >= target:
             return
-        await done.wait()
+        if wire.send_nowait():
+            self._progress()
+            return
+        self._want_write.set()
+        while wire.sent_total < target and self.lost is None:
+            await self._wait_sent()
         if self.lost is not None:
             raise RpcError(StatusCode.UNAVAILABLE, self.lost.message)
 
     async def writer(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """The one task that writes; runs until the connection is lost (cancelled then)."""
-        done: trio.Event | None = None
+        """The one task that waits to write; runs until the connection is lost (cancelled then)."""
+        wire = self.wire
         with self._writer_scope:
             task_status.started()
             try:
                 while True:
                     await self._want_write.wait()
                     self._want_write = trio.Event()
-                    # Frames queued from now on belong to the next round.
-                    done, self._round_done = self._round_done, trio.Event()
-                    self._in_flight = done
-                    # Everything queued meanwhile goes out too: concurrent calls share writes.
-                    while data := self.protocol.data_to_send():
-                        await self.stream.send_all(data)
-                    self._in_flight = None
-                    done.set()
+                    while True:
+                        if self.protocol.has_data_to_send:
+                            self._pull()
+                        if not wire.buffered:
+                            break
+                        await wire.send_some()
+                        self._progress()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.connection_lost(RpcError(StatusCode.UNAVAILABLE, "connection lost"))
             finally:
-                # Cancelled or failed: nobody may wait for a round that will never end.
-                if done is not None:
-                    done.set()
-                self._round_done.set()
-
-    def kick(self) -> None:
-        """Have the writer write what is queued, without waiting for it.
-
-        Enough for DATA and stream-ending frames: what they can queue is bounded by the
-        peer's flow-control windows, not by how fast we write. The reader uses
-        :meth:`flush` instead, so that it stops reading when its answers cannot be written.
-        """
-        if self.protocol.has_data_to_send and self.lost is None:
-            self._want_write.set()
+                # Cancelled or failed: nobody may wait for bytes that will never leave.
+                self._sent.set()
 
     async def flush_quietly(self, limit: float) -> None:
         """Best-effort flush for cleanup paths: bounded, shielded, never raises."""
@@ -161,13 +199,12 @@ class Transport:
     async def reader(self) -> None:
         """Pump bytes until EOF, a transport error or a fatal protocol error."""
         reason = RpcError(StatusCode.UNAVAILABLE, "connection closed by peer")
+        wire = self.wire
         try:
             while not self.protocol.closed:
-                data = await self.stream.receive_some(self.read_size)
+                data = await wire.receive_some(self.read_size)
                 if not data:
                     break
-                if self._ssl_object is not None:
-                    data = self._decrypted_more(data)
                 events = self.protocol.receive_data(data)
                 while True:
                     for event in events:
@@ -181,7 +218,7 @@ class Transport:
                     else:
                         await trio.lowlevel.checkpoint()
                     events = self.protocol.receive_data(b"")
-                if self.protocol.has_data_to_send:
+                if self.protocol.has_data_to_send or wire.buffered:
                     await self.flush()
             else:
                 reason = RpcError(StatusCode.UNAVAILABLE, "connection closed (protocol error)")
@@ -194,33 +231,7 @@ class Transport:
             self.connection_lost(reason)
             # Nothing useful can be written any more; closing also ends a write blocked
             # on a peer that stopped reading (see flush()).
-            await trio.aclose_forcefully(self.stream)
-
-    def _decrypted_more(self, data: bytes | bytearray) -> bytes | bytearray:
-        """``data`` plus the TLS records already received and decryptable now, up to read_size.
-
-        One transport read brings up to 64 KiB (four records); trio hands them out one per
-        ``receive_some``, each with a scheduler round, which was most of a bulk stream's
-        receive cost. Reading the SSL object directly is safe here: the reader is the only
-        task that receives, and this never blocks, sends nor awaits. It stops at the first
-        record not complete yet (SSLWantReadError) and at any other SSL condition (close
-        notify, a corrupt record), which the next ``receive_some`` then reports properly.
-        """
-        assert self._ssl_object is not None
-        total = len(data)
-        if total >= self.read_size:
-            return data
-        parts = [data]
-        while total < self.read_size:
-            try:
-                more = self._ssl_object.read(self.read_size - total)
-            except ssl.SSLError:
-                break
-            if not more:
-                break
-            parts.append(more)
-            total += len(more)
-        return data if len(parts) == 1 else b"".join(parts)
+            await self.wire.aclose()
 
     def handle_event(self, event: object) -> None:
         raise NotImplementedError
@@ -232,7 +243,7 @@ class Transport:
         for state in self.states.values():
             state.fail(error)
         self._writer_scope.cancel()
-        self._round_done.set()
+        self._sent.set()
 
     def wake_senders(self, stream_id: int) -> None:
         if stream_id == 0:
@@ -244,11 +255,13 @@ class Transport:
     async def send_message(
         self, state: StreamState, payload: bytes, *, end_stream: bool = False, kick: bool = True
     ) -> None:
-        """Send one message, waiting for flow-control window as needed.
+        """Send one message, waiting for flow-control window and for the writer as needed.
 
         At most one window of the message is handed to the protocol at a time, so a peer
-        that does not read makes this wait instead of making us buffer. ``kick=False``
-        leaves the frames queued for a later kick (to write several frames at once).
+        that does not read makes this wait instead of making us buffer; and no more than
+        :data:`SEND_HIGH_WATER` bytes of the connection wait in the wire, so a slow socket
+        does the same. ``kick=False`` leaves the frames queued for a later kick (to write
+        several frames at once).
         Not a checkpoint when the window suffices: callers that loop must yield (the
         server-streaming ``send`` does, so the writer runs between messages).
         Cancel-safe in the sense that a cancelled send leaves a partial message: the
@@ -266,15 +279,28 @@ class Transport:
         while True:
             if state.error is not None:
                 raise state.error
+            room = SEND_HIGH_WATER - self.wire.buffered - self.protocol.bytes_to_send
+            if room <= 0:  # the writer has enough to do: wait until the socket took some
+                self.kick()
+                if SEND_HIGH_WATER - self.wire.buffered - self.protocol.bytes_to_send <= 0:
+                    self._want_write.set()
+                    await self._wait_sent()
+                    if self.lost is not None:
+                        raise state.error or RpcError(StatusCode.UNAVAILABLE, self.lost.message)
+                continue
+            chunk = view[:room]
             try:
-                n = self.protocol.send_data(state.stream_id, view, end_stream)
+                n = self.protocol.send_data(
+                    state.stream_id, chunk, end_stream and len(chunk) == len(view)
+                )
             except StreamGone:
                 raise state.error or RpcError(StatusCode.CANCELLED, "stream closed") from None
             view = view[n:]
             if not view:
                 return
             self.kick()
-            await state.wait()
+            if n == 0:  # no window: wait for a WINDOW_UPDATE (or the end of the stream)
+                await state.wait()
 
 
 def _prefix(payload: bytes) -> bytes:

@@ -1,0 +1,331 @@
+"""The byte transport under a connection: lean TLS on a socket, or any trio stream.
+
+Theory of operation
+-------------------
+``trio.SSLStream`` costs a scheduler round (``cancel_shielded_checkpoint``) and a lock in
+every ``send_all`` and ``receive_some``, on top of the socket's own round, and hands out
+one TLS record (<= 16 KiB) per read. For the rpc layer that was most of the trio overhead
+of a call. A :class:`Wire` does TLS itself, with ``ssl.SSLObject`` and two
+``ssl.MemoryBIO``, and moves the ciphertext with non-blocking socket calls:
+
+* :meth:`Wire.write` encrypts at once into the outgoing buffer. It never awaits, so any
+  task may call it: the frames of concurrent tasks are never interleaved.
+* :meth:`Wire.send_nowait` pushes that buffer into the kernel without waiting. When the
+  socket takes everything (the common case) a write costs no scheduler round at all.
+* :meth:`Wire.send_some` is for the connection's writer task only: it waits until the
+  socket is writable and sends what it can. A cancelled wait leaves the buffer intact,
+  so cancelling the writer never breaks the TLS session (unlike a half-done
+  ``SSLStream.send_all``).
+* :meth:`Wire.receive_some` costs exactly one scheduler round: it waits until the socket
+  is readable (or yields after a read that succeeded at once, for fairness), then returns
+  every byte decryptable from what the kernel had, up to ``max_bytes``, however many TLS
+  records that is.
+
+Over any other ``trio.abc.Stream`` (memory streams in tests, a caller's own
+``trio.SSLStream``) the wire keeps the same interface: TLS (if any) is still done here,
+but the bytes go through the stream's ``send_all``/``receive_some``, so
+``send_nowait`` sends nothing and the writer task does every write.
+
+Errors: every socket and TLS failure becomes ``trio.BrokenResourceError`` (from the
+original exception), a wire we closed raises ``trio.ClosedResourceError``: the trio
+meanings the rpc layer already maps to UNAVAILABLE. ``write`` and ``send_nowait`` never
+raise (they are called from any task): a failure there is kept and raised by the next
+``send_some``, which the writer is then woken to call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+from typing import Any, Final, final
+
+import trio
+
+_SOCKET_READ: Final = 256 * 1024
+_CLOSE_NOTIFY_TIMEOUT: Final = 1.0  # for a close_notify over a stream that may block
+
+
+@final
+class Wire:
+    """Plaintext in and out of one connection (see the module docstring).
+
+    Ownership: the wire owns the stream (or the socket detached from a
+    ``trio.SocketStream``) it was made from; :meth:`aclose` closes it.
+    One task at a time may call :meth:`receive_some` and one :meth:`send_some`.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+    ) -> None:
+        self._stream: trio.abc.Stream | None = None
+        self._sock: socket.socket | None = None
+        if isinstance(stream, trio.SocketStream):
+            # We take the file descriptor over: non-blocking calls on it directly, trio
+            # only for waiting. (TCP_NODELAY was set by SocketStream; it stays set.)
+            self._sock = socket.socket(fileno=stream.socket.detach())
+            self._sock.setblocking(False)
+        else:
+            self._stream = stream
+        self._tls: ssl.SSLObject | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        if ssl_context is not None:
+            self._tls = ssl_context.wrap_bio(
+                self._incoming,
+                self._outgoing,
+                server_side=server_side,
+                server_hostname=server_hostname,
+            )
+        self._handshaken = ssl_context is None
+        self._out = bytearray()  # bytes to send (ciphertext when TLS)
+        self._in_flight = 0  # bytes a stream's send_all is writing now
+        self.queued_total = 0  # bytes ever appended to _out
+        self.sent_total = 0  # bytes ever handed to the kernel (or to the stream)
+        self._failed: BaseException | None = None
+        self._peer_eof = False
+        self._closed = False
+
+    # -- TLS ----------------------------------------------------------------------------
+    async def do_handshake(self) -> None:
+        """Run the TLS handshake (no-op without TLS). Raises BrokenResourceError.
+
+        Not under a timeout of its own: the caller puts it under one.
+        """
+        tls = self._tls
+        if tls is None or self._handshaken:
+            return
+        while True:
+            try:
+                tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            except ssl.SSLError as exc:
+                self._collect_tls_output()  # the alert, best effort
+                self.send_nowait()
+                self._failed = exc
+                raise trio.BrokenResourceError(exc) from exc
+            self._collect_tls_output()
+            while self._out:
+                await self.send_some()
+            if done:
+                self._handshaken = True
+                return
+            chunk = await self._receive_raw()
+            if chunk:
+                self._incoming.write(chunk)
+            else:  # the next do_handshake() raises SSLEOFError
+                self._incoming.write_eof()
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self._tls.selected_alpn_protocol() if self._tls is not None else None
+
+    def getpeercert(self) -> dict[str, Any] | None:
+        if self._tls is None:
+            return None
+        return self._tls.getpeercert()
+
+    def _collect_tls_output(self) -> None:
+        if self._outgoing.pending:
+            data = self._outgoing.read()
+            self._out += data
+            self.queued_total += len(data)
+
+    # -- sending --------------------------------------------------------------------------
+    @property
+    def buffered(self) -> int:
+        """Bytes written but not handed to the kernel (or the stream) yet."""
+        return len(self._out) + self._in_flight
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` (encrypted at once with TLS). Never awaits nor raises."""
+        if self._failed is not None or self._closed:
+            return
+        if self._tls is None:
+            self._out += data
+            self.queued_total += len(data)
+            return
+        try:
+            self._tls.write(data)
+        except ssl.SSLError as exc:  # the session is dead (an alert was received)
+            self._failed = exc
+            return
+        self._collect_tls_output()
+
+    def send_nowait(self) -> bool:
+        """Hand what the socket takes now to the kernel; True if nothing is left.
+
+        Never awaits nor raises (a socket error is kept for :meth:`send_some`). Always
+        False over a stream that is not a socket: only the writer can send there.
+        """
+        out = self._out
+        if not out:
+            return self._in_flight == 0
+        sock = self._sock
+        if sock is None or self._failed is not None or self._closed:
+            return False
+        try:
+            n = sock.send(out)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self._failed = exc
+            return False
+        del out[:n]
+        self.sent_total += n
+        return not out
+
+    async def send_some(self) -> None:
+        """Send some of the buffer, waiting until that is possible. Writer task only."""
+        if self._closed:
+            raise trio.ClosedResourceError("the connection was closed")
+        if self._failed is not None:
+            raise trio.BrokenResourceError(self._failed) from self._failed
+        if not self._out:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._sock is not None:
+            await trio.lowlevel.wait_writable(self._sock)
+            self.send_nowait()
+            if self._failed is not None:
+                raise trio.BrokenResourceError(self._failed) from self._failed
+            return
+        assert self._stream is not None
+        chunk = bytes(self._out)
+        self._out.clear()
+        self._in_flight = len(chunk)
+        try:
+            await self._stream.send_all(chunk)
+        finally:
+            self._in_flight = 0
+        self.sent_total += len(chunk)
+
+    # -- receiving ------------------------------------------------------------------------
+    async def _receive_raw(self) -> bytes | bytearray:
+        """One read from the socket or stream: exactly one scheduler round. b'' = EOF."""
+        if self._closed:
+            raise trio.ClosedResourceError("the connection was closed")
+        sock = self._sock
+        if sock is None:
+            assert self._stream is not None
+            return await self._stream.receive_some(_SOCKET_READ)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = sock.recv(_SOCKET_READ)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise trio.BrokenResourceError(exc) from exc
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return sock.recv(_SOCKET_READ)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(exc) from exc
+
+    async def receive_some(self, max_bytes: int) -> bytes | bytearray:
+        """Up to ``max_bytes`` of plaintext; b'' at the peer's end (close_notify + EOF).
+
+        One scheduler round per call. Raises BrokenResourceError (a transport or TLS
+        failure, an EOF without close_notify) or ClosedResourceError (we closed).
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("the connection was closed")
+        if self._failed is not None:
+            raise trio.BrokenResourceError(self._failed) from self._failed
+        tls = self._tls
+        if tls is None:
+            return await self._receive_raw()
+        waited = False
+        while True:
+            data = self._decrypt(max_bytes)
+            if self._outgoing.pending:  # e.g. a KeyUpdate answer: the caller flushes it
+                self._collect_tls_output()
+            if data or self._peer_eof:
+                if not waited:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+            chunk = await self._receive_raw()
+            waited = True
+            if chunk:
+                self._incoming.write(chunk)
+            else:  # _decrypt() now raises SSLEOFError unless a close_notify came first
+                self._incoming.write_eof()
+
+    def _decrypt(self, max_bytes: int) -> bytes:
+        assert self._tls is not None
+        parts: list[bytes] = []
+        total = 0
+        while total < max_bytes:
+            try:
+                chunk = self._tls.read(max_bytes - total)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self._peer_eof = True
+                break
+            except ssl.SSLError as exc:
+                if parts:  # hand out what came before the failure first
+                    self._failed = exc
+                    break
+                self._failed = exc
+                raise trio.BrokenResourceError(exc) from exc
+            if not chunk:  # close_notify
+                self._peer_eof = True
+                break
+            parts.append(chunk)
+            total += len(chunk)
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+    # -- closing --------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Send close_notify if the session is healthy (best effort, bounded), then close.
+
+        Idempotent; always closes, even when cancelled.
+        """
+        if self._closed:
+            return
+        try:
+            if self._tls is not None and self._handshaken and self._failed is None:
+                # SSLWantReadError: unwrap() wants the peer's close_notify; not waited for.
+                with contextlib.suppress(ssl.SSLError):
+                    self._tls.unwrap()
+                self._collect_tls_output()
+                if self._sock is not None:
+                    self.send_nowait()
+                elif self._stream is not None and self._in_flight == 0 and self._out:
+                    with (
+                        trio.move_on_after(_CLOSE_NOTIFY_TIMEOUT, shield=True),
+                        contextlib.suppress(
+                            trio.BrokenResourceError,
+                            trio.ClosedResourceError,
+                            trio.BusyResourceError,
+                        ),
+                    ):
+                        await self._stream.send_all(bytes(self._out))
+        finally:
+            self.close()
+            if self._stream is not None:
+                await trio.aclose_forcefully(self._stream)
+
+    def close(self) -> None:
+        """Close at once, no close_notify; wakes a task waiting on the socket."""
+        self._closed = True
+        self._out.clear()
+        sock = self._sock
+        if sock is not None and sock.fileno() != -1:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()

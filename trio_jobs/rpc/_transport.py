@@ -17,8 +17,8 @@ sans-IO protocol, and runs two tasks on them:
   concurrent tasks never interleave, and a call whose answer the kernel takes at once
   costs no scheduler round for writing. What the socket does not take at once is left
   to the writer task, the only one that waits for the socket to become writable. While
-  other tasks are runnable (many calls finishing in the same batch), ``kick`` leaves the
-  send to the writer, so their frames go out in one write instead of one each.
+  several calls run on the connection, ``kick`` leaves the send to the writer, so the
+  frames of calls finishing in the same scheduler batch go out in one write.
   Callers that must know their bytes left wait in :meth:`Transport.flush`; a caller
   cancelled meanwhile just stops waiting, the bytes stay queued in the wire.
 
@@ -126,7 +126,9 @@ class Transport:
         """Write what the protocol queued, without waiting: at once if the socket takes it.
 
         Never awaits and never raises. What is not sent at once is left to the writer;
-        so is everything while other tasks are runnable (they may queue more: one write).
+        so is everything while other calls run on the connection: they are likely to
+        queue frames in the same scheduler batch, and the writer sends them all in one
+        write (one TLS record, one segment) instead of one each.
         Enough for DATA and stream-ending frames: what they can queue is bounded by the
         peer's windows and :data:`SEND_HIGH_WATER`. The reader uses :meth:`flush` instead,
         so that it stops reading when its answers cannot be written.
@@ -138,7 +140,7 @@ class Transport:
         wire = self.wire
         if not wire.buffered:
             return
-        if trio.lowlevel.current_statistics().tasks_runnable or not wire.send_nowait():
+        if len(self.states) > 1 or not wire.send_nowait():
             self._want_write.set()
         else:
             self._progress()

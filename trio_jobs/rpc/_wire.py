@@ -182,17 +182,22 @@ class Wire:
         return not out
 
     async def send_some(self) -> None:
-        """Send some of the buffer, waiting until that is possible. Writer task only."""
+        """Send some of the buffer, waiting only if the socket takes nothing now.
+
+        Writer task only. Not a checkpoint when the socket takes bytes at once (the
+        writer loops only while it has bytes, so it cannot spin).
+        """
         if self._closed:
             raise trio.ClosedResourceError("the connection was closed")
         if self._failed is not None:
             raise trio.BrokenResourceError(self._failed) from self._failed
         if not self._out:
-            await trio.lowlevel.checkpoint()
             return
         if self._sock is not None:
-            await trio.lowlevel.wait_writable(self._sock)
-            self.send_nowait()
+            before = self.sent_total
+            if not self.send_nowait() and self.sent_total == before and self._failed is None:
+                await trio.lowlevel.wait_writable(self._sock)
+                self.send_nowait()
             if self._failed is not None:
                 raise trio.BrokenResourceError(self._failed) from self._failed
             return

@@ -53,6 +53,13 @@ class FailingJobCgroup:
         self.removed = True
         await self._inner.remove()
 
+    def final_usage_blocking(self) -> tuple[object, bool]:
+        return self._inner.final_usage_blocking()
+
+    def try_remove_blocking(self) -> bool:
+        self.removed = True
+        return self._inner.try_remove_blocking()
+
 
 class FailingDriver:
     def __init__(self, *, fail_create: bool) -> None:

@@ -76,6 +76,7 @@ class Job:
         self._signalled_by: Reason | None = None
         self._ended = trio.Event()
         self._final: JobStatus | None = None
+        self._ending = False  # the cgroup is being read and removed for the final status
         self._created_at = created_at
         self.saved = False  # True once the final record is in the store
 
@@ -105,7 +106,11 @@ class Job:
             await trio.lowlevel.checkpoint()
             return self._final
         usage = Usage()
-        if live_usage:
+        if live_usage and self._ending:
+            # the cgroup is going away: wait (briefly) for the final status and its usage
+            with trio.move_on_after(CLEANUP_TIMEOUT):
+                await self._ended.wait()
+        elif live_usage:
             try:
                 usage = await self._cgroup.usage()
             except CgroupError as exc:
@@ -174,13 +179,14 @@ class Job:
                 ru = exit_info.rusage
                 usage = Usage(cpu_usec=int((ru.ru_utime + ru.ru_stime) * 1_000_000),
                               memory_peak_bytes=ru.ru_maxrss * 1024)
+            await _quietly(cgroup.remove(), self.job_id, "remove the cgroup")
         else:
-            try:
-                usage = await cgroup.usage()
-                oom = await cgroup.oom_killed()
-            except CgroupError as exc:
-                log.warning("job %s: cannot read final usage: %s", self.job_id, exc)
-        await _quietly(cgroup.remove(), self.job_id, "remove the cgroup")
+            # usage, OOM and the rmdirs in one thread call: ~10 cgroupfs operations (~1 ms
+            # on v1) that would otherwise hold up the event loop, e.g. the next StartJob
+            self._ending = True
+            usage, oom, removed = await trio.to_thread.run_sync(self._end_cgroup_blocking, cgroup)
+            if not removed:
+                await _quietly(cgroup.remove(), self.job_id, "remove the cgroup")
         final = self._publish(exit_info, usage, oom)
         try:
             await self._store.update(final)
@@ -188,6 +194,19 @@ class Job:
         except WorkerError as exc:
             # e.g. the disk is full: the worker keeps the status and retries (see Worker)
             log.error("job %s: cannot store the final status (will retry): %s", self.job_id, exc)
+
+    def _end_cgroup_blocking(self, cgroup: JobCgroup) -> tuple[Usage, bool, bool]:
+        """(final usage, OOM-killed, cgroup removed); logs what it cannot read or remove."""
+        usage, oom, removed = Usage(), False, False
+        try:
+            usage, oom = cgroup.final_usage_blocking()
+        except CgroupError as exc:
+            log.warning("job %s: cannot read final usage: %s", self.job_id, exc)
+        try:
+            removed = cgroup.try_remove_blocking()
+        except CgroupError as exc:
+            log.warning("job %s: cannot remove the cgroup yet: %s", self.job_id, exc)
+        return usage, oom, removed
 
     def _publish(self, exit_info: ExitInfo | None, usage: Usage, oom: bool) -> JobStatus:
         code = exit_info.returncode if exit_info is not None else -signal.SIGKILL

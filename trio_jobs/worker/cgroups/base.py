@@ -71,6 +71,17 @@ class JobCgroup(Protocol):
         """Remove the cgroup (killing what is left first). Idempotent."""
         ...
 
+    def final_usage_blocking(self) -> tuple[Usage, bool]:
+        """:meth:`usage` and :meth:`oom_killed` at once, blocking: for the worker thread that
+        ends a job (a handful of cgroupfs reads, kept off the event loop)."""
+        ...
+
+    def try_remove_blocking(self) -> bool:
+        """Remove the cgroup if it holds no process; True once it is gone. Never waits:
+        False when it is populated or still busy (then :meth:`remove` finishes the job).
+        Blocking (an rmdir per hierarchy, ~0.1 ms each on v1), for a worker thread."""
+        ...
+
 
 class CgroupDriver(Protocol):
     """Creates job cgroups. ``name`` is "v2", "v1" or "none"."""

@@ -85,6 +85,14 @@ class NoJobCgroup:
     async def remove(self) -> None:
         await self.kill_all()
 
+    def final_usage_blocking(self) -> tuple[Usage, bool]:
+        return Usage(), False  # the worker takes the main process's rusage instead
+
+    def try_remove_blocking(self) -> bool:
+        self._killpg(signal.SIGKILL)
+        self._dead = True
+        return True
+
 
 @final
 class NoCgroupDriver:

@@ -125,7 +125,7 @@ class V1JobCgroup:
     async def wait_empty(self) -> None:
         await _cgfs.wait_members_exit(self._freezer / "cgroup.procs", self._is_member)
 
-    async def usage(self) -> Usage:
+    def _usage_blocking(self) -> Usage:
         if not self._exists():
             return Usage()
         cpu_ns = _cgfs.read_int(self._dirs["cpuacct"] / "cpuacct.usage")
@@ -146,7 +146,7 @@ class V1JobCgroup:
             io_write_bytes=write_b,
         )
 
-    async def oom_killed(self) -> bool:
+    def _oom_killed_blocking(self) -> bool:
         mem = self._dirs["memory"]
         if not mem.exists():
             return False
@@ -155,6 +155,27 @@ class V1JobCgroup:
             return counters["oom_kill"] > 0
         # Kernels before 4.13 have no oom_kill counter: hitting the limit is the best hint.
         return _cgfs.read_int(mem / "memory.failcnt") > 0
+
+    async def usage(self) -> Usage:
+        await trio.lowlevel.checkpoint()
+        return self._usage_blocking()
+
+    async def oom_killed(self) -> bool:
+        await trio.lowlevel.checkpoint()
+        return self._oom_killed_blocking()
+
+    def final_usage_blocking(self) -> tuple[Usage, bool]:
+        return self._usage_blocking(), self._oom_killed_blocking()
+
+    def try_remove_blocking(self) -> bool:
+        if not self._exists():
+            return True
+        if _cgfs.read_pids(self._freezer / "cgroup.procs"):
+            return False
+        removed = True
+        for d in self._distinct:  # every one, also after a busy one
+            removed = _cgfs.try_rmdir(d) and removed
+        return removed
 
     async def remove(self) -> None:
         if not self._exists():

@@ -114,7 +114,7 @@ class V2JobCgroup:
     async def wait_empty(self) -> None:
         await self._wait_event("cgroup.events", "populated", 0)
 
-    async def usage(self) -> Usage:
+    def _usage_blocking(self) -> Usage:
         if not self._dir.exists():
             return Usage()
         cpu = self._events("cpu.stat").get("usage_usec", 0)
@@ -140,11 +140,29 @@ class V2JobCgroup:
             cpu_usec=cpu, memory_peak_bytes=peak, io_read_bytes=read_b, io_write_bytes=write_b
         )
 
-    async def oom_killed(self) -> bool:
+    def _oom_killed_blocking(self) -> bool:
         events = self._dir / "memory.events"
         if not events.exists():
             return False
         return self._events("memory.events").get("oom_kill", 0) > 0
+
+    async def usage(self) -> Usage:
+        await trio.lowlevel.checkpoint()
+        return self._usage_blocking()
+
+    async def oom_killed(self) -> bool:
+        await trio.lowlevel.checkpoint()
+        return self._oom_killed_blocking()
+
+    def final_usage_blocking(self) -> tuple[Usage, bool]:
+        return self._usage_blocking(), self._oom_killed_blocking()
+
+    def try_remove_blocking(self) -> bool:
+        if not self._dir.exists():
+            return True
+        if self._events("cgroup.events").get("populated", 0):
+            return False
+        return _cgfs.try_rmdir(self._dir)
 
     async def remove(self) -> None:
         if not self._dir.exists():

@@ -158,9 +158,33 @@ async def test_create_refuses_bad_ids_and_duplicates(mechanics_driver: Driver) -
     job = await mechanics_driver.create(job_id, NO_LIMITS)
     with pytest.raises(CgroupError, match="already exists"):
         await mechanics_driver.create(job_id, NO_LIMITS)
+    assert await trio.Path(job.path).is_dir()  # the failed duplicate removed only its own
     with pytest.raises(CgroupError, match="positive integer"):
         await mechanics_driver.create(_job_id(), Limits(pids_max=0))
     await job.remove()
+
+
+async def test_end_of_job_calls_read_usage_and_remove_only_an_empty_cgroup(
+    mechanics_driver: Driver,
+) -> None:
+    """The worker's end-of-job thread: final usage + OOM, then an rmdir that never waits."""
+    job = mechanics_driver.create_blocking(_job_id(), NO_LIMITS)
+    with trio.fail_after(20):
+        proc = await spawn_in(job, ["/bin/sh", "-c", "echo ready; exec sleep 60"],
+                              stdout=subprocess.PIPE)
+        assert await read_lines(proc, 1) == ["ready"]
+        assert not job.try_remove_blocking()  # populated: left for remove()
+        assert await trio.Path(job.path).is_dir()
+        await job.kill_all()
+        await job.wait_empty()
+        await proc.wait()
+    usage, oom = job.final_usage_blocking()
+    assert usage.cpu_usec > 0
+    assert not oom
+    if not job.try_remove_blocking():  # EBUSY for a moment after the last exit is allowed
+        await job.remove()  # ...and then remove() finishes (it retries, bounded)
+    assert not await trio.Path(job.path).exists()
+    assert job.try_remove_blocking()  # idempotent: gone is removed
 
 
 async def test_add_process_of_a_dead_pid_is_a_clear_error(mechanics_driver: Driver) -> None:

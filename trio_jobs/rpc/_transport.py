@@ -55,6 +55,10 @@ if TYPE_CHECKING:
 
 log: Final = logging.getLogger("trio_jobs.rpc")
 _COPY_LIMIT: Final = 256 * 1024
+_BATCH_BYTES: Final = 8 * 1024
+"""With several calls on the connection, frames are left to the writer (one write for a
+whole scheduler batch) until this many bytes wait: then they go at once, so the peer
+starts on the first answers while we produce the rest (less lockstep at c=64)."""
 SEND_HIGH_WATER: Final = 256 * 1024
 """Bytes of one connection written and not handed to the kernel yet above which a
 sender waits for the writer (the policy: wait, never buffer more)."""
@@ -128,7 +132,7 @@ class Transport:
         Never awaits and never raises. What is not sent at once is left to the writer;
         so is everything while other calls run on the connection: they are likely to
         queue frames in the same scheduler batch, and the writer sends them all in one
-        write (one TLS record, one segment) instead of one each.
+        write (one TLS record, one segment) instead of one each, up to _BATCH_BYTES.
         Enough for DATA and stream-ending frames: what they can queue is bounded by the
         peer's windows and :data:`SEND_HIGH_WATER`. The reader uses :meth:`flush` instead,
         so that it stops reading when its answers cannot be written.
@@ -140,7 +144,7 @@ class Transport:
         wire = self.wire
         if not wire.buffered:
             return
-        if len(self.states) > 1 or not wire.send_nowait():
+        if (len(self.states) > 1 and wire.buffered < _BATCH_BYTES) or not wire.send_nowait():
             self._want_write.set()
         else:
             self._progress()

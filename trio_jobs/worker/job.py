@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from .cgroups.base import CgroupDriver, JobCgroup
+    from .launch import SpoolFiles
     from .output import OutputLog
     from .spawn import ExitInfo, Spawned
     from .spec import JobSpec
@@ -65,7 +66,7 @@ class Job:
 
     def __init__(self, *, job_id: str, spec: JobSpec, driver: CgroupDriver, store: JobStore,
                  output: OutputLog, cgroup: JobCgroup, spawned: Spawned,
-                 created_at: datetime) -> None:
+                 created_at: datetime, spools: SpoolFiles) -> None:
         self.job_id = job_id
         self.output = output
         self._spec = spec
@@ -73,6 +74,7 @@ class Job:
         self._store = store
         self._cgroup = cgroup
         self._spawned = spawned
+        self._spools = spools
         self._signalled_by: Reason | None = None
         self._ended = trio.Event()
         self._final: JobStatus | None = None
@@ -188,12 +190,20 @@ class Job:
             if not removed:
                 await _quietly(cgroup.remove(), self.job_id, "remove the cgroup")
         final = self._publish(exit_info, usage, oom)
+        self.saved = await trio.to_thread.run_sync(self._save_blocking, final)
+
+    def _save_blocking(self, final: JobStatus) -> bool:
+        """Write the final record; True if stored. Then, in the same thread call (one round
+        trip less per job), make a spare spool file for a later start (see ``launch``)."""
         try:
-            await self._store.update(final)
-            self.saved = True
+            self._store.update_blocking(final)
+            saved = True
         except WorkerError as exc:
             # e.g. the disk is full: the worker keeps the status and retries (see Worker)
             log.error("job %s: cannot store the final status (will retry): %s", self.job_id, exc)
+            saved = False
+        self._spools.refill()
+        return saved
 
     def _end_cgroup_blocking(self, cgroup: JobCgroup) -> tuple[Usage, bool, bool]:
         """(final usage, OOM-killed, cgroup removed); logs what it cannot read or remove."""

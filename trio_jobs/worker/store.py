@@ -60,6 +60,7 @@ COLUMNS: Final = (
 )
 _INSERT: Final = (f"INSERT INTO jobs ({', '.join((*COLUMNS, 'pid', 'pid_start'))}) "
                   f"VALUES ({', '.join('?' * (len(COLUMNS) + 2))})")
+_UPDATE: Final = f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in COLUMNS[1:])} WHERE job_id = ?"
 _IN_BATCH: Final = 500  # ids per "IN (...)": under SQLite's oldest variable limit (999)
 
 
@@ -199,11 +200,14 @@ class JobStore:
 
         return await self._run(select)
 
-    async def update(self, status: JobStatus) -> None:
-        sets = ", ".join(f"{c} = ?" for c in COLUMNS[1:])
+    def update_blocking(self, status: JobStatus) -> None:
+        """Rewrite a record (e.g. the final status); blocking, for a worker thread."""
         row = _to_row(status)
-        await self._run(lambda c: c.execute(f"UPDATE jobs SET {sets} WHERE job_id = ?",
-                                            (*row[1:], row[0])))
+        self._call(lambda c: c.execute(_UPDATE, (*row[1:], row[0])))
+
+    async def update(self, status: JobStatus) -> None:
+        """:meth:`update_blocking` in a thread of its own."""
+        await trio.to_thread.run_sync(self.update_blocking, status)
 
     async def get(self, job_id: str) -> JobStatus | None:
         def get(c: sqlite3.Connection) -> JobStatus | None:

@@ -99,11 +99,11 @@ async def _open_store_and_jobs(
         ended = await _recover(store, out_dir)
         spools = SpoolFiles(out_dir)
         try:
+            await trio.to_thread.run_sync(spools.refill)
             async with trio.open_nursery() as nursery:
                 worker = Worker(_store=store, _driver=driver, _nursery=nursery, _out_dir=out_dir,
                                 _output_cap=output_cap, _default_grace=default_grace,
                                 _tail_size=tail_size, _ended=ended, _spools=spools)
-                nursery.start_soon(worker._refill_spools)
                 try:
                     yield worker
                 finally:
@@ -201,8 +201,7 @@ class Worker:
         self._output_cap = _output_cap
         self._default_grace = _default_grace
         self._tail_size = _tail_size
-        self._spools = _spools
-        self._spools_wanted = trio.Event()  # a start took a spare spool file
+        self._spools = _spools  # refilled by each job's end (Job._save_blocking)
         self._jobs: dict[str, Job] = {}  # started in this run, until their task ends
         self._ended = _ended  # job id -> (output_bytes, output_truncated) of ended jobs
         # Final statuses the store could not take (disk full, locked): served from here and
@@ -249,15 +248,12 @@ class Worker:
             if isinstance(exc, CgroupError):
                 raise WorkerError(f"cannot set up the job's cgroup: {exc}") from exc
             raise
-        finally:
-            if self._spools.wanted:
-                self._spools_wanted.set()
         # The process runs and its record exists: from here to start_soon, no checkpoint.
         output = OutputLog(state.path, cap=self._output_cap, tail_size=self._tail_size,
                            write_fd=started.fd)
         job = Job(job_id=job_id, spec=started.spec, driver=self._driver, store=self._store,
                   output=output, cgroup=started.cgroup, spawned=started.spawned,
-                  created_at=started.status.created_at)
+                  created_at=started.status.created_at, spools=self._spools)
         self._jobs[job_id] = job
         self._nursery.start_soon(self._run_job, job)
         if self._closed:  # shutdown began while we were starting: it did not see this job
@@ -276,13 +272,6 @@ class Worker:
                 if not job.saved and job.final is not None:
                     self._unsaved[job.job_id] = job.final
             del self._jobs[job.job_id]
-
-    async def _refill_spools(self) -> None:
-        """Keep spare spool files ready (see ``launch.SpoolFiles``); runs until cancelled."""
-        while True:
-            await trio.to_thread.run_sync(self._spools.refill)
-            await self._spools_wanted.wait()
-            self._spools_wanted = trio.Event()
 
     async def _save_unsaved(self) -> None:
         """Retry storing final statuses that failed earlier (stops at the first failure)."""

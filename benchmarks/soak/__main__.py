@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 MiB: Final = 1024 * 1024
 RSS_SLACK: Final = 64 * MiB  # allocator high-water marks are not a leak; more than this is
 LEAK_SLACK: Final = 16 * MiB  # RSS growth from the first round's end to the last's
+HISTORY_BYTES_PER_JOB: Final = 1024  # what one more job of history may take (docs/reliability.md)
 FD_SLACK: Final = 2
 SETTLE_TIMEOUT: Final = 60.0  # after the load: running jobs end, connections close
 CLIENTS_PER_IDENTITY: Final = 10
@@ -52,9 +53,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--think", type=float, default=0.05, help="max pause between a client's iterations, s")
     p.add_argument("--rounds", type=int, default=2, help="load rounds against one server (default 2)")
     p.add_argument("--quick", action="store_true", help="20 clients for 3 s, one round: a smoke run")
-    p.add_argument("--heap", choices=("rss", "tracemalloc"), default="",
-                   help="after each round probe the server's memory: RSS before/after malloc_trim, "
-                   "and with 'tracemalloc' the Python heap and what grew in it from the first round to the last")
+    p.add_argument("--heap", choices=("rss", "tracemalloc", "none"), default="rss",
+                   help="probe the server's memory before the load and after each round: 'rss' (default) "
+                   "RSS before/after malloc_trim(0); 'tracemalloc' also the Python heap (the server runs "
+                   "much slower) and what grew in it; 'none' runs plain 'trio-jobs serve'")
     p.add_argument("--fuzz-minutes", type=float, default=0.0, help="then run the input fuzzer this long")
     args = p.parse_args(argv)
     if args.minutes is not None:
@@ -86,10 +88,13 @@ def merge(rounds: Sequence[Stats]) -> Stats:
 
 
 def report(
-    args: argparse.Namespace, stats: Stats, before: Snapshot, ends: Sequence[Snapshot], driver: str
+    args: argparse.Namespace, rounds: Sequence[Stats], before: Snapshot, ends: Sequence[Snapshot],
+    heaps: Sequence[HeapProbe], driver: str,
 ) -> tuple[str, list[str]]:
     """The one-page report and the list of failures (empty = pass). ``ends``: a snapshot
-    after each round (settled), the last one being "after"."""
+    after each round (settled), the last one being "after"; ``heaps``: the memory probes
+    before the load and after each round (empty with ``--heap none``)."""
+    stats = merge(rounds)
     after = ends[-1]
     total = sum(stats.requests.values())
     seconds = args.seconds * len(ends)
@@ -119,42 +124,66 @@ def report(
     ]
     lines += [f"{name:<16}{b:>10.0f}{a:>10.0f}" for name, b, a in rows]
     lines.append("RSS after each round (MiB): " + ", ".join(f"{e.rss_bytes / MiB:.0f}" for e in ends))
+    if heaps:
+        lines.append(heap_report(heaps))
     failures = []
-    if len(ends) > 1 and ends[-1].rss_bytes > ends[0].rss_bytes + LEAK_SLACK:
-        failures.append(
-            f"RSS kept growing after the first round: {ends[0].rss_bytes // MiB} -> {ends[-1].rss_bytes // MiB} MiB"
-        )
+    failures += _memory_failures(rounds, before, ends, heaps)
     if stats.unexpected_count:
         failures.append(f"{stats.unexpected_count} unexpected errors, e.g. " + "; ".join(stats.unexpected[:5]))
     if after.fds > before.fds + FD_SLACK:
         failures.append(f"file descriptors grew {before.fds} -> {after.fds}")
+    if after.threads > before.threads:
+        failures.append(f"threads grew {before.threads} -> {after.threads}")
     if after.processes > before.processes:
         failures.append(f"processes left: {after.processes} (before {before.processes})")
     if after.cgroups > before.cgroups:
         failures.append(f"job cgroups left: {after.cgroups} (before {before.cgroups})")
-    if after.rss_bytes > before.rss_bytes + RSS_SLACK:
-        failures.append(f"RSS grew {before.rss_bytes // MiB} -> {after.rss_bytes // MiB} MiB")
     if not total:
         failures.append("no request completed")
     return "\n".join(lines), failures
 
 
+def _memory_failures(
+    rounds: Sequence[Stats], before: Snapshot, ends: Sequence[Snapshot], heaps: Sequence[HeapProbe]
+) -> list[str]:
+    """RSS may rise once, to the working set of the load (the allocator keeps what it used at
+    the peak); it must not keep rising from round to round beyond what the job history itself
+    takes (``HISTORY_BYTES_PER_JOB`` for each job started after the first round). With the
+    heap probe the round-to-round check uses the RSS after ``malloc_trim(0)``: memory still
+    in use, without the free memory the C allocator happens to hold."""
+    failures = []
+    if ends[-1].rss_bytes > before.rss_bytes + RSS_SLACK:
+        failures.append(f"RSS grew {before.rss_bytes // MiB} -> {ends[-1].rss_bytes // MiB} MiB")
+    if len(ends) > 1:
+        later_jobs = sum(r.jobs_started for r in rounds[1:])
+        allowance = LEAK_SLACK + later_jobs * HISTORY_BYTES_PER_JOB
+        first, last = (heaps[1].trimmed, heaps[-1].trimmed) if heaps else (ends[0].rss_bytes, ends[-1].rss_bytes)
+        what = "RSS after malloc_trim" if heaps else "RSS"
+        if last > first + allowance:
+            failures.append(
+                f"{what} kept growing after the first round: {first / MiB:.0f} -> {last / MiB:.0f} MiB "
+                f"(allowed: {allowance / MiB:.0f} MiB for {later_jobs} more jobs of history)"
+            )
+    return failures
+
+
 def heap_report(heaps: Sequence[HeapProbe], top: int = 12) -> str:
-    """The server's memory after each round, and what grew most in the Python heap."""
+    """The server's memory before the load and after each round, and what grew most in the
+    Python heap from the first round's end to the last's."""
     import tracemalloc
 
     def row(name: str, values: list[int]) -> str:
-        return f"{name:<34}" + ", ".join(f"{v / MiB:.1f}" for v in values)
+        return f"{name:<32}" + "".join(f"{v / MiB:>8.1f}" for v in values)
 
-    lines = ["", "memory after each round (MiB)",
-             row("  RSS", [h.rss for h in heaps]),
-             row("  RSS after malloc_trim(0)", [h.trimmed for h in heaps])]
+    lines = ["", f"{'memory (MiB)':<32}{'before':>8}" + "".join(f"{f'round {i}':>8}" for i in range(1, len(heaps))),
+             row("RSS", [h.rss for h in heaps]),
+             row("RSS after malloc_trim(0)", [h.trimmed for h in heaps])]
     if heaps[0].snapshot is not None:
-        lines.append(row("  Python objects (tracemalloc)", [h.traced for h in heaps]))
-    if len(heaps) > 1 and heaps[0].snapshot is not None and heaps[-1].snapshot is not None:
-        first = tracemalloc.Snapshot.load(str(heaps[0].snapshot))
+        lines.append(row("Python objects (tracemalloc)", [h.traced for h in heaps]))
+    if len(heaps) > 2 and heaps[1].snapshot is not None and heaps[-1].snapshot is not None:
+        first = tracemalloc.Snapshot.load(str(heaps[1].snapshot))
         last = tracemalloc.Snapshot.load(str(heaps[-1].snapshot))
-        lines.append(f"largest growth, first round's end -> last round's end (top {top}):")
+        lines.append(f"Python heap growth, first round's end -> last round's end (top {top}):")
         for stat in last.compare_to(first, "lineno")[:top]:
             frame = stat.traceback[0]
             lines.append(f"  {stat.size_diff / 1024:>+9.1f} KiB {stat.count_diff:>+7} blocks  "
@@ -170,7 +199,9 @@ async def _settle(server: SoakServer, before: Snapshot | None) -> Snapshot:
                 await trio.sleep(0.2)  # polling a remote server: there is no event to wait on
     snap = snapshot(server.pid, server.cgroup_parent)
     with trio.move_on_after(SETTLE_TIMEOUT):
-        while before is not None and (snap.fds > before.fds + FD_SLACK or snap.processes > before.processes):
+        while before is not None and (
+            snap.fds > before.fds + FD_SLACK or snap.processes > before.processes or snap.threads > before.threads
+        ):
             await trio.sleep(0.2)
             snap = snapshot(server.pid, server.cgroup_parent)
     return snap
@@ -193,6 +224,8 @@ async def soak(args: argparse.Namespace, home: Path) -> int:
             await server.start(nursery)
             await _warm_up(server)
             before = await _settle(server, None)
+            if args.heap != "none":
+                heaps.append(await server.heap_probe())
             contexts = {i: server.ssl_context(identity_name(i)) for i in range(identities)}
             rounds: list[Stats] = []
             ends: list[Snapshot] = []
@@ -207,11 +240,11 @@ async def soak(args: argparse.Namespace, home: Path) -> int:
                     )
                 )
                 ends.append(await _settle(server, before))
-                if args.heap:
+                if args.heap != "none":
                     heaps.append(await server.heap_probe())
         finally:
             code = await server.stop()
-        text, failures = report(args, merge(rounds), before, ends, server.cgroup_driver())
+        text, failures = report(args, rounds, before, ends, heaps, server.cgroup_driver())
         if code != 0:
             failures.append(f"the server exited {code}: {server.stderr_text()[-2000:]}")
         if "Traceback" in server.stderr_text():
@@ -220,8 +253,6 @@ async def soak(args: argparse.Namespace, home: Path) -> int:
         if left:
             failures.append(f"{left} job cgroups left after the server stopped")
         print(text)
-        if heaps:
-            print(heap_report(heaps))
         print("verdict: " + ("OK" if not failures else "FAIL\n  " + "\n  ".join(failures)), flush=True)
         nursery.cancel_scope.cancel()
     return 0 if not failures else 1

@@ -128,7 +128,7 @@ class SoakServer:
         heap: str = "",
     ) -> None:
         self.home = home
-        self.heap = heap  # "", "rss" or "tracemalloc": probe the heap after rounds (_traced_serve)
+        self.heap = heap  # "" / "none", "rss" or "tracemalloc": probe the heap after rounds (_traced_serve)
         self._snapshots = 0
         self.identities = identities
         self.max_running_jobs = max_running_jobs
@@ -156,7 +156,7 @@ class SoakServer:
         self.home.mkdir(parents=True, exist_ok=True)
         policy = self.home / "policy.toml"
         policy.write_text(policy_toml(self.identities, self.max_running_jobs))
-        module = "benchmarks.soak._traced_serve" if self.heap else "trio_jobs.cli"
+        module = "benchmarks.soak._traced_serve" if self.heap not in ("", "none") else "trio_jobs.cli"
         argv = [sys.executable, "-m", module, "serve", "--port", "0", "--policy", str(policy)]
         argv += ["--cgroup-parent", self.cgroup_parent, *self.extra_args]
         with self.stderr_path.open("wb") as stderr:
@@ -201,7 +201,7 @@ class SoakServer:
 
     async def heap_probe(self) -> HeapProbe:
         """Probe a ``heap`` server's memory now (see _traced_serve); trims the C heap."""
-        assert self.heap
+        assert self.heap not in ("", "none")
         assert self.process is not None
         n, self._snapshots = self._snapshots, self._snapshots + 1
         done = self.home / f"heap-{n}.done"

@@ -10,8 +10,9 @@ Life of a job:
 3. the main process exits (pidfd readable, not reaped) -> ``kill_all`` on the cgroup ->
    ``wait_empty`` -> wait for the pump to reach EOF, at most ``DRAIN_TIMEOUT`` (a process that
    escaped the kill -- only possible without cgroups, via setsid -- may hold the pipe forever;
-   then we stop reading, and it gets SIGPIPE) -> reap -> usage and OOM -> ``remove`` ->
-   final status in memory -> the log ends (followers finish) -> the record is written.
+   then we stop reading, and it gets SIGPIPE) -> reap -> in one worker thread: usage and OOM,
+   the cgroup's rmdir, the final record written -> (``remove`` if the cgroup was still busy)
+   -> final status in memory -> the log ends (followers finish).
 
 Stop: SIGTERM to every process (``signal_all``), wait up to the grace period, then
 ``kill_all``; wait for the end. A signal is only sent while the main process has not exited
@@ -175,26 +176,41 @@ class Job:
                 await spawned.wait_exited()
         exit_info: ExitInfo | None = spawned.reap() if spawned.has_exited() else None
         spawned.close_pipes()
-        usage, oom = Usage(), False
+        if exit_info is None:
+            log.error("job %s: main process did not exit after SIGKILL", self.job_id)
+        # Usage, OOM, the rmdirs, the final record and a spare spool file in one thread call:
+        # a dozen cgroupfs operations (~1 ms on v1) and an SQLite write that would otherwise
+        # hold up the event loop (e.g. the next StartJob), for one round trip.
+        self._ending = True
+        base = self._status()  # the output's size: the pump has stopped
+        final, removed, self.saved = await trio.to_thread.run_sync(
+            self._end_blocking, cgroup, exit_info, base)
+        if not removed:
+            await _quietly(cgroup.remove(), self.job_id, "remove the cgroup")
+        self._final = final
+        self.output.finish()
+        self._ended.set()
+
+    def _end_blocking(self, cgroup: JobCgroup, exit_info: ExitInfo | None, base: JobStatus
+                      ) -> tuple[JobStatus, bool, bool]:
+        """(final status, cgroup removed, record stored); logs what it cannot read, remove
+        or store. Then makes a spare spool file for a later start (see ``launch``)."""
+        usage, oom, removed = Usage(), False, False
         if self._driver.name == "none":
             if exit_info is not None and exit_info.rusage is not None:
                 ru = exit_info.rusage
                 usage = Usage(cpu_usec=int((ru.ru_utime + ru.ru_stime) * 1_000_000),
                               memory_peak_bytes=ru.ru_maxrss * 1024)
-            await _quietly(cgroup.remove(), self.job_id, "remove the cgroup")
         else:
-            # usage, OOM and the rmdirs in one thread call: ~10 cgroupfs operations (~1 ms
-            # on v1) that would otherwise hold up the event loop, e.g. the next StartJob
-            self._ending = True
-            usage, oom, removed = await trio.to_thread.run_sync(self._end_cgroup_blocking, cgroup)
-            if not removed:
-                await _quietly(cgroup.remove(), self.job_id, "remove the cgroup")
-        final = self._publish(exit_info, usage, oom)
-        self.saved = await trio.to_thread.run_sync(self._save_blocking, final)
-
-    def _save_blocking(self, final: JobStatus) -> bool:
-        """Write the final record; True if stored. Then, in the same thread call (one round
-        trip less per job), make a spare spool file for a later start (see ``launch``)."""
+            try:
+                usage, oom = cgroup.final_usage_blocking()
+            except CgroupError as exc:
+                log.warning("job %s: cannot read final usage: %s", self.job_id, exc)
+        try:
+            removed = cgroup.try_remove_blocking()
+        except CgroupError as exc:
+            log.warning("job %s: cannot remove the cgroup yet: %s", self.job_id, exc)
+        final = self._final_status(base, exit_info, usage, oom)
         try:
             self._store.update_blocking(final)
             saved = True
@@ -203,39 +219,22 @@ class Job:
             log.error("job %s: cannot store the final status (will retry): %s", self.job_id, exc)
             saved = False
         self._spools.refill()
-        return saved
+        return final, removed, saved
 
-    def _end_cgroup_blocking(self, cgroup: JobCgroup) -> tuple[Usage, bool, bool]:
-        """(final usage, OOM-killed, cgroup removed); logs what it cannot read or remove."""
-        usage, oom, removed = Usage(), False, False
-        try:
-            usage, oom = cgroup.final_usage_blocking()
-        except CgroupError as exc:
-            log.warning("job %s: cannot read final usage: %s", self.job_id, exc)
-        try:
-            removed = cgroup.try_remove_blocking()
-        except CgroupError as exc:
-            log.warning("job %s: cannot remove the cgroup yet: %s", self.job_id, exc)
-        return usage, oom, removed
-
-    def _publish(self, exit_info: ExitInfo | None, usage: Usage, oom: bool) -> JobStatus:
+    def _final_status(self, base: JobStatus, exit_info: ExitInfo | None, usage: Usage,
+                      oom: bool) -> JobStatus:
         code = exit_info.returncode if exit_info is not None else -signal.SIGKILL
-        if exit_info is None:
-            log.error("job %s: main process did not exit after SIGKILL", self.job_id)
         if code >= 0:
             state, exit_code, sig, by = JobState.EXITED, code, None, None
         else:
+            # stable by now: a stop only records itself while the main process runs
             state, exit_code, sig, by = JobState.KILLED, None, -code, self._signalled_by
         check_transition(JobState.RUNNING, state)
-        base = self._status(usage=usage)
-        self._final = JobStatus(
+        return JobStatus(
             **{**base.__dict__, "state": state, "exit_code": exit_code, "signal": sig,
                "stopped_by_user": by == "user", "stopped_by_shutdown": by == "shutdown",
-               "oom_killed": oom, "ended_at": utcnow()},
+               "oom_killed": oom, "usage": usage, "ended_at": utcnow()},
         )
-        self.output.finish()
-        self._ended.set()
-        return self._final
 
     # -- stop -----------------------------------------------------------------------------------
 

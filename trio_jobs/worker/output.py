@@ -79,9 +79,9 @@ class OutputLog:
         return cls(path, cap=cap, tail_size=tail_size, write_fd=fd)
 
     @classmethod
-    def ended_log(cls, path: Path, *, size: int, truncated: bool) -> Self:
+    def ended_log(cls, path: Path, *, size: int) -> Self:
         """A read-only view of the log of a job that has ended (e.g. in an earlier run)."""
-        return cls(path, cap=size, tail_size=1, size=size, truncated=truncated, ended=True)
+        return cls(path, cap=size, tail_size=1, size=size, ended=True)
 
     @property
     def size(self) -> int:

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import logging
 import math
+import collections
 import os
 import uuid
 from contextlib import asynccontextmanager
@@ -43,6 +44,8 @@ DEFAULT_OUTPUT_CAP: Final = 1 << 30
 DB_NAME: Final = "jobs.sqlite3"
 LOCK_NAME: Final = "lock"
 OUTPUT_DIR: Final = "output"
+ENDED_SIZES_KEPT: Final = 4096
+"""Ended jobs whose output size stays in memory (see EndedSizes)."""
 
 
 @asynccontextmanager
@@ -138,9 +141,10 @@ async def _kill_leftover_groups(store: JobStore) -> None:
                         members, EMPTY_TIMEOUT)
 
 
-async def _recover(store: JobStore, out_dir: Path) -> dict[str, tuple[int, bool]]:
-    """Mark jobs that were RUNNING when an earlier worker died as LOST; index the output."""
-    ended: dict[str, tuple[int, bool]] = {}
+async def _recover(store: JobStore, out_dir: Path) -> EndedSizes:
+    """Mark jobs that were RUNNING when an earlier worker died as LOST; remember the output
+    sizes of the most recent ended jobs."""
+    ended = EndedSizes()
     for status in await store.list():
         if status.state is JobState.RUNNING:
             check_transition(status.state, JobState.LOST)
@@ -151,8 +155,47 @@ async def _recover(store: JobStore, out_dir: Path) -> dict[str, tuple[int, bool]
             await store.update(status)
             log.warning("job %s was running when the previous server stopped: marked LOST",
                         status.job_id)
-        ended[status.job_id] = (status.output_bytes, status.output_truncated)
+        ended.add(status.job_id, status.output_bytes)
     return ended
+
+
+class EndedSizes:
+    """The output sizes of the ``capacity`` most recently ended jobs (an LRU).
+
+    ``follow()`` of an ended job needs the size of its output, and ``follow()`` is synchronous.
+    Keeping it for every job of the history made the worker's memory grow with the history
+    (about 250 bytes a job); older jobs are looked up in their spool file instead (the file
+    of an ended job holds exactly its output), one ``stat`` when someone follows them.
+    """
+
+    __slots__ = ("_capacity", "_sizes")
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self._capacity = ENDED_SIZES_KEPT if capacity is None else capacity
+        self._sizes: collections.OrderedDict[str, int] = collections.OrderedDict()
+
+    def add(self, job_id: str, size: int) -> None:
+        self._sizes[job_id] = size
+        self._sizes.move_to_end(job_id)
+        if len(self._sizes) > self._capacity:
+            self._sizes.popitem(last=False)
+
+    def get(self, job_id: str) -> int | None:
+        return self._sizes.get(job_id)
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+
+def _canonical_job_id(job_id: object) -> str | None:
+    """``job_id`` if it is a job id this worker could have made (a UUID in canonical form:
+    safe to put in a file name), else None."""
+    if not isinstance(job_id, str) or len(job_id) != 36:
+        return None
+    try:
+        return job_id if str(uuid.UUID(job_id)) == job_id else None
+    except ValueError:
+        return None
 
 
 def _lock_data_dir(data_dir: Path) -> int:
@@ -193,7 +236,7 @@ class Worker:
 
     def __init__(self, *, _store: JobStore, _driver: CgroupDriver, _nursery: trio.Nursery,
                  _out_dir: Path, _output_cap: int, _default_grace: float, _tail_size: int,
-                 _ended: dict[str, tuple[int, bool]], _spools: SpoolFiles) -> None:
+                 _ended: EndedSizes, _spools: SpoolFiles) -> None:
         self._store = _store
         self._driver = _driver
         self._nursery = _nursery
@@ -201,9 +244,9 @@ class Worker:
         self._output_cap = _output_cap
         self._default_grace = _default_grace
         self._tail_size = _tail_size
-        self._spools = _spools  # refilled by each job's end (Job._save_blocking)
+        self._spools = _spools  # refilled by each job's end (Job._end_blocking)
         self._jobs: dict[str, Job] = {}  # started in this run, until their task ends
-        self._ended = _ended  # job id -> (output_bytes, output_truncated) of ended jobs
+        self._ended = _ended  # output sizes of the most recently ended jobs
         # Final statuses the store could not take (disk full, locked): served from here and
         # written again before every start and at shutdown. Bounded by the jobs of this run.
         self._unsaved: dict[str, JobStatus] = {}
@@ -268,7 +311,7 @@ class Worker:
             log.exception("job %s: supervisor failed", job.job_id)  # never take down others
         finally:
             if job.ended:
-                self._ended[job.job_id] = (job.output.size, job.output.truncated)
+                self._ended.add(job.job_id, job.output.size)
                 if not job.saved and job.final is not None:
                     self._unsaved[job.job_id] = job.final
             del self._jobs[job.job_id]
@@ -369,13 +412,19 @@ class Worker:
             return job.output.follow(offset, wait=wait, max_chunk=max_chunk)
         if self._store.closed:
             raise WorkerClosed("the worker is closed")
-        try:
-            size, truncated = self._ended[job_id]
-        except (KeyError, TypeError):
-            raise JobNotFound(f"no job {job_id!r}; `list` shows the jobs that exist") from None
-        path = self._out_dir / f"{job_id}.out"
-        return OutputLog.ended_log(path, size=size, truncated=truncated).follow(
-            offset, wait=wait, max_chunk=max_chunk)
+        size = self._ended.get(job_id) if isinstance(job_id, str) else None
+        name = _canonical_job_id(job_id)
+        if name is None:
+            raise JobNotFound(f"no job {job_id!r}; `list` shows the jobs that exist")
+        path = self._out_dir / f"{name}.out"
+        if size is None:  # an older job: its spool file says how much output it has
+            try:
+                size = path.stat().st_size  # one cached inode lookup: cheaper than a thread hop
+            except FileNotFoundError:
+                raise JobNotFound(f"no job {job_id!r}; `list` shows the jobs that exist") from None
+            except OSError as exc:
+                raise WorkerError(f"cannot read the output file {path}: {exc}") from exc
+        return OutputLog.ended_log(path, size=size).follow(offset, wait=wait, max_chunk=max_chunk)
 
     def followers(self, job_id: str) -> int:
         """Open readers of a running job's output (0 for an ended or unknown job).

@@ -188,13 +188,13 @@ async def test_old_bytes_come_from_the_file_and_match(tmp_path: Path) -> None:
         digest.update(chunk.data)
     assert digest.digest() == hashlib.sha256(payload).digest()
     # a view of an ended log (as after a restart) reads the same file
-    view = OutputLog.ended_log(tmp_path / "out", size=len(payload), truncated=False)
+    view = OutputLog.ended_log(tmp_path / "out", size=len(payload))
     assert b"".join([c.data async for c in view.follow(len(payload) - 10)]) == payload[-10:]
 
 
 async def test_shorter_file_than_recorded_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "out").write_bytes(b"12345")
-    view = OutputLog.ended_log(tmp_path / "out", size=10, truncated=False)
+    view = OutputLog.ended_log(tmp_path / "out", size=10)
     reader = view.follow(0)
     assert (await reader.__anext__()).data == b"12345"
     with pytest.raises(Exception, match="shorter"):

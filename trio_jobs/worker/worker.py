@@ -9,11 +9,11 @@ persists their records, and closes the store -- also when the body was cancelled
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import logging
 import math
-import collections
 import os
 import uuid
 from contextlib import asynccontextmanager

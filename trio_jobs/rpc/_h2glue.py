@@ -7,15 +7,21 @@
 * :class:`_FrameBuffer`: refuses an oversized frame at its header, lets the protocol
   skip h2 for bytes that cannot complete a frame, and hands h2 at most a budget of
   frames per call.
+* :func:`send_data_fast` and :func:`send_headers_fast`: h2's ``send_data`` and, for a
+  stream that exists, ``send_headers``, doing exactly h2's state-machine steps, checks and
+  window accounting but writing the frame bytes directly (no frame objects, no header
+  re-encoding, no per-call debug logging): those were a third of h2's cost per call.
 """
 
 from __future__ import annotations
 
-from typing import Final
+import struct
+from typing import TYPE_CHECKING, Final
 
 import h2.exceptions
 from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
 from h2.frame_buffer import FrameBuffer
+from h2.stream import StreamInputs
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -29,6 +35,82 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
+
+if TYPE_CHECKING:
+    from h2.connection import H2Connection
+    from h2.stream import H2Stream
+
+_FRAME_HEADER: Final = struct.Struct(">HBBBI")  # 24-bit length (as H + B), type, flags, id
+_DATA: Final = 0x0
+_HEADERS: Final = 0x1
+_END_STREAM: Final = 0x1
+_END_HEADERS: Final = 0x4
+_HPACK_WORST: Final = 4  # Huffman codes are at most 30 bits per byte
+
+
+def _frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
+    return _FRAME_HEADER.pack(length >> 8, length & 0xFF, kind, flags, stream_id)
+
+
+def send_data_fast(
+    conn: H2Connection, stream: H2Stream, data: bytes | memoryview, end_stream: bool
+) -> None:
+    """``conn.send_data(stream.stream_id, data, end_stream)`` without padding, same effects.
+
+    Raises what h2 raises (FlowControlError, FrameTooLargeError, a state-machine
+    ProtocolError), before changing anything, like h2.
+    """
+    size = len(data)
+    window = min(conn.outbound_flow_control_window, stream.outbound_flow_control_window)
+    if size > 0 and size > window:
+        msg = f"Cannot send {size} bytes, flow control window is {window}"
+        raise h2.exceptions.FlowControlError(msg)
+    if size > conn.max_outbound_frame_size:
+        msg = f"Cannot send frame size {size}, max frame size is {conn.max_outbound_frame_size}"
+        raise h2.exceptions.FrameTooLargeError(msg)
+    conn.state_machine.process_input(ConnectionInputs.SEND_DATA)
+    stream.state_machine.process_input(StreamInputs.SEND_DATA)
+    flags = 0
+    if end_stream:
+        stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+        flags = _END_STREAM
+    stream.outbound_flow_control_window -= size
+    out = conn._data_to_send
+    out += _frame_header(size, _DATA, flags, stream.stream_id)
+    out += data
+    conn.outbound_flow_control_window -= size
+
+
+def send_headers_fast(
+    conn: H2Connection, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool
+) -> bool:
+    """A server's ``conn.send_headers`` on an open stream, same effects; False = not done.
+
+    Only for a stream h2 has and a block that surely fits one frame (no CONTINUATION);
+    otherwise nothing is changed and the caller uses h2. Same order as h2: the state
+    transitions before the (irreversible) HPACK encoding, the trailers check after.
+    Never for informational (1xx) responses, which gRPC does not send.
+    """
+    stream = conn.streams.get(stream_id)
+    if stream is None or conn.config.client_side:
+        return False
+    if sum(len(n) + len(v) for n, v in headers) * _HPACK_WORST + 16 * len(headers) > (
+        conn.max_outbound_frame_size
+    ):
+        return False
+    conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+    stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
+    block = conn.encoder.encode(headers)
+    flags = _END_HEADERS
+    if end_stream:
+        stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+        flags |= _END_STREAM
+    if stream.state_machine.trailers_sent and not end_stream:
+        raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
+    out = conn._data_to_send
+    out += _frame_header(len(block), _HEADERS, flags, stream_id)
+    out += block
+    return True
 
 
 class _GoAwayTolerantStateMachine(H2ConnectionStateMachine):

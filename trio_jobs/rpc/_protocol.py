@@ -47,7 +47,13 @@ from h2.errors import ErrorCodes
 
 from . import _events as ev
 from ._framing import FramingError, MessageDecoder
-from ._h2glue import _QUIET, _FrameBuffer, _GoAwayTolerantStateMachine
+from ._h2glue import (
+    _QUIET,
+    _FrameBuffer,
+    _GoAwayTolerantStateMachine,
+    send_data_fast,
+    send_headers_fast,
+)
 from ._hpack import HeaderChecker, MemoDecoder, MemoEncoder
 from ._status import StatusCode
 
@@ -363,13 +369,15 @@ class GrpcProtocol:
         n = min(len(data), self.send_window(stream_id))
         if n == 0 and len(data):
             return 0
-        frame = self._h2.max_outbound_frame_size
+        conn = self._h2
+        frame = conn.max_outbound_frame_size
         try:
+            stream = conn._get_stream_by_id(stream_id)
             off = 0
             while True:
                 chunk = data[off : min(off + frame, n)]
                 off += len(chunk)
-                self._h2.send_data(stream_id, chunk, end_stream=end_stream and off >= len(data))
+                send_data_fast(conn, stream, chunk, end_stream and off >= len(data))
                 if off >= n:
                     break
         except h2.exceptions.ProtocolError as exc:
@@ -386,7 +394,8 @@ class GrpcProtocol:
         if self.closed:
             raise StreamGone(stream_id)
         try:
-            self._h2.send_headers(stream_id, headers, end_stream=end_stream)
+            if not send_headers_fast(self._h2, stream_id, headers, end_stream):
+                self._h2.send_headers(stream_id, headers, end_stream=end_stream)
         except h2.exceptions.ProtocolError as exc:
             raise StreamGone(stream_id) from exc
         self._on_sent_data()

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 log: Final = logging.getLogger("trio_jobs.rpc")
 _COPY_LIMIT: Final = 256 * 1024
+_LINGER_TIME: Final = 1.0  # seconds of discarding input after a GOAWAY for a protocol error
 _BATCH_BYTES: Final = 8 * 1024
 """With several calls on the connection, frames are left to the writer (one write for a
 whole scheduler batch) until this many bytes wait: then they go at once, so the peer
@@ -229,6 +230,9 @@ class Transport:
             else:
                 reason = RpcError(StatusCode.UNAVAILABLE, "connection closed (protocol error)")
                 await self.flush_quietly(1.0)
+                # The GOAWAY is out; a peer still sending must get it before any reset.
+                self.connection_lost(reason)
+                await self.wire.linger(_LINGER_TIME)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             reason = RpcError(StatusCode.UNAVAILABLE, "connection lost")
         except RpcError as exc:

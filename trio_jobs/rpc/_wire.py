@@ -44,6 +44,7 @@ import trio
 
 _SOCKET_READ: Final = 256 * 1024
 _CLOSE_NOTIFY_TIMEOUT: Final = 1.0  # for a close_notify over a stream that may block
+_LINGER_BYTES: Final = 4 * 1024 * 1024  # most input discarded by linger()
 
 
 @final
@@ -89,6 +90,7 @@ class Wire:
         self.sent_total = 0  # bytes ever handed to the kernel (or to the stream)
         self._failed: BaseException | None = None
         self._peer_eof = False
+        self._close_notify_sent = False
         self._closed = False
 
     # -- TLS ----------------------------------------------------------------------------
@@ -296,6 +298,49 @@ class Wire:
         return b"".join(parts)
 
     # -- closing --------------------------------------------------------------------------
+    async def linger(self, limit: float, max_bytes: int = _LINGER_BYTES) -> None:
+        """After our last bytes (a GOAWAY): close_notify and FIN, then discard input a while.
+
+        Closing a socket with unread input makes the kernel reset the connection, and a
+        peer that is still sending (a flood) may then lose the GOAWAY that says why.
+        Reads and drops what arrives until EOF, an error, ``limit`` seconds or
+        ``max_bytes``; no decryption. Sockets only (a no-op over other streams).
+        """
+        if self._closed or self._failed is not None or self._sock is None:
+            return
+        sock = self._sock
+        self._send_close_notify()
+        with trio.move_on_after(limit):
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                return
+            drained = 0
+            while drained < max_bytes:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    data = sock.recv(_SOCKET_READ)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                drained += len(data)
+
+    def _send_close_notify(self) -> None:
+        """Queue close_notify once (if the session is healthy); push it without waiting."""
+        if self._tls is None or not self._handshaken or self._failed is not None:
+            return
+        if self._close_notify_sent:
+            return
+        self._close_notify_sent = True
+        # SSLWantReadError: unwrap() wants the peer's close_notify; not waited for.
+        with contextlib.suppress(ssl.SSLError):
+            self._tls.unwrap()
+        self._collect_tls_output()
+        self.send_nowait()
+
     async def aclose(self) -> None:
         """Send close_notify if the session is healthy (best effort, bounded), then close.
 
@@ -304,13 +349,15 @@ class Wire:
         if self._closed:
             return
         try:
-            if self._tls is not None and self._handshaken and self._failed is None:
-                # SSLWantReadError: unwrap() wants the peer's close_notify; not waited for.
-                with contextlib.suppress(ssl.SSLError):
-                    self._tls.unwrap()
-                self._collect_tls_output()
+            if (
+                self._tls is not None
+                and self._handshaken
+                and self._failed is None
+                and not self._close_notify_sent
+            ):
+                self._send_close_notify()
                 if self._sock is not None:
-                    self.send_nowait()
+                    pass  # sent (or dropped: the socket is full) by _send_close_notify
                 elif self._stream is not None and self._in_flight == 0 and self._out:
                     with (
                         trio.move_on_after(_CLOSE_NOTIFY_TIMEOUT, shield=True),

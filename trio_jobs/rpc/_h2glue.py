@@ -7,10 +7,13 @@
 * :class:`_FrameBuffer`: refuses an oversized frame at its header, lets the protocol
   skip h2 for bytes that cannot complete a frame, and hands h2 at most a budget of
   frames per call.
-* :func:`send_data_fast` and :func:`send_headers_fast`: h2's ``send_data`` and, for a
-  stream that exists, ``send_headers``, doing exactly h2's state-machine steps, checks and
-  window accounting but writing the frame bytes directly (no frame objects, no header
-  re-encoding, no per-call debug logging): those were a third of h2's cost per call.
+* :func:`send_data_fast`, :func:`send_headers_fast`, :func:`start_stream_fast`: h2's
+  ``send_data`` and ``send_headers`` (a server's answer on an open stream, a client's new
+  request stream), doing exactly h2's state-machine steps, checks and window accounting
+  but writing the frame bytes directly (no frame objects, no header re-encoding, no
+  per-call debug logging): those were a third of h2's cost per call.
+  :func:`forget_closed_stream` does for one stream what h2's open-stream count does for
+  all of them on every new stream (an O(n) walk, which the client's path skips).
 """
 
 from __future__ import annotations
@@ -19,9 +22,15 @@ import struct
 from typing import TYPE_CHECKING, Final
 
 import h2.exceptions
-from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
+from h2.connection import (
+    AllowedStreamIDs,
+    ConnectionInputs,
+    ConnectionState,
+    H2ConnectionStateMachine,
+)
 from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamInputs
+from h2.utilities import authority_from_headers, extract_method_header
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -46,6 +55,7 @@ _HEADERS: Final = 0x1
 _END_STREAM: Final = 0x1
 _END_HEADERS: Final = 0x4
 _HPACK_WORST: Final = 4  # Huffman codes are at most 30 bits per byte
+_SWEEP_EVERY: Final = 128  # client stream ids (odd): h2's full sweep every 64 streams
 
 
 def _frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
@@ -94,9 +104,7 @@ def send_headers_fast(
     stream = conn.streams.get(stream_id)
     if stream is None or conn.config.client_side:
         return False
-    if sum(len(n) + len(v) for n, v in headers) * _HPACK_WORST + 16 * len(headers) > (
-        conn.max_outbound_frame_size
-    ):
+    if _too_big_for_one_frame(conn, headers):
         return False
     conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
     stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
@@ -111,6 +119,49 @@ def send_headers_fast(
     out += _frame_header(len(block), _HEADERS, flags, stream_id)
     out += block
     return True
+
+
+def start_stream_fast(
+    conn: H2Connection, stream_id: int, headers: list[tuple[bytes, bytes]]
+) -> bool:
+    """A client's ``conn.send_headers(stream_id, headers)`` opening a new stream (no
+    END_STREAM), same effects; False = not done, nothing changed (use h2).
+
+    Skips h2's count of open outbound streams against the server's limit: the caller
+    must have checked it (``ClientProtocol.stream_slots_free`` counts every stream not
+    released yet, never fewer than h2). h2 also drops closed streams during that count;
+    :func:`forget_closed_stream` does it at release, and every ``_SWEEP_EVERY`` streams
+    h2's own walk runs once, for a stream released before it closed.
+    """
+    if not conn.config.client_side or stream_id in conn.streams:
+        return False
+    if _too_big_for_one_frame(conn, headers):
+        return False
+    if stream_id % _SWEEP_EVERY == 1:
+        _ = conn.open_outbound_streams  # h2's sweep of closed streams
+    conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+    stream = conn._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
+    stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
+    block = conn.encoder.encode(headers)
+    stream._authority = authority_from_headers(headers)
+    stream.request_method = extract_method_header(headers)
+    out = conn._data_to_send
+    out += _frame_header(len(block), _HEADERS, _END_HEADERS, stream_id)
+    out += block
+    return True
+
+
+def forget_closed_stream(conn: H2Connection, stream_id: int) -> None:
+    """Drop a closed stream from h2's table the way h2's open-stream count does."""
+    stream = conn.streams.get(stream_id)
+    if stream is not None and stream.closed:
+        del conn.streams[stream_id]
+        conn._closed_streams[stream_id] = stream.closed_by
+
+
+def _too_big_for_one_frame(conn: H2Connection, headers: list[tuple[bytes, bytes]]) -> bool:
+    size = sum(len(n) + len(v) for n, v in headers) * _HPACK_WORST + 16 * len(headers)
+    return size > conn.max_outbound_frame_size
 
 
 class _GoAwayTolerantStateMachine(H2ConnectionStateMachine):

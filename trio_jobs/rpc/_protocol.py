@@ -51,8 +51,10 @@ from ._h2glue import (
     _QUIET,
     _FrameBuffer,
     _GoAwayTolerantStateMachine,
+    forget_closed_stream,
     send_data_fast,
     send_headers_fast,
+    start_stream_fast,
 )
 from ._hpack import HeaderChecker, MemoDecoder, MemoEncoder
 from ._status import StatusCode
@@ -346,6 +348,7 @@ class GrpcProtocol:
         st = self._streams.pop(stream_id, None)
         if st is not None and st.unacked and not self.closed:
             self._ack(stream_id, st.unacked)
+        forget_closed_stream(self._h2, stream_id)
 
     def send_window(self, stream_id: int) -> int:
         """Bytes the peer lets us send on the stream now (0 if it is gone)."""
@@ -394,8 +397,12 @@ class GrpcProtocol:
         if self.closed:
             raise StreamGone(stream_id)
         try:
-            if not send_headers_fast(self._h2, stream_id, headers, end_stream):
-                self._h2.send_headers(stream_id, headers, end_stream=end_stream)
+            conn = self._h2
+            done = (not end_stream and start_stream_fast(conn, stream_id, headers)) or (
+                send_headers_fast(conn, stream_id, headers, end_stream)
+            )
+            if not done:
+                conn.send_headers(stream_id, headers, end_stream=end_stream)
         except h2.exceptions.ProtocolError as exc:
             raise StreamGone(stream_id) from exc
         self._on_sent_data()

@@ -299,8 +299,20 @@ class JobsClient:
     async def status(self, job_id: str) -> JobInfo:
         return JobInfo.from_proto(await self._unary("GetJobStatus", pb.GetJobStatusRequest(job_id=job_id), pb.JobStatus))
 
-    async def list_proto(self, *, all_users: bool = False) -> pb.ListJobsResponse:
-        return await self._unary("ListJobs", pb.ListJobsRequest(all_users=all_users), pb.ListJobsResponse)
+    async def list_proto(self, *, all_users: bool = False, page_size: int = 0) -> pb.ListJobsResponse:
+        """Every job (see :meth:`list`) in one ``ListJobsResponse``, however many pages the
+        server answers in (``page_size``: jobs per call, 0 lets the server choose)."""
+        jobs: list[pb.JobStatus] = []
+        token = ""
+        while True:
+            request = pb.ListJobsRequest(all_users=all_users, page_size=page_size, page_token=token)
+            page = await self._unary("ListJobs", request, pb.ListJobsResponse)
+            jobs.extend(page.jobs)
+            if not page.next_page_token:
+                return pb.ListJobsResponse(jobs=jobs)
+            if page.next_page_token == token or not page.jobs:
+                raise JobsError(StatusCode.INTERNAL, "the server's ListJobs pages do not advance")
+            token = page.next_page_token
 
     async def list(self, *, all_users: bool = False) -> list[JobInfo]:
         """Your jobs, oldest first; ``all_users`` (admins only) for everybody's."""

@@ -20,6 +20,8 @@ policy checks and what the worker executes, so the check and the execution canno
 
 from __future__ import annotations
 
+import base64
+import bisect
 import contextlib
 import logging
 import os
@@ -99,6 +101,12 @@ ordinary ones, and converting it again costs little next to sending it."""
 LIST_CONVERT_IN_THREAD: Final = 64
 """More cache misses than this (e.g. the first list after a restart) are converted in a
 worker thread, so a cold list of a long history does not hold up every other call."""
+LIST_PAGE_BYTES: Final = (4 << 20) - (64 << 10)
+"""The most bytes of jobs in one ListJobs answer: under the 4 MiB message limit that gRPC
+clients apply by default (ours and grpcio's), so no client ever gets RESOURCE_EXHAUSTED."""
+
+PAGE_TOKEN_VERSION: Final = "p1"
+
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
 
@@ -203,6 +211,47 @@ class ListParts:
             return
         self._parts[job_id] = entry
         self._used += cost
+
+
+def _page_token(key: int, job_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{PAGE_TOKEN_VERSION}:{key}:{job_id}".encode()).decode()
+
+
+def _page_start(token: str) -> tuple[int, str]:
+    """The (key, job id) after which the page starts; INVALID_ARGUMENT for a bad token."""
+    try:
+        version, key, job_id = base64.urlsafe_b64decode(token.encode("ascii")).decode().split(":")
+        if version != PAGE_TOKEN_VERSION:
+            raise ValueError(version)
+        return int(key), job_id
+    except (ValueError, UnicodeError) as exc:
+        raise RpcError(StatusCode.INVALID_ARGUMENT, "page_token is not one this server gave out; "
+                       "pass the next_page_token of the previous page, or none for the first page") from exc
+
+
+def _list_page(entries: list[tuple[int, str, bytes]], request: pb.ListJobsRequest) -> pb.ListJobsResponse:
+    """One page of ``entries`` (sorted (key, job id, serialized part)) for ``request``: the
+    jobs after its page_token, at most page_size of them and at most ``LIST_PAGE_BYTES``."""
+    if request.page_size < 0:
+        _abort(StatusCode.INVALID_ARGUMENT, f"page_size must be >= 0 (0: as many as fit), not {request.page_size}")
+    first = 0
+    if request.page_token:
+        first = bisect.bisect_right(entries, _page_start(request.page_token), key=lambda e: (e[0], e[1]))
+    limit = request.page_size or len(entries)
+    parts: list[bytes] = []
+    size = 0
+    end = first
+    while end < len(entries) and len(parts) < limit:
+        part = entries[end][2]
+        if parts and size + len(part) > LIST_PAGE_BYTES:
+            break
+        parts.append(part)
+        size += len(part)
+        end += 1
+    response = pb.ListJobsResponse.FromString(b"".join(parts))
+    if end < len(entries) and end > first:
+        response.next_page_token = _page_token(entries[end - 1][0], entries[end - 1][1])
+    return response
 
 
 def effective_limits(requested: pb.ResourceLimits, caps: Mapping[str, int]) -> Limits:
@@ -498,4 +547,4 @@ class JobService:
             if statuses[job_id].ended:
                 cache.add(job_id, (key, part))
         entries.sort()  # start order: created_at, then job id (unique, so parts never compare)
-        return pb.ListJobsResponse.FromString(b"".join([part for _, _, part in entries]))
+        return _list_page(entries, request)

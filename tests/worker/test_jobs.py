@@ -336,6 +336,35 @@ async def test_run_as_another_user(worker: Worker) -> None:
     assert await read_all(worker, status.job_id) == b"65534\n65534\n/nonexistent nobody\n"
 
 
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a job as another user needs root")
+@pytest.mark.parametrize("switch", ["setpriv", "cpython"])
+async def test_run_as_drops_every_id_group_and_capability(
+    worker: Worker, switch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Either way of switching users (setpriv on the vfork path, or CPython's own in a fork)
+    leaves the job no way back to root: real, effective, saved and fs ids are the user's, the
+    groups are exactly the given ones, no capability is left."""
+    from trio_jobs.worker import RunAs
+    from trio_jobs.worker import spawn as spawn_module
+
+    if switch == "setpriv" and spawn_module.SETPRIV is None:
+        pytest.skip("util-linux setpriv is not installed")
+    if switch == "cpython":
+        monkeypatch.setattr(spawn_module, "SETPRIV", None)
+    script = "grep -E '^(Uid|Gid|Groups|CapPrm|CapEff|CapAmb):' /proc/self/status"
+    for groups, shown in (((65534, 4), "65534 4"), ((), "")):
+        run_as = RunAs(uid=65534, gid=65534, groups=groups, name="nobody", home="/")
+        status = await worker.start(sh(script, run_as=run_as))
+        lines = dict(line.split(":", 1) for line in (await read_all(worker, status.job_id)).decode().splitlines())
+        assert lines["Uid"].split() == ["65534"] * 4
+        assert lines["Gid"].split() == ["65534"] * 4
+        assert sorted(lines["Groups"].split()) == sorted(shown.split())  # the kernel sorts them
+        for caps in ("CapPrm", "CapEff", "CapAmb"):
+            assert int(lines[caps], 16) == 0, lines
+        assert (await worker.status(status.job_id)).exit_code == 0
+
+
 async def test_usage_without_cgroups_comes_from_the_main_process(worker: Worker) -> None:
     status = await worker.start(sh("i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done"))
     await read_all(worker, status.job_id)

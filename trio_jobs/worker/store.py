@@ -51,7 +51,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     pid INTEGER,
     pid_start INTEGER
 );
-CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq);
+-- covering indexes: listing ids (start order, all or one owner's) reads no table rows
+CREATE INDEX IF NOT EXISTS jobs_seq_id ON jobs (seq, job_id);
+CREATE INDEX IF NOT EXISTS jobs_owner_id ON jobs (owner, seq, job_id);
+DROP INDEX IF EXISTS jobs_owner;
 """
 COLUMNS: Final = (
     "job_id", "owner", "command", "args", "state", "exit_code", "signal", "stopped_by_user",

@@ -217,3 +217,52 @@ async def test_plain_stream_passes_bytes_through() -> None:
     assert wire.sent_total == wire.queued_total == 3
     await wire.aclose()
     assert await a.receive_some(10) == b""
+
+
+async def test_linger_delivers_the_last_bytes_to_a_peer_still_sending(
+    server_ssl_context: ssl.SSLContext,
+    client_ssl_context_for: Callable[[str], ssl.SSLContext],
+) -> None:
+    """Our last words, then FIN; input is drained meanwhile, so the peer is not reset."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(30):
+        accepted: list[Wire] = []
+        async with trio.open_nursery() as nursery:
+
+            async def accept() -> None:
+                wire = Wire(await listeners[0].accept(), server_ssl_context, server_side=True)
+                await wire.do_handshake()
+                accepted.append(wire)
+
+            nursery.start_soon(accept)
+            client = Wire(
+                await trio.open_tcp_stream("127.0.0.1", port),
+                client_ssl_context_for("alice"),
+                server_hostname="localhost",
+            )
+            await client.do_handshake()
+        (server,) = accepted
+        sent: list[BaseException | None] = []
+        done = trio.Event()
+
+        async def send_more_than_the_buffers_hold() -> None:  # input the server never reads
+            try:
+                await _send_all(client, b"f" * (8 * 1024 * 1024))
+                sent.append(None)
+            except trio.BrokenResourceError as exc:  # reset: closed with our input unread
+                sent.append(exc)
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_more_than_the_buffers_hold)
+            await trio.testing.wait_all_tasks_blocked()  # the socket buffers are full
+            await _send_all(server, b"GOAWAY, and here is why")
+            nursery.start_soon(server.linger, 20.0, 16 * 1024 * 1024)
+            await done.wait()
+            assert sent == [None]  # the server drained it all instead of resetting
+            _, got = await _read_all(client, 256 * KiB)  # then EOF after close_notify: clean
+            assert got == b"GOAWAY, and here is why"
+            await client.aclose()  # the server's linger ends on this EOF
+        await server.aclose()
+    await listeners[0].aclose()

@@ -21,9 +21,7 @@ policy checks and what the worker executes, so the check and the execution canno
 from __future__ import annotations
 
 import base64
-import bisect
 import contextlib
-import itertools
 import logging
 import os
 import uuid
@@ -106,7 +104,9 @@ LIST_PAGE_BYTES: Final = (4 << 20) - (64 << 10)
 """The most bytes of jobs in one ListJobs answer: under the 4 MiB message limit that gRPC
 clients apply by default (ours and grpcio's), so no client ever gets RESOURCE_EXHAUSTED."""
 
-PAGE_TOKEN_VERSION: Final = "p1"
+PAGE_TOKEN_VERSION: Final = "p2"
+LIST_SLICE: Final = 4096
+"""Job ids read (and parts looked up or converted) at a time while filling a page."""
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
@@ -227,41 +227,20 @@ class ListParts:
         self._used += cost
 
 
-def _page_token(key: int, job_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{PAGE_TOKEN_VERSION}:{key}:{job_id}".encode()).decode()
+def _page_token(position: int) -> str:
+    return base64.urlsafe_b64encode(f"{PAGE_TOKEN_VERSION}:{position}".encode()).decode()
 
 
-def _page_start(token: str) -> tuple[int, str]:
-    """The (key, job id) after which the page starts; INVALID_ARGUMENT for a bad token."""
+def _page_start(token: str) -> int:
+    """The position after which the page starts; INVALID_ARGUMENT for a bad token."""
     try:
-        version, key, job_id = base64.urlsafe_b64decode(token.encode("ascii")).decode().split(":")
-        if version != PAGE_TOKEN_VERSION:
+        version, position = base64.urlsafe_b64decode(token.encode("ascii")).decode().split(":")
+        if version != PAGE_TOKEN_VERSION or int(position) < 0:
             raise ValueError(version)
-        return int(key), job_id
+        return int(position)
     except (ValueError, UnicodeError) as exc:
         raise RpcError(StatusCode.INVALID_ARGUMENT, "page_token is not one this server gave out; "
                        "pass the next_page_token of the previous page, or none for the first page") from exc
-
-
-def _list_page(entries: list[tuple[int, str, bytes]], request: pb.ListJobsRequest) -> pb.ListJobsResponse:
-    """One page of ``entries`` (sorted (key, job id, serialized part)) for ``request``: the
-    jobs after its page_token, at most page_size of them and at most ``LIST_PAGE_BYTES``."""
-    if request.page_size < 0:
-        _abort(StatusCode.INVALID_ARGUMENT, f"page_size must be >= 0 (0: as many as fit), not {request.page_size}")
-    first = 0
-    if request.page_token:
-        first = bisect.bisect_right(entries, _page_start(request.page_token), key=lambda e: (e[0], e[1]))
-    window = entries[first:first + request.page_size] if request.page_size else entries[first:]
-    # as many as fit in LIST_PAGE_BYTES (at least one), found by bisection of the running
-    # total rather than a Python loop over every job (~4 ms for 10,000)
-    parts = [part for _, _, part in window]
-    totals = list(itertools.accumulate(map(len, parts)))
-    count = max(bisect.bisect_right(totals, LIST_PAGE_BYTES), min(1, len(parts)))
-    end = first + count
-    response = pb.ListJobsResponse.FromString(b"".join(parts[:count]))
-    if end < len(entries) and end > first:
-        response.next_page_token = _page_token(entries[end - 1][0], entries[end - 1][1])
-    return response
 
 
 def effective_limits(requested: pb.ResourceLimits, caps: Mapping[str, int]) -> Limits:
@@ -534,20 +513,59 @@ class JobService:
         who = self._caller(ctx)
         if request.all_users and not who.admin:
             _abort(StatusCode.PERMISSION_DENIED, "only admins may list every user's jobs; drop --all to list yours")
-        cache = self._list_parts
+        if request.page_size < 0:
+            _abort(StatusCode.INVALID_ARGUMENT, f"page_size must be >= 0 (0: as many as fit), not {request.page_size}")
+        position = _page_start(request.page_token) if request.page_token else 0
+        owner = None if request.all_users else who.name
+        wanted = request.page_size or None  # None: as many as fit in LIST_PAGE_BYTES
+        parts: list[bytes] = []
+        size = 0
         try:
-            ids = await self._worker.job_ids(owner=None if request.all_users else who.name)
-            entries, misses = cache.lookup(ids)
-            statuses = await self._worker.statuses(misses)
+            # Only the page is read and converted, a slice of ids at a time: the cost of a
+            # call (time, and the memory it takes meanwhile) does not grow with the history.
+            while True:
+                limit = LIST_SLICE if wanted is None else min(LIST_SLICE, wanted - len(parts))
+                rows = await self._worker.job_page(owner=owner, after=position, limit=limit + 1)
+                more = len(rows) > limit
+                rows = rows[:limit]
+                found = await self._list_parts_of([job_id for _, job_id in rows])
+                for seq, job_id in rows:
+                    part = found.get(job_id)
+                    if part is None:  # its record is gone (cannot happen today): skip it
+                        position = seq
+                        continue
+                    if parts and size + len(part) > LIST_PAGE_BYTES:
+                        return self._page(parts, position)
+                    parts.append(part)
+                    size += len(part)
+                    position = seq
+                if not more:
+                    return self._page(parts, 0)
+                if wanted is not None and len(parts) >= wanted:
+                    return self._page(parts, position)
         except WorkerClosed:
             self._unavailable()
+
+    @staticmethod
+    def _page(parts: list[bytes], next_position: int) -> pb.ListJobsResponse:
+        response = pb.ListJobsResponse.FromString(b"".join(parts))
+        if next_position:
+            response.next_page_token = _page_token(next_position)
+        return response
+
+    async def _list_parts_of(self, job_ids: list[str]) -> dict[str, bytes]:
+        """The serialized ListJobs part of each job: cached for ended jobs, else converted
+        (in a thread when there are many) and cached if the job has ended."""
+        cache = self._list_parts
+        entries, misses = cache.lookup(job_ids)
+        found = {job_id: part for _, job_id, part in entries}
+        statuses = await self._worker.statuses(misses)
         if len(statuses) > LIST_CONVERT_IN_THREAD:
             fresh = await trio.to_thread.run_sync(lambda: {i: list_part(s) for i, s in statuses.items()})
         else:
             fresh = {job_id: list_part(status) for job_id, status in statuses.items()}
         for job_id, (key, part) in fresh.items():
-            entries.append((key, job_id, part))
+            found[job_id] = part
             if statuses[job_id].ended:
                 cache.add(job_id, (key, part))
-        entries.sort()  # start order: created_at, then job id (unique, so parts never compare)
-        return _list_page(entries, request)
+        return found

@@ -132,3 +132,30 @@ async def test_client_list_follows_the_pages(
         assert [j.job_id for j in await jobs.list()] == started
         assert [j.job_id for j in (await jobs.list_proto(page_size=2)).jobs] == started
     info.handle.request_shutdown()
+
+
+async def test_a_page_reads_only_its_own_slice_of_the_history(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with open_worker(tmp_path / "data") as worker:
+        service = JobService(worker, Policy.from_toml(POLICY))
+        ids = [await start(service, "alice", "/bin/true") for _ in range(20)]
+        for job_id in ids:
+            await wait_ended(worker, job_id)
+        monkeypatch.setattr(service_module, "LIST_SLICE", 3)
+        read: list[int] = []
+        real = worker.job_page
+
+        async def counting(**kw: object) -> list[tuple[int, str]]:
+            rows = await real(**kw)  # type: ignore[arg-type]
+            read.append(len(rows))
+            return rows
+
+        monkeypatch.setattr(worker, "job_page", counting)
+        first = await page(service, "alice", 2)
+        assert [j.job_id for j in first.jobs] == ids[:2]
+        assert sum(read) <= 3  # two jobs and the one that says there are more
+        read.clear()
+        assert [j.job_id for j in (await page(service, "alice", 0)).jobs] == ids  # slices of 3
+        assert max(read) <= 4
+        assert [j.job_id for j in (await page(service, "alice", 5, first.next_page_token)).jobs] == ids[2:7]
+        beyond = base64.urlsafe_b64encode(f"{service_module.PAGE_TOKEN_VERSION}:999999".encode()).decode()
+        assert await page(service, "alice", 0, beyond) == pb.ListJobsResponse()

@@ -233,6 +233,21 @@ class JobStore:
 
         return await self._run(select)
 
+    async def job_page(self, owner: str | None, after: int, limit: int) -> list[tuple[int, str]]:
+        """(seq, id) of at most ``limit`` records (of ``owner``, or all) with ``seq > after``,
+        in insertion order: one index range scan, whatever the size of the history."""
+        def select(c: sqlite3.Connection) -> list[tuple[int, str]]:
+            cur = c.cursor()
+            cur.row_factory = None
+            if owner is None:
+                cur.execute("SELECT seq, job_id FROM jobs WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
+            else:
+                cur.execute("SELECT seq, job_id FROM jobs WHERE owner = ? AND seq > ? ORDER BY seq LIMIT ?",
+                            (owner, after, limit))
+            return cur.fetchall()
+
+        return await self._run(select)
+
     async def get_many(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         """The records of these ids (ids without one are left out), in one thread call."""
         def select(c: sqlite3.Connection) -> dict[str, JobStatus]:

@@ -366,6 +366,12 @@ class Worker:
         never change) and need :meth:`statuses` only for the others."""
         return await self._store.job_ids(owner)
 
+    async def job_page(self, *, owner: str | None = None, after: int = 0, limit: int) -> list[tuple[int, str]]:
+        """A slice of :meth:`job_ids`: (position, id) of at most ``limit`` jobs after the
+        position ``after`` (0: from the first job). Positions only grow, so a later call with
+        the last position seen continues where it stopped, also while new jobs start."""
+        return await self._store.job_page(owner, after, limit)
+
     async def statuses(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
         """The status of each of these jobs, as :meth:`list` shows it (a running job without
         live usage). Ids of no job are left out. Running jobs are answered from memory; the

@@ -219,20 +219,6 @@ class JobStore:
 
         return await self._run(get)
 
-    async def job_ids(self, owner: str | None = None) -> list[str]:
-        """Ids of every record (or of ``owner``'s), in insertion order. Cheap: one column,
-        plain tuples (no ``sqlite3.Row``), no JSON or date parsing."""
-        def select(c: sqlite3.Connection) -> list[str]:
-            cur = c.cursor()
-            cur.row_factory = None
-            if owner is None:
-                cur.execute("SELECT job_id FROM jobs ORDER BY seq")
-            else:
-                cur.execute("SELECT job_id FROM jobs WHERE owner = ? ORDER BY seq", (owner,))
-            return [job_id for (job_id,) in cur.fetchall()]
-
-        return await self._run(select)
-
     async def job_page(self, owner: str | None, after: int, limit: int) -> list[tuple[int, str]]:
         """(seq, id) of at most ``limit`` records (of ``owner``, or all) with ``seq > after``,
         in insertion order: one index range scan, whatever the size of the history."""

@@ -360,16 +360,13 @@ class Worker:
         so a quota check costs O(running jobs), not O(history)."""
         return sum(1 for job in self._jobs.values() if not job.ended and owner in (None, job.owner))
 
-    async def job_ids(self, *, owner: str | None = None) -> list[str]:
-        """Ids of every job (``owner=None``) or of ``owner``'s, in start order (the order of
-        :meth:`list`). One cheap query: for callers that keep ended jobs' statuses (which
-        never change) and need :meth:`statuses` only for the others."""
-        return await self._store.job_ids(owner)
-
     async def job_page(self, *, owner: str | None = None, after: int = 0, limit: int) -> list[tuple[int, str]]:
-        """A slice of :meth:`job_ids`: (position, id) of at most ``limit`` jobs after the
-        position ``after`` (0: from the first job). Positions only grow, so a later call with
-        the last position seen continues where it stopped, also while new jobs start."""
+        """(position, id) of at most ``limit`` jobs (``owner=None``: everyone's) after the
+        position ``after`` (0: from the first job), in start order (the order of
+        :meth:`list`); a cheap index scan, for callers that keep ended jobs' statuses (which
+        never change) and need :meth:`statuses` only for the others. Positions only grow, so
+        a later call with the last position seen continues where it stopped, also while new
+        jobs start."""
         return await self._store.job_page(owner, after, limit)
 
     async def statuses(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:

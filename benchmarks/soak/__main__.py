@@ -1,15 +1,19 @@
 """``python -m benchmarks.soak``: load a real ``trio-jobs serve`` and print a one-page report.
 
-    python -m benchmarks.soak                      # 200 clients for 60 s (docs/reliability.md)
+    python -m benchmarks.soak                      # 200 clients, 3 rounds of 60 s (docs/reliability.md)
     python -m benchmarks.soak --seconds 600 --clients 500
     python -m benchmarks.soak --quick              # a few seconds (the test suite's smoke run)
+    python -m benchmarks.soak --heap tracemalloc   # and what grew in the server's Python heap
     python -m benchmarks.soak --fuzz-minutes 10    # then the input fuzzer for 10 minutes
 
-The load runs ``--rounds`` times (default 2) against the same server, which settles after
-each round. Exit status: 0 when there was no unexpected error and nothing grew (file
-descriptors, processes, job cgroups; RSS within ``RSS_SLACK`` of the start, and -- the leak
-check -- within ``LEAK_SLACK`` from the end of the first round to the end of the last: the
-allocator keeps its high-water mark after the first round, a leak keeps growing); 1
+The load runs ``--rounds`` times (default 3) against the same server, which settles after
+each round (no job running, file descriptors, processes and threads back where they were).
+The server's memory is probed before the load and after each round (``_traced_serve``: RSS,
+and RSS after ``malloc_trim(0)``, i.e. memory still in use). Exit status: 0 when there was no
+unexpected error and nothing grew (file descriptors, threads, processes, job cgroups; RSS
+within ``RSS_SLACK`` of the start, and -- the leak check -- the memory in use within
+``LEAK_SLACK`` plus ``HISTORY_BYTES_PER_JOB`` per new job from the end of the first round to
+the end of the last: the first round sets the working set, a leak keeps growing); 1
 otherwise; 2 for a usage error.
 """
 
@@ -51,7 +55,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=60.0, help="load duration (default 60)")
     p.add_argument("--minutes", type=float, help="load duration in minutes (instead of --seconds)")
     p.add_argument("--think", type=float, default=0.05, help="max pause between a client's iterations, s")
-    p.add_argument("--rounds", type=int, default=2, help="load rounds against one server (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="load rounds against one server (default 3)")
     p.add_argument("--quick", action="store_true", help="20 clients for 3 s, one round: a smoke run")
     p.add_argument("--heap", choices=("rss", "tracemalloc", "none"), default="rss",
                    help="probe the server's memory before the load and after each round: 'rss' (default) "

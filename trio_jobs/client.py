@@ -302,14 +302,18 @@ class JobsClient:
     async def list_proto(self, *, all_users: bool = False, page_size: int = 0) -> pb.ListJobsResponse:
         """Every job (see :meth:`list`) in one ``ListJobsResponse``, however many pages the
         server answers in (``page_size``: jobs per call, 0 lets the server choose)."""
-        jobs: list[pb.JobStatus] = []
+        whole: pb.ListJobsResponse | None = None
         token = ""
         while True:
             request = pb.ListJobsRequest(all_users=all_users, page_size=page_size, page_token=token)
             page = await self._unary("ListJobs", request, pb.ListJobsResponse)
-            jobs.extend(page.jobs)
+            if whole is None:
+                whole = page  # the only page, mostly: no copy
+            else:
+                whole.jobs.extend(page.jobs)
             if not page.next_page_token:
-                return pb.ListJobsResponse(jobs=jobs)
+                whole.ClearField("next_page_token")
+                return whole
             if page.next_page_token == token or not page.jobs:
                 raise JobsError(StatusCode.INTERNAL, "the server's ListJobs pages do not advance")
             token = page.next_page_token

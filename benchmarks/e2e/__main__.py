@@ -41,6 +41,7 @@ class Sizes:
     start_seq: int = 300
     start_burst: int = 500
     stream: int = 1024 * MiB
+    stream_rounds: int = 3
     fanout: int = 32 * MiB
     fanout_counts: tuple[int, ...] = (1, 10, 100)
     running: int = 1000
@@ -51,7 +52,7 @@ class Sizes:
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(spawns=50, cgroup_ops=20, start_seq=30, start_burst=60, stream=32 * MiB, fanout=4 * MiB,
+        return cls(spawns=50, cgroup_ops=20, start_seq=30, start_burst=60, stream=32 * MiB, stream_rounds=1, fanout=4 * MiB,
                    fanout_counts=(1, 10), running=50, history=200, calls=10, flood=32 * MiB, profile=0)  # fmt: skip
 
 
@@ -99,7 +100,7 @@ async def measure(sizes: Sizes, workdir: Path, log: Callable[[str], None],
                 )
             if "stream" in only:
                 log(f"streaming {sizes.stream >> 20} MiB to one trio-jobs tail")
-                figs["stream"] = await scenarios.streaming(server, sizes.stream)
+                figs["stream"] = await scenarios.streaming(server, sizes.stream, sizes.stream_rounds)
             for n in sizes.fanout_counts if "fanout" in only else ():
                 log(f"fan-out: {n} followers of a {sizes.fanout >> 20} MiB job")
                 figs[f"fanout-{n}"] = await scenarios.fanout(server, sizes.fanout, n)
@@ -155,9 +156,17 @@ def rows(figs: Figures, sizes: Sizes) -> list[report.Row]:
         out += [
             R(figure=f"tail of {sizes.stream >> 20} MiB over mTLS", value=st["mbps"], unit="MB/s",
               ceiling=c["tls_mbps"], ceiling_name="bare trio.SSLStream", target=">= 0.7x", ok=st["mbps"] >= 0.7 * c["tls_mbps"]),
+            R(figure="  the same tail, against the job's own output rate", value=st["mbps"], unit="MB/s",
+              ceiling=sizes.stream / st["job_followed_s"] / 1e6, ceiling_name="job's bytes / its wall time"),
+            R(figure=f"tail of the ended {sizes.stream >> 20} MiB job over mTLS", value=st["ended_mbps"], unit="MB/s",
+              ceiling=c["tls_mbps"], ceiling_name="bare trio.SSLStream", target=">= 0.7x",
+              ok=st["ended_mbps"] >= 0.7 * c["tls_mbps"]),
             R(figure="job wall time with one follower", value=st["job_followed_s"], unit="s",
               ceiling=st["job_alone_s"], ceiling_name="no follower", target="not slowed (<= 1.2x)",
               ok=st["job_followed_s"] <= 1.2 * st["job_alone_s"] + 0.05),
+            R(figure="job wall time with a stalled follower", value=st["job_stalled_s"], unit="s",
+              ceiling=st["job_alone_s"], ceiling_name="no follower", target="not slowed (<= 1.2x)",
+              ok=st["job_stalled_s"] <= 1.2 * st["job_alone_s"] + 0.05),
         ]  # fmt: skip
     if f"fanout-{sizes.fanout_counts[0]}" in figs:
         one = figs[f"fanout-{sizes.fanout_counts[0]}"]["mbps"]
@@ -206,7 +215,7 @@ def rows(figs: Figures, sizes: Sizes) -> list[report.Row]:
 def workload(sizes: Sizes) -> str:
     return (
         f"{sizes.start_seq} sequential StartJob of /bin/true then {sizes.start_burst} by 8 callers; "
-        f"one tail of {sizes.stream >> 20} MiB; {', '.join(map(str, sizes.fanout_counts))} followers of "
+        f"{sizes.stream_rounds} rounds of: one tail of {sizes.stream >> 20} MiB, the job alone and with a stalled follower; {', '.join(map(str, sizes.fanout_counts))} followers of "
         f"{sizes.fanout >> 20} MiB; {sizes.running} sleeping jobs; {sizes.history} jobs of history; "
         f"a {sizes.flood >> 20} MiB flood; latency samples: {sizes.calls} list, {sizes.calls * 5} status calls."
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import statistics
 import subprocess
 import time
 from typing import TYPE_CHECKING, Final
@@ -97,23 +98,58 @@ def run_cli_tail(server: BenchServer, job_id: str, identity: str = "admin") -> F
     return {"bytes": total, "first": first, "last": last}
 
 
-async def streaming(server: BenchServer, size: int) -> Figures:
-    """One ``trio-jobs tail`` of ``head -c SIZE /dev/zero``; the job's wall time alone and followed."""
+async def streaming(server: BenchServer, size: int, rounds: int) -> Figures:
+    """One ``trio-jobs tail`` of ``head -c SIZE /dev/zero``; the job's wall time alone, followed
+    and with a stalled follower. ``rounds`` interleaved rounds, medians: this machine's speed
+    drifts by 2-4x between phases of seconds, which a single alone-then-followed pair
+    mistakes for the follower's effect."""
     argv = ("head", "-c", str(size), "/dev/zero")
-    async with server.client() as client:
-        alone = await client.start(argv[0], argv[1:])
-        # a follower from the last offset gets no bytes: it only tells us when the job ended
-        alone_final = await client.tail(alone.job_id, _discard, offset=size)
-        followed = await client.start(argv[0], argv[1:])
-        got = await trio.to_thread.run_sync(run_cli_tail, server, followed.job_id)
-        followed_final = await client.status(followed.job_id)
-    if got["bytes"] != size or followed_final.output_truncated:
-        raise RuntimeError(f"tail got {got['bytes']} of {size} bytes")
+    mbps: list[float] = []
+    ended_mbps: list[float] = []
+    walls: dict[str, list[float]] = {"alone": [], "followed": [], "stalled": []}
+    for _ in range(rounds):
+        async with server.client() as client:
+            alone = await client.start(argv[0], argv[1:])
+            # a follower from the last offset gets no bytes: it only tells us when the job ended
+            walls["alone"].append(_wall(await client.tail(alone.job_id, _discard, offset=size)))
+            followed = await client.start(argv[0], argv[1:])
+            got = await trio.to_thread.run_sync(run_cli_tail, server, followed.job_id)
+            followed_final = await client.status(followed.job_id)
+            if got["bytes"] != size or followed_final.output_truncated:
+                raise RuntimeError(f"tail got {got['bytes']} of {size} bytes")
+            mbps.append(size / (got["last"] - got["first"]) / 1e6)
+            walls["followed"].append(_wall(followed_final))
+            # the same output again, now that the job has ended: no producer to wait for
+            again = await trio.to_thread.run_sync(run_cli_tail, server, followed.job_id)
+            if again["bytes"] != size:
+                raise RuntimeError(f"tail of the ended job got {again['bytes']} of {size} bytes")
+            ended_mbps.append(size / (again["last"] - again["first"]) / 1e6)
+        walls["stalled"].append(_wall(await _with_stalled_follower(server, argv, size)))
     return {
-        "mbps": size / (got["last"] - got["first"]) / 1e6,
-        "job_alone_s": _wall(alone_final),
-        "job_followed_s": _wall(followed_final),
+        "mbps": statistics.median(mbps),
+        "ended_mbps": statistics.median(ended_mbps),
+        "job_alone_s": statistics.median(walls["alone"]),
+        "job_followed_s": statistics.median(walls["followed"]),
+        "job_stalled_s": statistics.median(walls["stalled"]),
     }
+
+
+async def _with_stalled_follower(server: BenchServer, argv: tuple[str, ...], size: int) -> JobInfo:
+    """The job run while a follower (its own connection) stops reading at its first chunk: its
+    flow-control window closes and the server's stream to it waits. The job must not."""
+    stalled = trio.Event()
+
+    async def stuck_sink(_data: bytes) -> None:
+        stalled.set()
+        await trio.sleep_forever()
+
+    async with server.client() as client, server.client() as other, trio.open_nursery() as nursery:
+        job = await client.start(argv[0], argv[1:])
+        nursery.start_soon(other.tail, job.job_id, stuck_sink)
+        await stalled.wait()
+        final = await client.tail(job.job_id, _discard, offset=size)  # returns once the job has ended
+        nursery.cancel_scope.cancel()
+    return final
 
 
 async def _sample_rss(server: BenchServer, peak: list[int], done: trio.Event) -> None:

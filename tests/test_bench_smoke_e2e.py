@@ -7,6 +7,7 @@ for each row, and that the quick run writes nothing into docs/.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from trio_jobs.cli.sink import StdoutWriter
+from trio_jobs.cli.sink import PIPE_SIZE, StdoutWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = r"[\d,]+(?:\.\d+)?"
@@ -60,7 +61,7 @@ def test_e2e_benchmark_quick_run() -> None:
 # The client-side fix the benchmark's profile led to (trio_jobs/cli/sink.py): `tail` writes
 # into a pipe from trio's thread with RWF_NOWAIT. Real pipes and files; no sleeps.
 
-PATTERN = bytes(range(256)) * 4096  # 1 MiB, many times a pipe's 64 KiB buffer
+PATTERN = bytes(range(256)) * 16384  # 4 MiB, many times a pipe's buffer (64 KiB, grown to 1 MiB)
 
 
 async def test_tail_sink_writes_every_byte_into_a_full_pipe() -> None:
@@ -86,6 +87,18 @@ async def test_tail_sink_writes_every_byte_into_a_full_pipe() -> None:
             os.close(write_fd)
         os.close(read_fd)
     assert bytes(received) == PATTERN
+
+
+def test_tail_sink_grows_its_pipe() -> None:
+    read_fd, write_fd = os.pipe()
+    try:
+        assert fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ) == 65536
+        StdoutWriter(write_fd)
+        want = min(PIPE_SIZE, int(Path("/proc/sys/fs/pipe-max-size").read_text()))
+        assert fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ) == want
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
 
 
 async def test_tail_sink_leaves_the_pipe_blocking_and_reports_a_closed_reader() -> None:

@@ -18,6 +18,7 @@ A write error (EPIPE of ``| head``) is raised from the sink unchanged.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from typing import Final, final
@@ -25,8 +26,24 @@ from typing import Final, final
 import trio
 
 _RWF_NOWAIT: Final = getattr(os, "RWF_NOWAIT", 0)
+_F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ: Final = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 # errors that mean "this file or kernel does not do non-blocking writes this way"
 _NO_NOWAIT: Final = frozenset({errno.EOPNOTSUPP, errno.EINVAL, errno.ESPIPE, errno.ENOSYS})
+
+
+PIPE_SIZE: Final = 1 << 20
+"""What stdout's pipe is grown to (Linux's default limit for unprivileged processes; the
+default 64 KiB holds one chunk, so every chunk waited for the reader to be scheduled)."""
+
+
+def _grow_pipe(fd: int) -> None:
+    """Grow the pipe ``fd`` writes into to ``PIPE_SIZE``, if the kernel allows; never shrink it."""
+    try:
+        if fcntl.fcntl(fd, _F_GETPIPE_SZ) < PIPE_SIZE:
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:  # over /proc/sys/fs/pipe-max-size, or the user's pipe quota: keep it
+        pass
 
 
 @final
@@ -40,6 +57,8 @@ class StdoutWriter:
         except OSError:
             is_pipe = False
         self._nowait = bool(_RWF_NOWAIT) and is_pipe
+        if is_pipe:
+            _grow_pipe(fd)
 
     @property
     def in_loop(self) -> bool:

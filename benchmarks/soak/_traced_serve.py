@@ -33,7 +33,9 @@ def _dump_on_signal(home: Path) -> None:
             traced = tracemalloc.get_traced_memory()[0]
         rss = _rss()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-        (home / f"heap-{count}.done").write_text(f"{traced} {rss} {_rss()}\n")
+        partial = home / f"heap-{count}.partial"
+        partial.write_text(f"{traced} {rss} {_rss()}\n")
+        partial.replace(home / f"heap-{count}.done")  # atomically: the soak polls for it
         count += 1
 
     signal.signal(signal.SIGUSR2, dump)

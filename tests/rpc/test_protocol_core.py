@@ -22,7 +22,7 @@ from trio_jobs.rpc import _events as ev
 from trio_jobs.rpc._client_protocol import ClientProtocol
 from trio_jobs.rpc._framing import encode_message
 from trio_jobs.rpc._h2glue import _GoAwayTolerantStateMachine
-from trio_jobs.rpc._protocol import StreamGone
+from trio_jobs.rpc._protocol import CLOSED_STREAMS_KEPT, StreamGone
 from trio_jobs.rpc._server_protocol import ServerProtocol
 
 MiB = 1024 * 1024
@@ -514,6 +514,7 @@ def test_100k_sequential_calls_leave_no_window_or_stream_state() -> None:
     for proto in (server, client):
         assert proto.open_streams == 0
         assert len(proto._h2.streams) <= 2  # h2 drops closed streams lazily
+        assert len(proto._h2._closed_streams) <= CLOSED_STREAMS_KEPT  # a bounded memory of them
         assert proto._h2._inbound_flow_control_window_manager.current_window_size > 2 * MiB
         assert proto._h2.outbound_flow_control_window > 2 * MiB
         assert not proto.closed

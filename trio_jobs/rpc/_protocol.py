@@ -73,6 +73,18 @@ _HEADER_EVENTS: Final = (
 )
 
 
+CLOSED_STREAMS_KEPT: Final = 1024
+"""Closed streams h2 remembers per connection (to tell a late frame on a stream that was
+reset, which is ignored, from one on a stream that ended normally). h2 keeps 65,536, ~300
+bytes each on each side: a long-lived channel grew by ~20 MB over its first 65,536 calls, and
+the server by as much for each such client. Late frames arrive within a round trip, during
+which far fewer than this many streams close (at most 100 are open at once)."""
+
+
+class _H2Connection(h2.connection.H2Connection):
+    MAX_CLOSED_STREAMS = CLOSED_STREAMS_KEPT
+
+
 class StreamGone(Exception):
     """Internal: the stream can no longer be written (reset or closed)."""
 
@@ -132,7 +144,7 @@ class GrpcProtocol:
             validate_inbound_headers=False,
             normalize_inbound_headers=False,
         )
-        conn = h2.connection.H2Connection(config)
+        conn = _H2Connection(config)
         conn.state_machine = _GoAwayTolerantStateMachine()
         conn.encoder = MemoEncoder()
         conn.decoder = MemoDecoder(conn.DEFAULT_MAX_HEADER_LIST_SIZE)

@@ -117,7 +117,11 @@ class Job:
             try:
                 usage = await self._cgroup.usage()
             except CgroupError as exc:
-                log.warning("job %s: cannot read usage: %s", self.job_id, exc)
+                if not self._ending:
+                    log.warning("job %s: cannot read usage: %s", self.job_id, exc)
+                else:  # it ended while we read, and its cgroup went: the final status has it
+                    with trio.move_on_after(CLEANUP_TIMEOUT):
+                        await self._ended.wait()
         return self._final or self._status(usage=usage)
 
     def status_now(self) -> JobStatus:

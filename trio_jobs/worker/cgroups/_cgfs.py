@@ -18,6 +18,7 @@ unrelated process that got the same pid.
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import errno
 import logging
@@ -32,6 +33,8 @@ from .base import CgroupError
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
+
+    from ..limits import Usage
 
 log = logging.getLogger(__name__)
 
@@ -336,3 +339,26 @@ def child_dirs(path: Path) -> list[Path]:
         return []
     except OSError as exc:
         raise CgroupError(f"cannot list {path}: {exc.strerror or exc}") from exc
+
+
+class UsageFiles(abc.ABC):
+    """``usage``, ``oom_killed`` and ``final_usage_blocking`` of a job cgroup whose counters
+    are cgroupfs files (v1 and v2), from the two readers each version implements. The async
+    ones read on the event loop: cgroupfs reads never wait for a disk (see the module doc)."""
+
+    @abc.abstractmethod
+    def _usage_blocking(self) -> Usage: ...
+
+    @abc.abstractmethod
+    def _oom_killed_blocking(self) -> bool: ...
+
+    async def usage(self) -> Usage:
+        await trio.lowlevel.checkpoint()
+        return self._usage_blocking()
+
+    async def oom_killed(self) -> bool:
+        await trio.lowlevel.checkpoint()
+        return self._oom_killed_blocking()
+
+    def final_usage_blocking(self) -> tuple[Usage, bool]:
+        return self._usage_blocking(), self._oom_killed_blocking()

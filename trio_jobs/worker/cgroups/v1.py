@@ -60,7 +60,7 @@ REMOVE_WAIT_SECONDS: Final = 10.0
 
 
 @final
-class V1JobCgroup:
+class V1JobCgroup(_cgfs.UsageFiles):
     """One job's directories in each v1 hierarchy. Methods are safe after the job ended."""
 
     def __init__(self, *, job_id: str, dirs: Mapping[str, Path], freezer_cgroup: str) -> None:
@@ -155,17 +155,6 @@ class V1JobCgroup:
             return counters["oom_kill"] > 0
         # Kernels before 4.13 have no oom_kill counter: hitting the limit is the best hint.
         return _cgfs.read_int(mem / "memory.failcnt") > 0
-
-    async def usage(self) -> Usage:
-        await trio.lowlevel.checkpoint()
-        return self._usage_blocking()
-
-    async def oom_killed(self) -> bool:
-        await trio.lowlevel.checkpoint()
-        return self._oom_killed_blocking()
-
-    def final_usage_blocking(self) -> tuple[Usage, bool]:
-        return self._usage_blocking(), self._oom_killed_blocking()
 
     def try_remove_blocking(self) -> bool:
         if not self._exists():

@@ -47,7 +47,7 @@ FREEZE_WAIT_SECONDS: Final = 1.0
 
 
 @final
-class V2JobCgroup:
+class V2JobCgroup(_cgfs.UsageFiles):
     """One job's cgroup2 directory. Methods are safe after the job ended."""
 
     def __init__(self, *, job_id: str, directory: Path, cgroup_path: str) -> None:
@@ -145,17 +145,6 @@ class V2JobCgroup:
         if not events.exists():
             return False
         return self._events("memory.events").get("oom_kill", 0) > 0
-
-    async def usage(self) -> Usage:
-        await trio.lowlevel.checkpoint()
-        return self._usage_blocking()
-
-    async def oom_killed(self) -> bool:
-        await trio.lowlevel.checkpoint()
-        return self._oom_killed_blocking()
-
-    def final_usage_blocking(self) -> tuple[Usage, bool]:
-        return self._usage_blocking(), self._oom_killed_blocking()
 
     def try_remove_blocking(self) -> bool:
         if not self._dir.exists():

@@ -146,32 +146,35 @@ async def test_handshake_refused_is_broken_with_the_ssl_cause(
     assert len(outcome) == 1  # the server saw the client's alert (or its EOF) as broken
 
 
+async def _tcp_wires(
+    listener: trio.SocketListener, server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> tuple[Wire, Wire]:
+    """(server, client) Wires over a real loopback TCP connection, handshakes done."""
+    port = listener.socket.getsockname()[1]
+    accepted: list[Wire] = []
+
+    async def accept() -> None:
+        wire = Wire(await listener.accept(), server_context, server_side=True)
+        await wire.do_handshake()
+        accepted.append(wire)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept)
+        client = Wire(await trio.open_tcp_stream("127.0.0.1", port), client_context, server_hostname="localhost")
+        await client.do_handshake()
+    (server,) = accepted
+    return server, client
+
+
 async def test_sockets_bulk_both_ways_and_cancelled_send_keeps_the_session(
     server_ssl_context: ssl.SSLContext,
     client_ssl_context_for: Callable[[str], ssl.SSLContext],
 ) -> None:
     """Over real sockets: a send blocked on a full socket, cancelled, loses nothing."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
     big = PAYLOAD * 40  # 8 MiB: more than the kernel buffers hold
     with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            accepted: list[Wire] = []
-
-            async def accept() -> None:
-                stream = await listeners[0].accept()
-                wire = Wire(stream, server_ssl_context, server_side=True)
-                await wire.do_handshake()
-                accepted.append(wire)
-
-            nursery.start_soon(accept)
-            client = Wire(
-                await trio.open_tcp_stream("127.0.0.1", port),
-                client_ssl_context_for("alice"),
-                server_hostname="localhost",
-            )
-            await client.do_handshake()
-        (server,) = accepted
+        server, client = await _tcp_wires(listeners[0], server_ssl_context, client_ssl_context_for("alice"))
         client.write(big)
         assert not client.send_nowait()  # the peer reads nothing yet: the socket is full
         with trio.CancelScope() as scope:
@@ -225,24 +228,8 @@ async def test_linger_delivers_the_last_bytes_to_a_peer_still_sending(
 ) -> None:
     """Our last words, then FIN; input is drained meanwhile, so the peer is not reset."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
     with trio.fail_after(30):
-        accepted: list[Wire] = []
-        async with trio.open_nursery() as nursery:
-
-            async def accept() -> None:
-                wire = Wire(await listeners[0].accept(), server_ssl_context, server_side=True)
-                await wire.do_handshake()
-                accepted.append(wire)
-
-            nursery.start_soon(accept)
-            client = Wire(
-                await trio.open_tcp_stream("127.0.0.1", port),
-                client_ssl_context_for("alice"),
-                server_hostname="localhost",
-            )
-            await client.do_handshake()
-        (server,) = accepted
+        server, client = await _tcp_wires(listeners[0], server_ssl_context, client_ssl_context_for("alice"))
         sent: list[BaseException | None] = []
         done = trio.Event()
 

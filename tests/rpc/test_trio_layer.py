@@ -209,6 +209,37 @@ async def test_backpressure_slow_reader(nursery: trio.Nursery) -> None:
         assert echo.sent == 200
 
 
+async def test_streamed_message_leaves_before_the_handler_waits(nursery: trio.Nursery) -> None:
+    """A streaming send() writes in batches (``YIELD_BYTES``), but a message sent before
+    the handler waits for something else (a live follower's next output) goes at once,
+    even when nothing else happens on the connection."""
+    go, sent = trio.Event(), trio.Event()
+
+    async def follower(request: Any, ctx: ServerContext, send: Any) -> None:
+        await go.wait()
+        await send(EchoReply(index=7))
+        sent.set()
+        await trio.sleep_forever()
+
+    method = Method(
+        path="/t.T/Follow",
+        request_type=EchoRequest,
+        response_type=EchoReply,
+        handler=follower,
+        server_streaming=True,
+    )
+    async with (
+        served(plain(TrioEcho(), [method]), nursery) as ch,
+        ch.server_stream("/t.T/Follow", EchoRequest(), EchoReply) as s,
+    ):
+        await trio.testing.wait_all_tasks_blocked()  # the connection is quiet
+        go.set()
+        await sent.wait()
+        with trio.fail_after(10):
+            first = await anext(aiter(s))
+    assert first.index == 7
+
+
 async def test_connection_drop_wakes_every_waiter(nursery: trio.Nursery) -> None:
     echo = TrioEcho()
     server = plain(echo)

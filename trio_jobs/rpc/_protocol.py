@@ -46,12 +46,14 @@ import h2.settings
 from h2.errors import ErrorCodes
 
 from . import _events as ev
+from ._frames import FrameBuffer
 from ._framing import FramingError, MessageDecoder
 from ._h2glue import (
     _QUIET,
-    _FrameBuffer,
     _GoAwayTolerantStateMachine,
+    data_fast_stream,
     forget_closed_stream,
+    receive_data_fast,
     send_data_fast,
     send_headers_fast,
     start_stream_fast,
@@ -62,7 +64,10 @@ from ._status import StatusCode
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from h2.stream import H2Stream
+
 DEFAULT_WINDOW: Final = 65_535
+_END_STREAM: Final = 0x1
 DEFAULT_FRAMES_PER_CALL: Final = 32
 _HEADER_EVENTS: Final = (
     h2.events.RequestReceived,
@@ -158,8 +163,8 @@ class GrpcProtocol:
             settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
         conn.local_settings = h2.settings.Settings(client=self.client_side, initial_values=settings)
         conn.max_inbound_frame_size = max_frame_size
-        self._frames = _FrameBuffer(server=not self.client_side)
-        self._frames.max_frame_size = max_frame_size
+        self._frames = FrameBuffer(server=not self.client_side, max_frame_size=max_frame_size)
+        self._frames.fast_data = self._fast_data_ok
         conn.incoming_buffer = self._frames
         table = conn._frame_dispatch_table
         for cls, quiet in _QUIET.items():
@@ -183,6 +188,15 @@ class GrpcProtocol:
     def data_to_send(self) -> bytes:
         return self._h2.data_to_send()
 
+    def send_pending(self, write: Callable[[bytearray], None]) -> None:
+        """``write(data_to_send())`` without copying the bytes first: ``write`` gets h2's
+        own buffer and must consume it before returning (the wire encrypts it at once)."""
+        conn = self._h2
+        pending = conn._data_to_send
+        if pending:
+            conn._data_to_send = bytearray()
+            write(pending)
+
     @property
     def has_data_to_send(self) -> bool:
         return bool(self._h2._data_to_send)
@@ -192,35 +206,103 @@ class GrpcProtocol:
         return len(self._h2._data_to_send)
 
     # -- input -------------------------------------------------------------------------
-    def receive_data(self, data: bytes | bytearray) -> list[ev.Event]:
-        """Feed bytes from the peer. Never raises: failures become ConnectionFailed.
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[ev.Event]:
+        """Feed bytes from the peer (copied). Never raises: failures become ConnectionFailed.
 
         Processes at most :attr:`frames_per_call` frames; see :attr:`input_pending`.
         """
         if self.closed:
             return []
+        try:
+            self._frames.add_data(data)
+        except h2.exceptions.ProtocolError as exc:  # a bad preface: no GOAWAY queued yet
+            return [self._fail(int(exc.error_code), str(exc), True)]
+        return self._process()
+
+    def receive_buffer(self, n: int) -> memoryview:
+        """A writable view for up to ``n`` bytes from the peer, to fill in place (TLS
+        decrypts into it) and pass to :meth:`received`; release it before that."""
+        return self._frames.reserve(n)
+
+    def received(self, n: int) -> list[ev.Event]:
+        """``n`` bytes were written into the last :meth:`receive_buffer`: like
+        :meth:`receive_data` for them, without the copy."""
+        if self.closed:
+            return []
+        try:
+            self._frames.commit(n)
+        except h2.exceptions.ProtocolError as exc:
+            return [self._fail(int(exc.error_code), str(exc), True)]
+        return self._process()
+
+    def _process(self) -> list[ev.Event]:
+        """The frames received so far, within the frame budget: DATA that h2 would take
+        without other effects (``data_fast_stream``) here, in place; the rest by h2."""
         buffer = self._frames
         buffer.frame_budget = self.frames_per_call
         buffer.budget_exhausted = False
-        if buffer.completes_nothing(len(data)):
-            buffer.add_data(data)  # the middle of a large frame: nothing to process yet
-            return []
-        pending = len(self._h2._data_to_send)
-        try:
-            h2_events = self._h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            # h2 queues GOAWAY(error_code) itself, except for a bad preface.
-            queued = len(self._h2._data_to_send) > pending
-            return [self._fail(int(exc.error_code), str(exc) or type(exc).__name__, not queued)]
+        conn = self._h2
         out: list[ev.Event] = []
-        try:
-            for e in h2_events:
-                if self.closed:  # a policy queued GOAWAY: the rest of the input is moot
-                    break
-                self._dispatch(e, out)
-        except h2.exceptions.ProtocolError as exc:
-            out.append(self._fail(int(exc.error_code), str(exc), True))
+        while not self.closed:
+            head = buffer.head()
+            if head is None:
+                return out
+            length, kind, flags, sid = head
+            whole = buffer.pending >= 9 + length
+            if not whole and length <= buffer.max_frame_size and buffer.head_is_valid(kind, sid):
+                return out  # the middle of a frame: nothing to do yet
+            stream = None
+            if kind == 0 and whole and not buffer._headers_buffer:
+                stream = data_fast_stream(conn, flags, sid, length)
+            if stream is not None:
+                if buffer.frame_budget is not None:
+                    if buffer.frame_budget <= 0:
+                        buffer.budget_exhausted = True
+                        return out
+                    buffer.frame_budget -= 1
+                self._receive_fast(stream, sid, length, flags, out)
+                continue
+            # h2's turn: it takes frames up to the next fast one, the end or the budget.
+            buffer.at_fast_frame = False
+            pending = len(conn._data_to_send)
+            try:
+                h2_events = conn.receive_data(b"")
+            except h2.exceptions.ProtocolError as exc:
+                # h2 queued GOAWAY(error_code) itself (unless it had nothing to say).
+                queued = len(conn._data_to_send) > pending
+                out.append(self._fail(int(exc.error_code), str(exc) or type(exc).__name__, not queued))
+                return out
+            try:
+                for e in h2_events:
+                    if self.closed:  # a policy queued GOAWAY: the rest of the input is moot
+                        return out
+                    self._dispatch(e, out)
+            except h2.exceptions.ProtocolError as exc:
+                out.append(self._fail(int(exc.error_code), str(exc), True))
+                return out
+            if not buffer.at_fast_frame:  # the end of the input, or the budget
+                return out
         return out
+
+    def _fast_data_ok(self, flags: int, stream_id: int, length: int) -> bool:
+        return data_fast_stream(self._h2, flags, stream_id, length) is not None
+
+    def _receive_fast(
+        self, stream: H2Stream, sid: int, length: int, flags: int, out: list[ev.Event]
+    ) -> None:
+        """A whole DATA frame at the head that ``data_fast_stream`` accepted: h2's state
+        effects, then its payload decoded from the buffer in place."""
+        buffer = self._frames
+        ended = bool(flags & _END_STREAM)
+        receive_data_fast(self._h2, stream, length, ended)
+        at = buffer.start + 9
+        with memoryview(buffer.buf) as view:
+            payload = view[at : at + length]
+            self._on_data_payload(sid, payload, length, out)
+            payload.release()
+        buffer.consume(9 + length)
+        if ended:
+            self._on_stream_ended(sid, out)
 
     @property
     def input_pending(self) -> bool:
@@ -283,14 +365,19 @@ class GrpcProtocol:
         return True
 
     def _on_data(self, e: h2.events.DataReceived, out: list[ev.Event]) -> None:
-        sid = e.stream_id or 0
-        flow = e.flow_controlled_length or 0
+        self._on_data_payload(e.stream_id or 0, e.data or b"", e.flow_controlled_length or 0, out)
+
+    def _on_data_payload(
+        self, sid: int, data: bytes | memoryview, flow: int, out: list[ev.Event]
+    ) -> None:
+        """Decode a DATA frame's payload (``flow``: its flow-controlled length). The
+        decoder copies what it keeps: ``data`` may be a view of the receive buffer."""
         st = self._streams.get(sid)
         if st is None or st.discarding:
             self._ack(sid, flow)
             return
         try:
-            messages = st.decoder.feed(e.data or b"")
+            messages = st.decoder.feed(data)
         except FramingError as exc:
             st.discarding = True
             self._ack(sid, flow)

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 _MAX_STREAM_ID: Final = 2**31 - 1
 _SHUTDOWN_PING: Final = b"trio-jgo"
 _CLEANUP_TIMEOUT: Final = 2.0
+YIELD_BYTES: Final = 128 * 1024
+"""A streaming handler's ``send`` writes and yields once per this many bytes (see there)."""
 
 
 class _Call:
@@ -225,8 +227,10 @@ class _ServerConnection(Transport):
         self, method: Method, request: Any, ctx: ServerContext, state: StreamState
     ) -> None:
         max_send = self.server.limits.max_send_message
+        unyielded = 0  # bytes a streaming handler sent since its last schedule point
 
         async def send(response: Any, *, kick: bool = True) -> None:
+            nonlocal unyielded
             if not isinstance(response, method.response_type):
                 raise TypeError(f"{method.path} must send {method.response_type.__name__}")
             data = response.SerializeToString()
@@ -236,9 +240,22 @@ class _ServerConnection(Transport):
                     f"response of {len(data)} bytes exceeds the limit of {max_send}",
                 )
             self._send_headers(state)
-            await self.send_message(state, data, kick=kick)
-            if kick:  # a streaming handler: let the writer (and everyone else) run
+            await self.send_message(state, data, kick=False)
+            if not kick:
+                return
+            # A streaming handler. Messages are written to the socket (and everyone else
+            # gets the loop) in batches of YIELD_BYTES: one TLS write and one round per
+            # batch instead of per message. In between, the writer is told there is
+            # something to send, so a handler that now waits for its next message (a
+            # live follower) has its last one written at the next scheduler round.
+            unyielded += len(data)
+            if unyielded >= YIELD_BYTES:
+                unyielded = 0
+                self.kick()
                 await trio.lowlevel.checkpoint()
+            else:
+                self.want_write()
+                await trio.lowlevel.checkpoint_if_cancelled()
 
         if method.server_streaming:
             await method.handler(request, ctx, send)  # type: ignore[call-arg]

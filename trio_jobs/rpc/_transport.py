@@ -5,7 +5,8 @@ Theory of operation
 A connection owns a :class:`~._wire.Wire` (lean TLS on a socket, or any trio stream) and a
 sans-IO protocol, and runs two tasks on them:
 
-* the reader loops ``receive_some -> protocol.receive_data -> handle events -> flush``.
+* the reader loops ``receive_into -> protocol.received -> handle events -> flush`` (the
+  wire decrypts into the protocol's receive buffer: no copy of its own).
   The protocol takes at most ``frames_per_call`` frames per call; the reader yields
   between calls, so one connection's flood of small frames cannot hold the event loop,
   and it stops as soon as the protocol closed the connection (GOAWAY queued).
@@ -110,7 +111,7 @@ class Transport:
 
     def _pull(self) -> None:
         """Move the protocol's pending frames into the wire (encrypted at once)."""
-        self.wire.write(self.protocol.data_to_send())
+        self.protocol.send_pending(self.wire.write)
         unsent = self.wire.buffered
         if unsent > self.peak_unsent:
             self.peak_unsent = unsent
@@ -149,6 +150,11 @@ class Transport:
             self._want_write.set()
         else:
             self._progress()
+
+    def want_write(self) -> None:
+        """Have the writer send what is queued at its next round (no write now)."""
+        if self.protocol.has_data_to_send or self.wire.buffered:
+            self._want_write.set()
 
     async def flush(self) -> None:
         """Have everything queued so far handed to the kernel; RpcError if the connection is gone.
@@ -209,10 +215,10 @@ class Transport:
         wire = self.wire
         try:
             while not self.protocol.closed:
-                data = await wire.receive_some(self.read_size)
-                if not data:
+                n = await wire.receive_into(self.protocol.receive_buffer, self.read_size)
+                if not n:
                     break
-                events = self.protocol.receive_data(data)
+                events = self.protocol.received(n)
                 while True:
                     for event in events:
                         self.handle_event(event)

@@ -16,10 +16,11 @@ of a call. A :class:`Wire` does TLS itself, with ``ssl.SSLObject`` and two
   socket is writable and sends what it can. A cancelled wait leaves the buffer intact,
   so cancelling the writer never breaks the TLS session (unlike a half-done
   ``SSLStream.send_all``).
-* :meth:`Wire.receive_some` costs exactly one scheduler round: it waits until the socket
-  is readable (or yields after a read that succeeded at once, for fairness), then returns
-  every byte decryptable from what the kernel had, up to ``max_bytes``, however many TLS
-  records that is.
+* :meth:`Wire.receive_into` costs exactly one scheduler round: it waits until the socket
+  is readable (or yields after a read that succeeded at once, for fairness), then
+  decrypts every byte it can from what the kernel had, up to ``max_bytes``, however many
+  TLS records that is, straight into the caller's buffer (the connection's receive
+  buffer, ``_frames.py``). :meth:`Wire.receive_some` returns the same as a copy.
 
 Over any other ``trio.abc.Stream`` (memory streams in tests, a caller's own
 ``trio.SSLStream``) the wire keeps the same interface: TLS (if any) is still done here,
@@ -35,14 +36,20 @@ raise (they are called from any task): a failure there is kept and raised by the
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import socket
 import ssl
-from typing import Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, cast, final
 
 import trio
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 _SOCKET_READ: Final = 256 * 1024
+_IOV_MAX: Final = 64  # pieces per sendmsg (Linux takes 1024)
 _CLOSE_NOTIFY_TIMEOUT: Final = 1.0  # for a close_notify over a stream that may block
 _LINGER_BYTES: Final = 4 * 1024 * 1024  # most input discarded by linger()
 
@@ -84,7 +91,11 @@ class Wire:
                 server_hostname=server_hostname,
             )
         self._handshaken = ssl_context is None
-        self._out = bytearray()  # bytes to send (ciphertext when TLS)
+        # Bytes to send (ciphertext when TLS), as the pieces they were written in: appending
+        # to one bytearray moved everything unsent at every write (its memmove was a
+        # third of a streaming server's samples), a queue of pieces copies nothing.
+        self._out: collections.deque[bytes | memoryview] = collections.deque()
+        self._out_bytes = 0  # their total length
         self._in_flight = 0  # bytes a stream's send_all is writing now
         self.queued_total = 0  # bytes ever appended to _out
         self.sent_total = 0  # bytes ever handed to the kernel (or to the stream)
@@ -135,23 +146,32 @@ class Wire:
 
     def _collect_tls_output(self) -> None:
         if self._outgoing.pending:
-            data = self._outgoing.read()
-            self._out += data
-            self.queued_total += len(data)
+            self._queue(self._outgoing.read())
+
+    def _queue(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_bytes += len(data)
+        self.queued_total += len(data)
+
+    def _take(self) -> bytes:
+        """Everything queued, as one piece (for a stream's send_all)."""
+        data = b"".join(self._out)
+        self._out.clear()
+        self._out_bytes = 0
+        return data
 
     # -- sending --------------------------------------------------------------------------
     @property
     def buffered(self) -> int:
         """Bytes written but not handed to the kernel (or the stream) yet."""
-        return len(self._out) + self._in_flight
+        return self._out_bytes + self._in_flight
 
-    def write(self, data: bytes) -> None:
-        """Queue ``data`` (encrypted at once with TLS). Never awaits nor raises."""
+    def write(self, data: bytes | bytearray) -> None:
+        """Queue ``data`` (encrypted at once with TLS, else copied). Never awaits nor raises."""
         if self._failed is not None or self._closed:
             return
         if self._tls is None:
-            self._out += data
-            self.queued_total += len(data)
+            self._queue(bytes(data))
             return
         try:
             self._tls.write(data)
@@ -173,14 +193,21 @@ class Wire:
         if sock is None or self._failed is not None or self._closed:
             return False
         try:
-            n = sock.send(out)
+            n = sock.send(out[0]) if len(out) == 1 else sock.sendmsg(itertools.islice(out, _IOV_MAX))
         except BlockingIOError:
             return False
         except OSError as exc:
             self._failed = exc
             return False
-        del out[:n]
         self.sent_total += n
+        self._out_bytes -= n
+        while n:
+            head = out[0]
+            if len(head) > n:
+                out[0] = memoryview(head)[n:]
+                break
+            n -= len(head)
+            out.popleft()
         return not out
 
     async def send_some(self) -> None:
@@ -204,8 +231,7 @@ class Wire:
                 raise trio.BrokenResourceError(self._failed) from self._failed
             return
         assert self._stream is not None
-        chunk = bytes(self._out)
-        self._out.clear()
+        chunk = self._take()
         self._in_flight = len(chunk)
         try:
             await self._stream.send_all(chunk)
@@ -241,9 +267,12 @@ class Wire:
             except OSError as exc:
                 raise trio.BrokenResourceError(exc) from exc
 
-    async def receive_some(self, max_bytes: int) -> bytes | bytearray:
-        """Up to ``max_bytes`` of plaintext; b'' at the peer's end (close_notify + EOF).
+    async def receive_into(self, reserve: Callable[[int], memoryview], max_bytes: int) -> int:
+        """Up to ``max_bytes`` of plaintext, written into ``reserve(k)`` (a writable view
+        of ``k`` bytes, ``k`` at least what is written, the view released before this
+        returns); returns the count, 0 at the peer's end (close_notify + EOF).
 
+        TLS decrypts straight into the view: no copy of its own, no object per record.
         One scheduler round per call. Raises BrokenResourceError (a transport or TLS
         failure, an EOF without close_notify) or ClosedResourceError (we closed).
         """
@@ -253,49 +282,66 @@ class Wire:
             raise trio.BrokenResourceError(self._failed) from self._failed
         tls = self._tls
         if tls is None:
-            return await self._receive_raw()
+            data = await self._receive_raw()
+            with reserve(len(data)) as view:
+                view[:] = data
+            return len(data)
+        incoming = self._incoming
         waited = False
         while True:
-            data = self._decrypt(max_bytes)
-            if self._outgoing.pending:  # e.g. a KeyUpdate answer: the caller flushes it
-                self._collect_tls_output()
-            if data or self._peer_eof:
-                if not waited:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                return data
+            # Plaintext available now is at most what is buffered, decrypted or not.
+            if incoming.pending or tls.pending() or incoming.eof:
+                with reserve(max(1, min(max_bytes, incoming.pending + tls.pending()))) as view:
+                    n = self._decrypt_into(view)
+                if self._outgoing.pending:  # e.g. a KeyUpdate answer: the caller flushes it
+                    self._collect_tls_output()
+                if n or self._peer_eof:
+                    if not waited:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    return n
             chunk = await self._receive_raw()
             waited = True
             if chunk:
-                self._incoming.write(chunk)
-            else:  # _decrypt() now raises SSLEOFError unless a close_notify came first
-                self._incoming.write_eof()
+                incoming.write(chunk)
+            else:  # the next read raises SSLEOFError unless a close_notify came first
+                incoming.write_eof()
 
-    def _decrypt(self, max_bytes: int) -> bytes:
+    async def receive_some(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` of plaintext (a copy; see :meth:`receive_into`)."""
+        buf = bytearray()
+
+        def reserve(n: int) -> memoryview:
+            buf[:] = bytes(n)
+            return memoryview(buf)
+
+        n = await self.receive_into(reserve, max_bytes)
+        return bytes(buf[:n])
+
+    def _decrypt_into(self, view: memoryview) -> int:
+        """Decrypt what the records buffered so far hold into ``view``; the count."""
         assert self._tls is not None
-        parts: list[bytes] = []
+        read = self._tls.read
+        size = len(view)
         total = 0
-        while total < max_bytes:
+        while total < size:
             try:
-                chunk = self._tls.read(max_bytes - total)
+                # With a buffer, read() returns the count (typeshed says bytes).
+                n = cast("int", read(size - total, view[total:]))
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
                 self._peer_eof = True
                 break
             except ssl.SSLError as exc:
-                if parts:  # hand out what came before the failure first
-                    self._failed = exc
-                    break
                 self._failed = exc
+                if total:  # hand out what came before the failure first
+                    break
                 raise trio.BrokenResourceError(exc) from exc
-            if not chunk:  # close_notify
+            if not n:  # close_notify
                 self._peer_eof = True
                 break
-            parts.append(chunk)
-            total += len(chunk)
-        if len(parts) == 1:
-            return parts[0]
-        return b"".join(parts)
+            total += n
+        return total
 
     # -- closing --------------------------------------------------------------------------
     async def linger(self, limit: float, max_bytes: int = _LINGER_BYTES) -> None:
@@ -367,7 +413,7 @@ class Wire:
                             trio.BusyResourceError,
                         ),
                     ):
-                        await self._stream.send_all(bytes(self._out))
+                        await self._stream.send_all(self._take())
         finally:
             self.close()
             if self._stream is not None:
@@ -377,6 +423,7 @@ class Wire:
         """Close at once, no close_notify; wakes a task waiting on the socket."""
         self._closed = True
         self._out.clear()
+        self._out_bytes = 0
         sock = self._sock
         if sock is not None and sock.fileno() != -1:
             trio.lowlevel.notify_closing(sock)

@@ -3,10 +3,11 @@
 * Our :class:`~trio_jobs.rpc._frames.FrameBuffer` cuts any byte stream, however it is
   split and however it arrives (copied in, or written in place), into the same frames as
   h2's own ``FrameBuffer``, and refuses the same things.
-* DATA frames that the protocol takes without h2 (``data_fast_stream``) change h2's
-  windows and stream states exactly as h2 would, and yield the same events: the same
-  random frame sequences go through a server and a client protocol twice, with the fast
-  path and with every frame left to h2.
+* DATA and HEADERS frames that the protocol takes without h2's frame machinery
+  (``data_fast_stream``, ``headers_fast_stream``) change h2's windows and stream states
+  exactly as h2 would, and yield the same events: the same random frame sequences go
+  through a server and a client protocol twice, with the fast paths and with every frame
+  left to h2.
 """
 
 from __future__ import annotations
@@ -232,11 +233,15 @@ def _conversation(draw: Any, server: bool) -> list[bytes]:
     out: list[bytes] = [SettingsFrame(0).serialize()]
     streams = [1, 3, 5] if not server else []
     for _ in range(draw(st.integers(1, 14))):
-        kind = draw(st.sampled_from(["open", "data", "data", "data", "end", "rst", "window", "ping"]))
+        kinds = ["open", "data", "data", "data", "end", "headers", "rst", "window", "ping"]
+        kind = draw(st.sampled_from(kinds))
         sid = draw(st.sampled_from([*streams, 0, 7, 2**31 - 1])) if streams else 1
         if kind == "open":
             if server:
+                # mostly the next stream; sometimes one already used, skipped or even
                 sid = 1 + 2 * len(streams)
+                if draw(st.integers(0, 4)) == 0:
+                    sid = draw(st.sampled_from([1, 2, sid + 2, sid + 3]))
                 streams.append(sid)
                 block = enc.encode(REQUEST)
             else:
@@ -250,6 +255,8 @@ def _conversation(draw: Any, server: bool) -> list[bytes]:
                 out.append(raw(DATA, END_STREAM, sid, b""))
             else:
                 out.append(raw(HEADERS, END_HEADERS | END_STREAM, sid, enc.encode(TRAILERS)))
+        elif kind == "headers":
+            out.append(_odd_headers(draw, enc, sid, server))
         elif kind == "rst":
             out.append(RstStreamFrame(sid or 1, error_code=8).serialize())
         elif kind == "window":
@@ -258,6 +265,25 @@ def _conversation(draw: Any, server: bool) -> list[bytes]:
         else:
             out.append(PingFrame(0, opaque_data=b"12345678").serialize())
     return out
+
+
+def _odd_headers(draw: Any, enc: hpack.Encoder, sid: int, server: bool) -> bytes:
+    """A header block h2 treats in some other way: informational, trailers without
+    END_STREAM, with priority or padding, split over CONTINUATION, undecodable."""
+    kind = draw(st.sampled_from(["info", "trailers", "priority", "padded", "split", "garbage"]))
+    end = END_STREAM if draw(st.booleans()) else 0
+    if kind == "info":
+        return raw(HEADERS, END_HEADERS | end, sid, enc.encode([(b":status", b"100")]))
+    if kind == "trailers":  # with or without END_STREAM
+        return raw(HEADERS, END_HEADERS | end, sid, enc.encode(TRAILERS))
+    block = enc.encode(REQUEST if server else RESPONSE)
+    if kind == "priority":
+        return raw(HEADERS, END_HEADERS | 0x20 | end, sid, b"\x00\x00\x00\x00\x10" + block)
+    if kind == "padded":
+        return raw(HEADERS, END_HEADERS | end, sid, block, pad=draw(st.integers(0, 20)))
+    if kind == "split":
+        return raw(HEADERS, end, sid, block[:2]) + raw(CONTINUATION, END_HEADERS, sid, block[2:])
+    return raw(HEADERS, END_HEADERS | end, sid, draw(st.binary(min_size=1, max_size=20)))
 
 
 def _run(proto: Any, pieces: list[bytes], acks: list[bool]) -> tuple[Any, ...]:
@@ -306,6 +332,8 @@ def test_fast_data_path_does_what_h2_does(server: bool, data: st.DataObject) -> 
     fast = _run(make(), pieces, acks)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(_protocol, "data_fast_stream", lambda *a: None)
+        m.setattr(_protocol, "headers_fast_stream", lambda *a: None)
+        m.setattr(_protocol, "request_fast_ok", lambda *a: False)
         slow = _run(make(), pieces, acks)
 
     fast_failure, slow_failure = _failed(fast), _failed(slow)

@@ -19,8 +19,8 @@ view of the buffer, which is compacted and reused). In addition:
   it arrives (h2 would first buffer the whole frame, up to 16 MiB);
 * :attr:`frame_budget` caps the frames h2 takes per ``receive_data``; when it runs out,
   :attr:`budget_exhausted` is set and the rest of the bytes stay buffered;
-* :attr:`fast_data` stops h2 at a whole DATA frame that the protocol takes itself
-  (:func:`~._h2glue.data_fast_stream`); :attr:`at_fast_frame` tells it so.
+* :attr:`fast_frame` stops h2 at a whole frame that the protocol takes itself (DATA and
+  HEADERS that ``_h2glue`` handles as h2 would); :attr:`at_fast_frame` tells it so.
 
 Memory: the buffer holds what was received and not consumed yet (at most a frame plus a
 read); when it empties, a buffer much larger than the last read is let go, so an idle
@@ -41,7 +41,6 @@ from ._h2glue import _QUIET, peek_frame_header
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-_DATA: Final = 0x0
 _NEEDS_STREAM: Final = frozenset({0x0, 0x1, 0x2, 0x3, 0x5, 0x9})  # DATA HEADERS PRIORITY RST PUSH CONT.
 _NO_STREAM: Final = frozenset({0x4, 0x6, 0x7})  # SETTINGS PING GOAWAY
 _KEEP: Final = 64 * 1024
@@ -58,8 +57,8 @@ class FrameBuffer(h2.frame_buffer.FrameBuffer):
 
     frame_budget: int | None = None
     budget_exhausted = False
-    fast_data: Callable[[int, int, int], bool] | None = None
-    """(flags, stream_id, length) of a whole DATA frame at the head -> True: leave it."""
+    fast_frame: Callable[[int, int, int, int], bool] | None = None
+    """(type, flags, stream_id, length) of a whole frame at the head -> True: leave it."""
     at_fast_frame = False
 
     def __init__(self, *, server: bool, max_frame_size: int) -> None:
@@ -147,6 +146,16 @@ class FrameBuffer(h2.frame_buffer.FrameBuffer):
             raise StopIteration
         length, kind, flags, sid = head
         at = self.start
+        whole = self.end - at >= 9 + length
+        if (
+            whole
+            and length <= self.max_frame_size
+            and self.fast_frame is not None
+            and not self._headers_buffer
+            and self.fast_frame(kind, flags, sid, length)  # (only for a stream h2 has: sid > 0)
+        ):
+            self.at_fast_frame = True
+            raise StopIteration
         try:  # as h2 does: a bad header is refused before its body is in
             frame, _ = Frame.parse_frame_header(memoryview(bytes(self.buf[at : at + 9])))
         except (InvalidDataError, InvalidFrameError) as err:
@@ -155,15 +164,7 @@ class FrameBuffer(h2.frame_buffer.FrameBuffer):
         if length > self.max_frame_size:  # (h2 waits for the whole frame to refuse it)
             msg = f"Received overlong frame: length {length}, max {self.max_frame_size}"
             raise h2.exceptions.FrameTooLargeError(msg)
-        if self.end - at < 9 + length:
-            raise StopIteration
-        if (
-            kind == _DATA
-            and self.fast_data is not None
-            and not self._headers_buffer
-            and self.fast_data(flags, sid, length)
-        ):
-            self.at_fast_frame = True
+        if not whole:
             raise StopIteration
         if self.frame_budget is not None:
             if self.frame_budget <= 0:

@@ -53,7 +53,10 @@ from ._h2glue import (
     _GoAwayTolerantStateMachine,
     data_fast_stream,
     forget_closed_stream,
+    headers_fast_stream,
     receive_data_fast,
+    receive_headers_fast,
+    request_fast_ok,
     send_data_fast,
     send_headers_fast,
     start_stream_fast,
@@ -67,6 +70,8 @@ if TYPE_CHECKING:
     from h2.stream import H2Stream
 
 DEFAULT_WINDOW: Final = 65_535
+_DATA: Final = 0x0
+_HEADERS: Final = 0x1
 _END_STREAM: Final = 0x1
 DEFAULT_FRAMES_PER_CALL: Final = 32
 _HEADER_EVENTS: Final = (
@@ -164,7 +169,7 @@ class GrpcProtocol:
         conn.local_settings = h2.settings.Settings(client=self.client_side, initial_values=settings)
         conn.max_inbound_frame_size = max_frame_size
         self._frames = FrameBuffer(server=not self.client_side, max_frame_size=max_frame_size)
-        self._frames.fast_data = self._fast_data_ok
+        self._frames.fast_frame = self._fast_frame_ok
         conn.incoming_buffer = self._frames
         table = conn._frame_dispatch_table
         for cls, quiet in _QUIET.items():
@@ -251,16 +256,25 @@ class GrpcProtocol:
             whole = buffer.pending >= 9 + length
             if not whole and length <= buffer.max_frame_size and buffer.head_is_valid(kind, sid):
                 return out  # the middle of a frame: nothing to do yet
-            stream = None
-            if kind == 0 and whole and not buffer._headers_buffer:
-                stream = data_fast_stream(conn, flags, sid, length)
-            if stream is not None:
+            stream: H2Stream | None = None
+            fast = new = False
+            if whole and length <= buffer.max_frame_size and not buffer._headers_buffer:
+                if kind == _DATA:
+                    stream = data_fast_stream(conn, flags, sid, length)
+                elif kind == _HEADERS:
+                    stream = headers_fast_stream(conn, flags, sid)
+                    new = stream is None and request_fast_ok(conn, flags, sid)
+                fast = stream is not None or new
+            if fast:
                 if buffer.frame_budget is not None:
                     if buffer.frame_budget <= 0:
                         buffer.budget_exhausted = True
                         return out
                     buffer.frame_budget -= 1
-                self._receive_fast(stream, sid, length, flags, out)
+                if stream is not None and kind == _DATA:
+                    self._receive_fast(stream, sid, length, flags, out)
+                else:
+                    self._receive_headers(stream, sid, length, flags, out)
                 continue
             # h2's turn: it takes frames up to the next fast one, the end or the budget.
             buffer.at_fast_frame = False
@@ -284,8 +298,39 @@ class GrpcProtocol:
                 return out
         return out
 
-    def _fast_data_ok(self, flags: int, stream_id: int, length: int) -> bool:
-        return data_fast_stream(self._h2, flags, stream_id, length) is not None
+    def _fast_frame_ok(self, kind: int, flags: int, stream_id: int, length: int) -> bool:
+        if kind == _DATA:
+            return data_fast_stream(self._h2, flags, stream_id, length) is not None
+        if kind != _HEADERS:
+            return False
+        return (
+            headers_fast_stream(self._h2, flags, stream_id) is not None
+            or request_fast_ok(self._h2, flags, stream_id)
+        )
+
+    def _receive_headers(
+        self, stream: H2Stream | None, sid: int, length: int, flags: int, out: list[ev.Event]
+    ) -> None:
+        """A whole HEADERS frame at the head that ``headers_fast_stream`` (or, for a new
+        stream, ``request_fast_ok``) accepted: h2's decoding and stream logic without its
+        frame objects; errors close the connection as h2 does (GOAWAY with their code)."""
+        buffer = self._frames
+        at = buffer.start + 9
+        block = bytes(buffer.buf[at : at + length])
+        buffer.consume(9 + length)
+        try:
+            h2_events = receive_headers_fast(self._h2, stream, sid, block, bool(flags & _END_STREAM))
+        except h2.exceptions.ProtocolError as exc:
+            self._h2._terminate_connection(exc.error_code)
+            out.append(self._fail(int(exc.error_code), str(exc) or type(exc).__name__, False))
+            return
+        try:
+            for e in h2_events:
+                if self.closed:
+                    return
+                self._dispatch(e, out)
+        except h2.exceptions.ProtocolError as exc:
+            out.append(self._fail(int(exc.error_code), str(exc), True))
 
     def _receive_fast(
         self, stream: H2Stream, sid: int, length: int, flags: int, out: list[ev.Event]

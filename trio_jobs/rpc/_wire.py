@@ -319,11 +319,15 @@ class Wire:
 
     def _decrypt_into(self, view: memoryview) -> int:
         """Decrypt what the records buffered so far hold into ``view``; the count."""
-        assert self._tls is not None
-        read = self._tls.read
+        tls = self._tls
+        assert tls is not None
+        read = tls.read
+        incoming = self._incoming
         size = len(view)
         total = 0
-        while total < size:
+        # Reading until SSLWantReadError costs an exception per call; with nothing left
+        # in the BIO and nothing decrypted pending, that is known without asking.
+        while total < size and (not total or incoming.pending or tls.pending()):
             try:
                 # With a buffer, read() returns the count (typeshed says bytes).
                 n = cast("int", read(size - total, view[total:]))

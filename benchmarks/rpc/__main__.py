@@ -1,7 +1,10 @@
-"""Run the rpc benchmark: ``python -m benchmarks.rpc [--quick] [--impls ours,grpcio] [--profile]``.
+"""Run the rpc benchmark: ``python -m benchmarks.rpc [--quick] [--impls ours,grpcio] [--rounds N]``.
 
 For each peer the runner starts a server process, then a client process that measures the
 three figures against it, then stops the server; the runner itself does no I/O-bound work.
+The peers run in ``--rounds`` interleaved rounds (ours, grpcio, ..., then again) and each
+figure is the median over the rounds: this machine's speed drifts by up to 2x within
+minutes, which one run per peer mistakes for a difference between the peers.
 A full run writes its table into docs/benchmarks.md (between the rpc markers); ``--quick``
 is a smoke run of a few seconds that writes nothing. Exit status 1 if any peer failed.
 """
@@ -19,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Final
 
-from benchmarks.rpc.common import IMPLS, Result, Workload, generate_code, make_pki
+from benchmarks.rpc.common import IMPLS, Result, Workload, generate_code, make_pki, median_result
 from benchmarks.rpc.report import render_doc_section, render_table, replace_doc_section
 
 ROOT: Final = Path(__file__).resolve().parents[2]
@@ -111,13 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-doc", action="store_true", help=f"do not rewrite {DOC}")
     parser.add_argument("--profile", type=Path, help="cProfile our server into this file")
     parser.add_argument("--timeout", type=float, default=600.0, help="per client process")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, --quick 1)")
     args = parser.parse_args(argv)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    if rounds < 1:
+        parser.error("--rounds must be >= 1")
     impls = [i for i in args.impls.split(",") if i]
     unknown = sorted(set(impls) - set(IMPLS))
     if unknown:
         parser.error(f"unknown peers {unknown}; choose from {list(IMPLS)}")
     work = Workload.quick() if args.quick else Workload()
-    results: dict[str, Result] = {}
+    runs: dict[str, list[Result]] = {impl: [] for impl in impls}
     failures: dict[str, str] = {}
     started = time.time()
     load_before = os.getloadavg()
@@ -125,15 +132,19 @@ def main(argv: list[str] | None = None) -> int:
         gen, pki = Path(tmp) / "gen", Path(tmp) / "pki"
         generate_code(gen)
         make_pki(pki)
-        for impl in impls:
-            print(f"running {impl} ...", file=sys.stderr, flush=True)
-            profile = args.profile if impl == "ours" else None
-            try:
-                results[impl] = run_peer(impl, pki, gen, work, args.timeout, profile)
-            except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as exc:
-                failures[impl] = str(exc)
-                print(f"{impl} FAILED: {exc}", file=sys.stderr)
-    table = render_table(results, failures)
+        for n in range(rounds):
+            for impl in impls:
+                if impl in failures:
+                    continue
+                print(f"round {n + 1}/{rounds}: {impl} ...", file=sys.stderr, flush=True)
+                profile = args.profile if impl == "ours" and n == 0 else None
+                try:
+                    runs[impl].append(run_peer(impl, pki, gen, work, args.timeout, profile))
+                except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as exc:
+                    failures[impl] = str(exc)
+                    print(f"{impl} FAILED: {exc}", file=sys.stderr)
+    results = {impl: median_result(r) for impl, r in runs.items() if r and impl not in failures}
+    table = render_table(results, failures, rounds={i: r for i, r in runs.items() if i in results})
     print(table)
     if args.profile is not None and args.profile.exists():
         _print_profile(args.profile, 25)
@@ -146,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             load_after=os.getloadavg(),
             seconds=time.time() - started,
             command="python -m benchmarks.rpc",
+            rounds=rounds,
         )
         replace_doc_section(DOC, section)
         print(f"wrote {DOC}", file=sys.stderr)

@@ -78,6 +78,16 @@ class Result:
         return cls(**json.loads(text))
 
 
+def median_result(runs: list[Result]) -> Result:
+    """Each figure's median over interleaved rounds (a p99 too: the median round's p99)."""
+    return Result(
+        unary_p50_us=statistics.median(r.unary_p50_us for r in runs),
+        unary_p99_us=statistics.median(r.unary_p99_us for r in runs),
+        c64_qps=statistics.median(r.c64_qps for r in runs),
+        stream_mbps=statistics.median(r.stream_mbps for r in runs),
+    )
+
+
 def percentile(samples: list[float], q: float) -> float:
     """The q-th percentile (0-100) by the inclusive method; needs at least two samples."""
     cuts = statistics.quantiles(samples, n=100, method="inclusive")

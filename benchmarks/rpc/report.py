@@ -37,8 +37,11 @@ def _cell(ratio: float | None, target: str | None) -> str:
     return f"{ratio:.2f}x ({'meets' if ok else 'misses'} {op.replace('<=', '≤').replace('>=', '≥')} {bound})"
 
 
-def render_table(results: dict[str, Result], failures: dict[str, str]) -> str:
-    """Markdown: the figures of each peer, then ours as ratios to grpcio and to bare TLS."""
+def render_table(
+    results: dict[str, Result], failures: dict[str, str], rounds: dict[str, list[Result]] | None = None
+) -> str:
+    """Markdown: the figures of each peer (medians over the rounds), then ours as ratios to
+    grpcio and to bare TLS, then (several rounds) ours / grpcio in each round."""
     lines = [
         "| peer | unary c=1 p50 (µs) | unary c=1 p99 (µs) | unary c=64 QPS | streaming MB/s |",
         "|---|---:|---:|---:|---:|",
@@ -69,6 +72,14 @@ def render_table(results: dict[str, Result], failures: dict[str, str]) -> str:
     row("trio_jobs.rpc / bare TLS", ours, tls, (None, None, ">=0.75"))
     row("grpclib / grpcio", results.get("grpclib"), grpcio, (None, None, None))
     row("grpcio / bare TLS", grpcio, tls, (None, None, None))
+    per_round = list(zip((rounds or {}).get("ours", []), (rounds or {}).get("grpcio", []), strict=False))
+    if len(per_round) > 1:
+        lines += ["", "| round | unary p50 ours / grpcio | c=64 QPS | streaming |", "|---|---|---|---|"]
+        for n, (a, b) in enumerate(per_round, 1):
+            lines.append(
+                f"| {n} | {a.unary_p50_us:,.0f} / {b.unary_p50_us:,.0f} µs | "
+                f"{a.c64_qps:,.0f} / {b.c64_qps:,.0f} | {a.stream_mbps:,.0f} / {b.stream_mbps:,.0f} MB/s |"
+            )
     return "\n".join(lines)
 
 
@@ -101,6 +112,7 @@ def render_doc_section(
     load_after: tuple[float, float, float],
     seconds: float,
     command: str,
+    rounds: int = 1,
 ) -> str:
     import os
 
@@ -117,7 +129,8 @@ def render_doc_section(
             f"- Workload: {work.unary_calls} sequential unary calls of {work.unary_size} B "
             f"(after {work.unary_warmup} warm-up), {work.c64_calls} calls by "
             f"{work.concurrency} tasks on one connection, median of {work.stream_rounds} "
-            f"streaming calls of {work.stream_count} x {work.stream_size // 1024} KiB.",
+            f"streaming calls of {work.stream_count} x {work.stream_size // 1024} KiB; "
+            f"{rounds} interleaved round(s) of every peer, medians.",
             "",
             table,
             END,

@@ -101,6 +101,7 @@ class Wire:
         self.sent_total = 0  # bytes ever handed to the kernel (or to the stream)
         self._failed: BaseException | None = None
         self._peer_eof = False
+        self._last_read_full = True  # the last socket read filled its buffer (see _receive_raw)
         self._close_notify_sent = False
         self._closed = False
 
@@ -249,23 +250,30 @@ class Wire:
             assert self._stream is not None
             return await self._stream.receive_some(_SOCKET_READ)
         await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            data = sock.recv(_SOCKET_READ)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            raise trio.BrokenResourceError(exc) from exc
-        else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+        # Read at once only if the last read filled its buffer (a bulk stream: more is
+        # likely there). After a short read the socket was empty, and in a conversation
+        # (a call, its answer) it still is: trying costs a syscall and an exception.
+        if self._last_read_full:
+            try:
+                data = sock.recv(_SOCKET_READ)
+            except BlockingIOError:
+                self._last_read_full = False
+            except OSError as exc:
+                raise trio.BrokenResourceError(exc) from exc
+            else:
+                self._last_read_full = len(data) == _SOCKET_READ
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
         while True:
             await trio.lowlevel.wait_readable(sock)
             try:
-                return sock.recv(_SOCKET_READ)
+                data = sock.recv(_SOCKET_READ)
             except BlockingIOError:
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(exc) from exc
+            self._last_read_full = len(data) == _SOCKET_READ
+            return data
 
     async def receive_into(self, reserve: Callable[[int], memoryview], max_bytes: int) -> int:
         """Up to ``max_bytes`` of plaintext, written into ``reserve(k)`` (a writable view

@@ -124,7 +124,7 @@ def launch(state: Launch, build: Callable[[], JobSpec], *, driver: CgroupDriver,
     cgroup.add_process_blocking(spawned.pid)
     spawned.release()
     status = running_status(state.job_id, spec, created_at)
-    store.insert_blocking(status, pid=spawned.pid)
+    store.insert_blocking(status, pid=spawned.pid, forked=spawned.forked)
     return Started(spec=spec, fd=fd, cgroup=cgroup, spawned=spawned, status=status)
 
 

@@ -22,9 +22,47 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from pathlib import Path
+from typing import Final
 
 import trio
+
+_TICK_NS: Final = 10**9 // os.sysconf("SC_CLK_TCK")
+
+
+def boot_ticks() -> int:
+    """Now, in the clock of ``/proc/PID/stat``'s start time: clock ticks since boot
+    (the kernel's ``start_boottime``, CLOCK_BOOTTIME, truncated to USER_HZ)."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) // _TICK_NS
+
+
+class StartClock:
+    """The start time of a process we fork, known without reading its ``/proc/PID/stat``.
+
+    Reading a child's stat right after its exec waits for the exec to finish: ~0.7-0.9 ms
+    here, half of a whole job start. But the child's start time is the tick its fork
+    happened in, and the fork happened between two readings of :func:`boot_ticks` around
+    it: when both fall in one tick (at 100 ticks/s and a ~0.2 ms spawn, ~98% of starts),
+    that tick is the start time, exactly. Otherwise, and until the first such start was
+    checked against ``/proc`` (a kernel whose start times use another clock fails the
+    check and is always read), it is read from ``/proc``. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self.verified: bool | None = None  # None: not checked yet; False: always read /proc
+
+    def of(self, pid: int, before: int, after: int) -> int | None:
+        """The start time of ``pid``, forked between ticks ``before`` and ``after``."""
+        if before != after or not self.verified:
+            read = start_time(pid)
+            if before == after and self.verified is None and read is not None:
+                self.verified = read == before
+            return read
+        return before
+
+
+START_CLOCK: Final = StartClock()
 
 
 def start_time(pid: int) -> int | None:

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Final, final
 import trio
 
 from .errors import InvalidJobSpec, WorkerError
+from .leftovers import boot_ticks
 
 if TYPE_CHECKING:
     import resource
@@ -70,9 +71,10 @@ class Spawned:
     """A started (held or released) job process. Owns its pidfd, output pipe and go pipe."""
 
     def __init__(self, popen: subprocess.Popen[bytes], pidfd: int, output_fd: int,
-                 go_fd: int) -> None:
+                 go_fd: int, *, forked: tuple[int, int] = (0, -1)) -> None:
         self.popen = popen
         self.pid = popen.pid
+        self.forked = forked  # boot_ticks() before and after the fork (leftovers.StartClock)
         self._pidfd: int | None = pidfd
         self.output_fd: int | None = output_fd  # handed to the pump, which closes it
         self._go_fd: int | None = go_fd
@@ -173,11 +175,13 @@ def spawn_blocking(program: str, args: tuple[str, ...], *, env: dict[str, str], 
         kwargs = {"user": run_as.uid, "group": run_as.gid, "extra_groups": list(run_as.groups)}
     try:
         try:
+            before = boot_ticks()
             popen = subprocess.Popen(
                 argv, executable=argv[0], stdin=go_r, stdout=out_w, stderr=out_w, env=env,
                 cwd=cwd, start_new_session=True, close_fds=True,
                 **kwargs,  # type: ignore[call-overload]
             )
+            after = boot_ticks()
         finally:
             os.close(out_w)
             os.close(go_r)
@@ -195,4 +199,4 @@ def spawn_blocking(program: str, args: tuple[str, ...], *, env: dict[str, str], 
         os.close(go_w)  # the wrapper reads EOF and exits 125 without exec
         popen.wait()
         raise WorkerError(f"cannot watch the job process: {exc}") from exc
-    return Spawned(popen, pidfd, out_r, go_w)
+    return Spawned(popen, pidfd, out_r, go_w, forked=(before, after))

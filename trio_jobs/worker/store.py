@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 import trio
 
 from .errors import WorkerClosed, WorkerError
-from .leftovers import start_time
+from .leftovers import START_CLOCK
 from .limits import Limits, Usage
 from .spec import JobState, JobStatus
 
@@ -176,15 +176,18 @@ class JobStore:
     def closed(self) -> bool:
         return self._closed
 
-    def insert_blocking(self, status: JobStatus, *, pid: int | None = None) -> None:
+    def insert_blocking(
+        self, status: JobStatus, *, pid: int | None = None, forked: tuple[int, int] = (0, -1)
+    ) -> None:
         """Add a new record; ``pid``: the job's main process (its start time is noted too,
-        so that a later run can kill what an unclean stop left, see ``leftovers``).
+        so that a later run can kill what an unclean stop left, see ``leftovers``), forked
+        between ``boot_ticks()`` readings ``forked`` if they are known.
 
         Blocking: for a worker thread (the job start's, see ``launch.py``)."""
         row = _to_row(status)
+        started = None if pid is None else START_CLOCK.of(pid, *forked)
 
         def insert(c: sqlite3.Connection) -> None:
-            started = None if pid is None else start_time(pid)
             c.execute(_INSERT, (*row, pid if started is not None else None, started))
 
         self._call(insert)

@@ -186,6 +186,14 @@ def heap_report(heaps: Sequence[HeapProbe], top: int = 12) -> str:
              row("RSS after malloc_trim(0)", [h.trimmed for h in heaps])]
     if heaps[0].snapshot is not None:
         lines.append(row("Python objects (tracemalloc)", [h.traced for h in heaps]))
+    # Where it is: the C allocator's own books and the RSS of each kind of mapping. Shown
+    # when they moved by more than 1 MiB between the probes.
+    for name in sorted({k for h in heaps for k in h.allocator}):
+        values = [h.allocator.get(name, 0) for h in heaps]
+        if name.startswith(("malloc.", "rss.", "pymalloc.Total")) and max(values) - min(values) > MiB:
+            lines.append(row(f"  {name}", values))
+        elif name.startswith("pymalloc.arenas") and max(values) != min(values):
+            lines.append(f"{'  ' + name:<32}" + "".join(f"{v:>8}" for v in values))
     if len(heaps) > 2 and heaps[1].snapshot is not None and heaps[-1].snapshot is not None:
         first = tracemalloc.Snapshot.load(str(heaps[1].snapshot))
         last = tracemalloc.Snapshot.load(str(heaps[-1].snapshot))

@@ -118,6 +118,7 @@ class HeapProbe:
     rss: int
     trimmed: int  # RSS after malloc_trim(0)
     snapshot: Path | None  # the tracemalloc snapshot
+    allocator: dict[str, int]  # _traced_serve._allocator_stats(): where the memory is
 
 
 class SoakServer:
@@ -211,7 +212,14 @@ class SoakServer:
                 await trio.sleep(0.1)
         traced, rss, trimmed = (int(word) for word in done.read_text().split())
         snap = self.home / f"heap-{n}.snap"
-        return HeapProbe(traced=traced, rss=rss, trimmed=trimmed, snapshot=snap if snap.exists() else None)
+        alloc = self.home / f"heap-{n}.alloc"
+        stats = {}
+        if alloc.exists():
+            for line in alloc.read_text().splitlines():
+                name, _, value = line.rpartition(" ")
+                stats[name] = int(value)
+        return HeapProbe(traced=traced, rss=rss, trimmed=trimmed,
+                         snapshot=snap if snap.exists() else None, allocator=stats)
 
     def cgroup_driver(self) -> str:
         """The banner's ``cgroups: ...`` line (which driver the server uses)."""

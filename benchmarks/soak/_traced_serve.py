@@ -15,6 +15,7 @@ import ctypes
 import os
 import signal
 import sys
+import tempfile
 import tracemalloc
 from pathlib import Path
 from typing import Final
@@ -33,12 +34,60 @@ def _dump_on_signal(home: Path) -> None:
             traced = tracemalloc.get_traced_memory()[0]
         rss = _rss()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+        (home / f"heap-{count}.alloc").write_text(_allocator_stats())
         partial = home / f"heap-{count}.partial"
         partial.write_text(f"{traced} {rss} {_rss()}\n")
         partial.replace(home / f"heap-{count}.done")  # atomically: the soak polls for it
         count += 1
 
     signal.signal(signal.SIGUSR2, dump)
+
+
+_MALLINFO2: Final = (
+    "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+    "fordblks", "keepcost",
+)  # fmt: skip
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in _MALLINFO2]
+
+
+def _allocator_stats() -> str:
+    """Where the memory is, one ``name value`` per line: glibc's main-arena and mmap
+    figures (``mallinfo2``: ``arena`` obtained from the system, ``uordblks`` in use,
+    ``fordblks`` free; all arenas together), every mapping's RSS by kind
+    (``/proc/self/smaps``), and pymalloc's arenas (``sys._debugmallocstats``)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    lines = [f"malloc.{name} {getattr(info, name)}" for name in _MALLINFO2]
+    kinds: dict[str, int] = {}
+    kind = "?"
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            first = line.split(maxsplit=1)[0]
+            if not first.endswith(":"):  # a mapping's header: address range, perms, ..., path
+                parts = line.split()
+                path = parts[5] if len(parts) > 5 else "[anon]"
+                kind = path if path.startswith("[") else path.rsplit("/", 1)[-1]
+            elif first == "Rss:":
+                kinds[kind] = kinds.get(kind, 0) + int(line.split()[1]) * 1024
+    lines += [f"rss.{k} {v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:12]]
+    with tempfile.TemporaryFile("w+") as out:
+        saved = os.dup(2)
+        try:
+            os.dup2(out.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        for line in out:
+            if line.startswith(("# arenas allocated current", "# arenas highwater mark", "Total")):
+                name, _, value = line.rpartition("=")
+                lines.append(f"pymalloc.{name.strip('# ').strip()} {value.strip().replace(',', '')}")
+    return "\n".join(lines) + "\n"
 
 
 def _rss() -> int:

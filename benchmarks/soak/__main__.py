@@ -190,7 +190,7 @@ def heap_report(heaps: Sequence[HeapProbe], top: int = 12) -> str:
     # when they moved by more than 1 MiB between the probes.
     for name in sorted({k for h in heaps for k in h.allocator}):
         values = [h.allocator.get(name, 0) for h in heaps]
-        if name.startswith(("malloc.", "rss.", "pymalloc.Total")) and max(values) - min(values) > MiB:
+        if name.startswith(("malloc.", "rss.", "pymalloc.Total", "pymalloc.bytes")) and max(values) - min(values) > MiB:
             lines.append(row(f"  {name}", values))
         elif name.startswith("pymalloc.arenas") and max(values) != min(values):
             lines.append(f"{'  ' + name:<32}" + "".join(f"{v:>8}" for v in values))

@@ -83,10 +83,18 @@ def _allocator_stats() -> str:
             os.dup2(saved, 2)
             os.close(saved)
         out.seek(0)
+        wanted = {
+            "# arenas allocated current": "arenas allocated current",
+            "# arenas reclaimed": "arenas reclaimed",
+            "# arenas highwater mark": "arenas highwater mark",
+            "# bytes in allocated blocks": "bytes in use",  # live objects: what a leak grows
+            "Total": "Total",  # the arenas' size (the first Total; the second is the arena map)
+        }
         for line in out:
-            if line.startswith(("# arenas allocated current", "# arenas highwater mark", "Total")):
-                name, _, value = line.rpartition("=")
-                lines.append(f"pymalloc.{name.strip('# ').strip()} {value.strip().replace(',', '')}")
+            name, _, value = line.rpartition("=")
+            key = wanted.pop(name.strip(), None)
+            if key is not None:
+                lines.append(f"pymalloc.{key} {value.strip().replace(',', '')}")
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ from trio_jobs.rpc import (
     Channel,
     Method,
     RpcError,
+    Serialized,
     Server,
     ServerContext,
     ServerLimits,
@@ -238,6 +239,39 @@ async def test_streamed_message_leaves_before_the_handler_waits(nursery: trio.Nu
         with trio.fail_after(10):
             first = await anext(aiter(s))
     assert first.index == 7
+
+
+async def test_handlers_may_send_what_they_serialized(nursery: trio.Nursery) -> None:
+    """``Serialized`` bytes go out as they are, from a streaming send() and as a unary
+    handler's answer; anything that is neither the response type nor Serialized is a
+    TypeError in the handler (UNKNOWN for the caller)."""
+
+    async def stream(request: Any, ctx: ServerContext, send: Any) -> None:
+        await send(Serialized(EchoReply(index=1).SerializeToString()))
+        await send(EchoReply(index=2))
+        await send(EchoRequest(count=3))
+
+    async def unary(request: Any, ctx: ServerContext) -> Any:
+        return Serialized(EchoReply(payload=b"ok").SerializeToString())
+
+    methods = [
+        Method(path="/t.T/S", request_type=EchoRequest, response_type=EchoReply, handler=stream,
+               server_streaming=True),
+        Method(path="/t.T/U", request_type=EchoRequest, response_type=EchoReply, handler=unary),
+    ]  # fmt: skip
+    got: list[int] = []
+
+    async def collect_indexes(ch: Channel) -> None:
+        async with ch.server_stream("/t.T/S", EchoRequest(), EchoReply) as s:
+            async for m in s:
+                got.append(m.index)
+
+    async with served(plain(TrioEcho(), methods), nursery) as ch:
+        with pytest.raises(RpcError) as info:
+            await collect_indexes(ch)
+        assert got == [1, 2]
+        assert info.value.code == StatusCode.UNKNOWN
+        assert (await ch.unary("/t.T/U", EchoRequest(), EchoReply)).payload == b"ok"
 
 
 async def test_connection_drop_wakes_every_waiter(nursery: trio.Nursery) -> None:

@@ -51,7 +51,8 @@ async def start(service: JobService, identity: str, *argv: str) -> str:
 
 
 async def listed(service: JobService, identity: str, *, all_users: bool = False) -> pb.ListJobsResponse:
-    return await service.ListJobs(pb.ListJobsRequest(all_users=all_users), ctx(identity))
+    answer = await service.ListJobs(pb.ListJobsRequest(all_users=all_users), ctx(identity))
+    return pb.ListJobsResponse.FromString(answer.data)
 
 
 async def reference(worker: Worker, owner: str | None) -> pb.ListJobsResponse:
@@ -131,7 +132,7 @@ async def test_a_full_cache_keeps_its_entries_and_the_answer_stays_complete(tmp_
         probe = JobService(worker, Policy.from_toml(POLICY))
         job_ids = [await start(probe, "bob", "/bin/true") for _ in range(12)]
         statuses = [await wait_ended(worker, job_id) for job_id in job_ids]
-        cost = max(len(list_part(s)[1]) for s in statuses) + LIST_CACHE_ENTRY_OVERHEAD
+        cost = max(len(list_part(s)) for s in statuses) + LIST_CACHE_ENTRY_OVERHEAD
         service = JobService(worker, Policy.from_toml(POLICY), list_cache_budget=5 * cost)
         expected = await reference(worker, "bob")
         assert await listed(service, "bob") == expected
@@ -158,3 +159,25 @@ async def test_many_misses_are_converted_off_the_loop_with_the_same_answer(tmp_p
             answer = await listed(fresh, "alice")
         assert answer == await reference(worker, "alice")
         assert [j.job_id for j in answer.jobs] == job_ids
+
+
+async def test_jobs_not_cached_are_converted_a_batch_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What one ListJobs holds at once is bounded: statuses of jobs whose part is not cached
+    are read ``LIST_CONVERT_BATCH`` at a time (and the answer is the same)."""
+    monkeypatch.setattr("trio_jobs.service.LIST_CONVERT_BATCH", 2)
+    async with open_worker(tmp_path / "data") as worker:
+        service = JobService(worker, Policy.from_toml(POLICY), list_cache_budget=0)
+        for job_id in [await start(service, "alice", "/bin/true") for _ in range(5)]:
+            await wait_ended(worker, job_id)
+        asked: list[int] = []
+        real = worker.statuses
+
+        async def counting(job_ids: list[str]) -> dict[str, JobStatus]:
+            asked.append(len(job_ids))
+            return await real(job_ids)
+
+        monkeypatch.setattr(worker, "statuses", counting)
+        assert await listed(service, "alice") == await reference(worker, "alice")
+        assert asked == [2, 2, 1]

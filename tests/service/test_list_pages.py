@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 async def page(service: JobService, who: str, size: int = 0, token: str = "", *, all_users: bool = False
                ) -> pb.ListJobsResponse:
     request = pb.ListJobsRequest(all_users=all_users, page_size=size, page_token=token)
-    return await service.ListJobs(request, ctx(who))
+    return pb.ListJobsResponse.FromString((await service.ListJobs(request, ctx(who))).data)
 
 
 async def all_pages(service: JobService, who: str, size: int = 0, *, all_users: bool = False

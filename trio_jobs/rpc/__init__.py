@@ -10,6 +10,7 @@ from ._options import ChannelOptions, ServerLimits
 from ._server import Server
 from ._service import (
     Method,
+    Serialized,
     ServerContext,
     StreamHandler,
     UnaryHandler,
@@ -25,6 +26,7 @@ __all__ = [
     "Method",
     "ResponseStream",
     "RpcError",
+    "Serialized",
     "Server",
     "ServerContext",
     "ServerLimits",

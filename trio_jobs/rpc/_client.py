@@ -194,21 +194,30 @@ class Channel(Transport):
         metadata: Metadata = (),
     ) -> R:
         """One request, one response. Raises RpcError with the call's status."""
-        with trio.move_on_after(timeout if timeout is not None else math.inf) as scope:
-            state = None
-            try:
-                state = await self._open(method, request, timeout, metadata)
-                data = await self._next_message(state)
-                if data is None:
-                    raise RpcError(StatusCode.INTERNAL, "the server sent no response message")
-                if await self._next_message(state) is not None:
-                    raise RpcError(StatusCode.INTERNAL, "the server sent more than one response")
-                return _parse(response_type, data)
-            finally:
-                if state is not None and self._close_call(state):
-                    self.kick()
+        if timeout is None:  # no cancel scope of our own to enter and leave
+            return await self._unary(method, request, response_type, None, metadata)
+        with trio.move_on_after(timeout) as scope:
+            return await self._unary(method, request, response_type, grpc_timeout=timeout, metadata=metadata)
         assert scope.cancelled_caught
         raise RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+
+    async def _unary(
+        self, method: str, request: Message, response_type: type[R], grpc_timeout: float | None,
+        metadata: Metadata,
+    ) -> R:
+        """The call itself; ``grpc_timeout`` is only sent (the caller's scope enforces it)."""
+        state = None
+        try:
+            state = await self._open(method, request, grpc_timeout, metadata)
+            data = await self._next_message(state)
+            if data is None:
+                raise RpcError(StatusCode.INTERNAL, "the server sent no response message")
+            if await self._next_message(state) is not None:
+                raise RpcError(StatusCode.INTERNAL, "the server sent more than one response")
+            return _parse(response_type, data)
+        finally:
+            if state is not None and self._close_call(state):
+                self.kick()
 
     @asynccontextmanager
     async def server_stream(

@@ -24,7 +24,7 @@ from . import _events as ev
 from ._options import ServerLimits
 from ._protocol import StreamGone
 from ._server_protocol import ServerProtocol
-from ._service import Method, ServerContext
+from ._service import Method, Serialized, ServerContext
 from ._status import Metadata, RpcError, StatusCode
 from ._transport import StreamState, Transport, log
 from ._wire import Wire
@@ -231,9 +231,12 @@ class _ServerConnection(Transport):
 
         async def send(response: Any, *, kick: bool = True) -> None:
             nonlocal unyielded
-            if not isinstance(response, method.response_type):
+            if type(response) is Serialized:
+                data = response.data
+            elif isinstance(response, method.response_type):
+                data = response.SerializeToString()
+            else:
                 raise TypeError(f"{method.path} must send {method.response_type.__name__}")
-            data = response.SerializeToString()
             if len(data) > max_send:
                 raise RpcError(
                     StatusCode.RESOURCE_EXHAUSTED,

@@ -33,6 +33,18 @@ class Method:
 
 
 @final
+@dataclass(frozen=True, slots=True)
+class Serialized:
+    """A response message the handler serialized itself, for ``send`` (or to return):
+    ``data`` must be a valid encoding of the method's response type (it is sent as it is,
+    without the type check and the ``SerializeToString`` of a message object). For a
+    streaming handler whose messages are mostly one big field, built without a copy into a
+    message object first."""
+
+    data: bytes
+
+
+@final
 class ServerContext:
     """What a handler knows about its call, and how it sets the outcome."""
 

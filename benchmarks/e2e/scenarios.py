@@ -35,6 +35,15 @@ READ_SIZE: Final = 1 << 20
 TICKER: Final = "i=0; while [ $i -lt 30000 ]; do date +%s%N; i=$((i+1)); sleep 0.02; done"
 
 
+async def settle_disk() -> None:
+    """Write back the page cache's dirty pages (``sync``), untimed, before a job that writes
+    much. Job output goes to spool files through the page cache; once earlier jobs have left
+    about 2 GB dirty, the kernel throttles every writer to the disk's writeback rate (300-350
+    MB/s on the development VM, against ~1 GB/s into a clean cache), and a figure would
+    measure the previous scenario's leftovers instead of this one."""
+    await trio.to_thread.run_sync(os.sync)
+
+
 async def _discard(data: bytes) -> None:
     """A tail sink that drops what it gets."""
 
@@ -114,9 +123,11 @@ async def streaming(server: BenchServer, size: int, rounds: int) -> Figures:
     walls: dict[str, list[float]] = {"alone": [], "followed": [], "stalled": []}
     for _ in range(rounds):
         async with server.client() as client:
+            await settle_disk()
             alone = await client.start(argv[0], argv[1:])
             # a follower from the last offset gets no bytes: it only tells us when the job ended
             walls["alone"].append(_wall(await client.tail(alone.job_id, _discard, offset=size)))
+            await settle_disk()
             followed = await client.start(argv[0], argv[1:])
             got = await trio.to_thread.run_sync(run_cli_tail, server, followed.job_id)
             followed_final = await client.status(followed.job_id)
@@ -129,6 +140,7 @@ async def streaming(server: BenchServer, size: int, rounds: int) -> Figures:
             if again["bytes"] != size:
                 raise RuntimeError(f"tail of the ended job got {again['bytes']} of {size} bytes")
             ended_mbps.append(size / (again["last"] - again["first"]) / 1e6)
+        await settle_disk()
         walls["stalled"].append(_wall(await _with_stalled_follower(server, argv, size)))
     return {
         "mbps": statistics.median(mbps),
@@ -168,6 +180,7 @@ async def _sample_rss(server: BenchServer, peak: list[int], done: trio.Event) ->
 async def fanout(server: BenchServer, size: int, count: int) -> Figures:
     """``count`` followers (one process, one connection each) of a job writing ``size`` bytes."""
     async with server.client() as client:
+        await settle_disk()
         before = server.rss()
         peak = [before]
         done = trio.Event()

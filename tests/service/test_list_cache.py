@@ -181,3 +181,58 @@ async def test_jobs_not_cached_are_converted_a_batch_at_a_time(
         monkeypatch.setattr(worker, "statuses", counting)
         assert await listed(service, "alice") == await reference(worker, "alice")
         assert asked == [2, 2, 1]
+
+
+async def test_pages_are_built_a_few_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most ``list_concurrency`` ListJobs build their pages at once server-wide, and one per
+    identity (what they hold meanwhile is bounded however many clients list, and one user's
+    burst takes one slot); the others wait their turn, get the same answer, and a waiting
+    call is still cancellable."""
+    users = ("alice", "bob", "admin")
+    async with open_worker(tmp_path / "data") as worker:
+        service = JobService(worker, Policy.from_toml(POLICY), list_concurrency=2)
+        for job_id in [await start(service, who, "/bin/true") for who in users for _ in range(2)]:
+            await wait_ended(worker, job_id)
+        expected = {who: await reference(worker, who) for who in users}
+        building: list[str | None] = []
+        peak = 0
+        release = trio.Event()
+        real = worker.job_page
+
+        async def slow_page(*, owner: str | None, after: int, limit: int) -> list[tuple[int, str]]:
+            nonlocal peak
+            building.append(owner)
+            peak = max(peak, len(building))
+            try:
+                await release.wait()
+                return await real(owner=owner, after=after, limit=limit)
+            finally:
+                building.remove(owner)
+
+        monkeypatch.setattr(worker, "job_page", slow_page)
+        answers: list[tuple[str, pb.ListJobsResponse]] = []
+
+        async def one(who: str) -> None:
+            answers.append((who, await listed(service, who)))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(one, "alice")  # alice's burst first: she gets one slot
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(one, "bob")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(one, "admin")
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(map(str, building)) == ["alice", "bob"]  # admin waits for a free slot
+            with trio.move_on_after(0.01) as waiting:
+                await listed(service, "bob")
+            assert waiting.cancelled_caught
+            release.set()
+        assert peak == 2
+        assert sorted(who for who, _ in answers) == ["admin", "alice", "alice", "alice", "alice", "bob"]
+        assert all(answer == expected[who] for who, answer in answers)
+
+
+def test_list_concurrency_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="list_concurrency must be at least 1"):
+        JobService(None, Policy.from_toml(POLICY), list_concurrency=0)  # type: ignore[arg-type]

@@ -12,6 +12,8 @@ is a smoke run of a few seconds that writes nothing. Exit status 1 if any peer f
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import pstats
 import subprocess
@@ -115,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, help="cProfile our server into this file")
     parser.add_argument("--timeout", type=float, default=600.0, help="per client process")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, --quick 1)")
+    parser.add_argument(
+        "--work",
+        metavar="JSON",
+        help='override workload fields, e.g. \'{"c64_calls": 64, "stream_count": 2}\' to profile '
+        "mostly unary calls; implies --no-doc",
+    )
     args = parser.parse_args(argv)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     if rounds < 1:
@@ -124,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown peers {unknown}; choose from {list(IMPLS)}")
     work = Workload.quick() if args.quick else Workload()
+    if args.work is not None:
+        try:
+            work = dataclasses.replace(work, **json.loads(args.work))
+        except (ValueError, TypeError) as exc:
+            parser.error(f"--work: {exc}; fields: {', '.join(f.name for f in dataclasses.fields(Workload))}")
+        args.no_doc = True
     runs: dict[str, list[Result]] = {impl: [] for impl in impls}
     failures: dict[str, str] = {}
     started = time.time()

@@ -2,7 +2,8 @@
 
 Ownership (one nursery tree): :func:`serve` owns the signal watcher (outermost, so a signal
 during the final cleanup is still ours) and the worker (``open_worker``), which owns the jobs;
-inside the worker a nursery owns the gRPC listeners and their connections.
+inside the worker a nursery owns the gRPC listeners and their connections, and the task that
+gives the allocator's free memory back after a peak (``heap.release_free_memory``).
 
 Lifecycle:
 
@@ -26,10 +27,12 @@ from __future__ import annotations
 import logging
 import signal
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Final, final
 
 import trio
 
+from .heap import TRIM_INTERVAL, release_free_memory
 from .rpc import Server, ServerLimits, health_service, service_from_descriptor
 from .security.identity import identity_from_peercert
 from .service import DEFAULT_MAX_STREAMS_PER_IDENTITY, JobService
@@ -68,6 +71,9 @@ class ServerConfig:
     rpc_limits: ServerLimits = field(default_factory=ServerLimits)
     # Concurrent StreamOutput calls per identity, across all its connections.
     max_streams_per_identity: int = DEFAULT_MAX_STREAMS_PER_IDENTITY
+    # Seconds between checks whether to give the C allocator's free memory back after a
+    # peak (trio_jobs/heap.py); None: never.
+    release_memory_interval: float | None = TRIM_INTERVAL
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +133,8 @@ async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[ServerInfo
 
             async with trio.open_nursery() as nursery:
                 addresses = await nursery.start(serve_tcp)
+                if config.release_memory_interval is not None:
+                    nursery.start_soon(partial(release_free_memory, interval=config.release_memory_interval))
                 task_status.started(
                     ServerInfo(addresses=list(addresses), cgroup_driver=worker.cgroup_driver_name, handle=handle)
                 )

@@ -38,6 +38,15 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+GRPC_REQUEST: Final = (
+    (b":method", b"POST"),
+    (b":scheme", b"https"),
+    (b":path", b"/pkg.Svc/M"),
+    (b":authority", b"localhost"),
+    (b"te", b"trailers"),
+    (b"content-type", b"application/grpc"),
+)
+"""A gRPC request's headers as bytes pairs, for sans-IO tests that drive h2 directly."""
 FRAME_HEADER_LEN: Final = 9
 # Refuse to parse absurd frames from a buggy server: 16 MiB is the protocol maximum.
 MAX_FRAME_LEN: Final = (1 << 24) - 1

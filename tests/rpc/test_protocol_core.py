@@ -25,16 +25,10 @@ from trio_jobs.rpc._h2glue import _GoAwayTolerantStateMachine
 from trio_jobs.rpc._protocol import CLOSED_STREAMS_KEPT, StreamGone
 from trio_jobs.rpc._server_protocol import ServerProtocol
 
+from .rawh2 import GRPC_REQUEST, PREFACE
+
 MiB = 1024 * 1024
-REQ = [
-    (b":method", b"POST"),
-    (b":scheme", b"https"),
-    (b":path", b"/pkg.Svc/M"),
-    (b":authority", b"localhost"),
-    (b"te", b"trailers"),
-    (b"content-type", b"application/grpc"),
-]
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+REQ = list(GRPC_REQUEST)
 
 
 class Clock:

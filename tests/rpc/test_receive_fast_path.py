@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from typing import Any
+from typing import Any, Final
 
 import h2.exceptions
 import h2.frame_buffer
@@ -33,17 +33,11 @@ from trio_jobs.rpc._framing import encode_message
 from trio_jobs.rpc._h2glue import receive_data_fast
 from trio_jobs.rpc._server_protocol import ServerProtocol
 
+from .rawh2 import GRPC_REQUEST, PREFACE
+
 KiB = 1024
 MAX_FRAME = 16 * KiB
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-REQUEST = [
-    (b":method", b"POST"),
-    (b":scheme", b"https"),
-    (b":path", b"/pkg.Svc/M"),
-    (b":authority", b"localhost"),
-    (b"te", b"trailers"),
-    (b"content-type", b"application/grpc"),
-]
+REQUEST = list(GRPC_REQUEST)
 RESPONSE = [(b":status", b"200"), (b"content-type", b"application/grpc")]
 TRAILERS = [(b"grpc-status", b"0")]
 
@@ -179,36 +173,29 @@ def test_buffer_compacts_and_lets_go_of_a_burst() -> None:
 # -- the DATA fast path against h2 -----------------------------------------------------
 
 
+SETTINGS: Final[dict[str, Any]] = {
+    "max_receive_message": 8 * KiB,
+    "max_concurrent_streams": 10,
+    "max_header_list_size": 8 * KiB,
+    "stream_window": 24 * KiB,
+    "connection_window": 48 * KiB,
+    "max_frame_size": MAX_FRAME,
+    "clock": lambda: 0.0,
+    "frames_per_call": 5,
+}
+"""What both sides of the differential tests are built with (small windows and frames)."""
+
+
 def _server() -> ServerProtocol:
     p = ServerProtocol(
-        max_receive_message=8 * KiB,
-        max_concurrent_streams=10,
-        max_header_list_size=8 * KiB,
-        stream_window=24 * KiB,
-        connection_window=48 * KiB,
-        max_frame_size=MAX_FRAME,
-        ping_min_interval=10.0,
-        max_ping_strikes=2,
-        reset_rate=10.0,
-        reset_burst=20,
-        clock=lambda: 0.0,
-        frames_per_call=5,
+        **SETTINGS, ping_min_interval=10.0, max_ping_strikes=2, reset_rate=10.0, reset_burst=20
     )
     p.initiate()
     return p
 
 
 def _client() -> ClientProtocol:
-    p = ClientProtocol(
-        max_receive_message=8 * KiB,
-        max_concurrent_streams=10,
-        max_header_list_size=8 * KiB,
-        stream_window=24 * KiB,
-        connection_window=48 * KiB,
-        max_frame_size=MAX_FRAME,
-        clock=lambda: 0.0,
-        frames_per_call=5,
-    )
+    p = ClientProtocol(**SETTINGS)
     p.initiate()
     for _ in range(3):  # streams 1, 3, 5
         p.start_request("/pkg.Svc/M", authority="localhost")

@@ -256,16 +256,11 @@ class GrpcProtocol:
             whole = buffer.pending >= 9 + length
             if not whole and length <= buffer.max_frame_size and buffer.head_is_valid(kind, sid):
                 return out  # the middle of a frame: nothing to do yet
-            stream: H2Stream | None = None
-            fast = new = False
+            fast = None
             if whole and length <= buffer.max_frame_size and not buffer._headers_buffer:
-                if kind == _DATA:
-                    stream = data_fast_stream(conn, flags, sid, length)
-                elif kind == _HEADERS:
-                    stream = headers_fast_stream(conn, flags, sid)
-                    new = stream is None and request_fast_ok(conn, flags, sid)
-                fast = stream is not None or new
-            if fast:
+                fast = self._fast_target(kind, flags, sid, length)
+            if fast is not None:
+                stream = None if isinstance(fast, bool) else fast
                 if buffer.frame_budget is not None:
                     if buffer.frame_budget <= 0:
                         buffer.budget_exhausted = True
@@ -286,27 +281,38 @@ class GrpcProtocol:
                 queued = len(conn._data_to_send) > pending
                 out.append(self._fail(int(exc.error_code), str(exc) or type(exc).__name__, not queued))
                 return out
-            try:
-                for e in h2_events:
-                    if self.closed:  # a policy queued GOAWAY: the rest of the input is moot
-                        return out
-                    self._dispatch(e, out)
-            except h2.exceptions.ProtocolError as exc:
-                out.append(self._fail(int(exc.error_code), str(exc), True))
-                return out
-            if not buffer.at_fast_frame:  # the end of the input, or the budget
+            self._dispatch_all(h2_events, out)
+            if self.closed or not buffer.at_fast_frame:  # the end of the input, or the budget
                 return out
         return out
 
-    def _fast_frame_ok(self, kind: int, flags: int, stream_id: int, length: int) -> bool:
+    def _fast_target(self, kind: int, flags: int, sid: int, length: int) -> H2Stream | bool | None:
+        """For a whole frame at the head: the h2 stream a DATA or HEADERS frame that we take
+        ourselves goes to, False for HEADERS opening a request we take ourselves, None for a
+        frame that h2 must handle."""
+        conn = self._h2
         if kind == _DATA:
-            return data_fast_stream(self._h2, flags, stream_id, length) is not None
+            return data_fast_stream(conn, flags, sid, length)
         if kind != _HEADERS:
-            return False
-        return (
-            headers_fast_stream(self._h2, flags, stream_id) is not None
-            or request_fast_ok(self._h2, flags, stream_id)
-        )
+            return None
+        stream = headers_fast_stream(conn, flags, sid)
+        if stream is not None:
+            return stream
+        return False if request_fast_ok(conn, flags, sid) else None
+
+    def _fast_frame_ok(self, kind: int, flags: int, stream_id: int, length: int) -> bool:
+        return self._fast_target(kind, flags, stream_id, length) is not None
+
+    def _dispatch_all(self, h2_events: list[h2.events.Event], out: list[ev.Event]) -> None:
+        """Turn h2's events into ours; a policy that closes the connection (GOAWAY queued)
+        makes the rest moot, and h2's ProtocolError while checking one closes it too."""
+        try:
+            for e in h2_events:
+                if self.closed:
+                    return
+                self._dispatch(e, out)
+        except h2.exceptions.ProtocolError as exc:
+            out.append(self._fail(int(exc.error_code), str(exc), True))
 
     def _receive_headers(
         self, stream: H2Stream | None, sid: int, length: int, flags: int, out: list[ev.Event]
@@ -324,13 +330,7 @@ class GrpcProtocol:
             self._h2._terminate_connection(exc.error_code)
             out.append(self._fail(int(exc.error_code), str(exc) or type(exc).__name__, False))
             return
-        try:
-            for e in h2_events:
-                if self.closed:
-                    return
-                self._dispatch(e, out)
-        except h2.exceptions.ProtocolError as exc:
-            out.append(self._fail(int(exc.error_code), str(exc), True))
+        self._dispatch_all(h2_events, out)
 
     def _receive_fast(
         self, stream: H2Stream, sid: int, length: int, flags: int, out: list[ev.Event]

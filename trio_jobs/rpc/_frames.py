@@ -125,6 +125,17 @@ class FrameBuffer(h2.frame_buffer.FrameBuffer):
         self._preamble_len -= take
         self.consume(take)
 
+    def spend_budget(self) -> bool:
+        """Count one frame against :attr:`frame_budget`; False (and
+        :attr:`budget_exhausted` set) once it has run out."""
+        if self.frame_budget is None:
+            return True
+        if self.frame_budget <= 0:
+            self.budget_exhausted = True
+            return False
+        self.frame_budget -= 1
+        return True
+
     # -- frames for h2 -----------------------------------------------------------------
     def head_is_valid(self, kind: int, stream_id: int) -> bool:
         """False for a frame header that h2 refuses as soon as it arrives: a frame type
@@ -166,11 +177,8 @@ class FrameBuffer(h2.frame_buffer.FrameBuffer):
             raise h2.exceptions.FrameTooLargeError(msg)
         if not whole:
             raise StopIteration
-        if self.frame_budget is not None:
-            if self.frame_budget <= 0:
-                self.budget_exhausted = True
-                raise StopIteration
-            self.frame_budget -= 1
+        if not self.spend_budget():
+            raise StopIteration
         body = bytes(self.buf[at + 9 : at + 9 + length])
         self.consume(9 + length)
         try:

@@ -146,6 +146,16 @@ def receive_data_fast(conn: H2Connection, stream: H2Stream, length: int, end_str
         stream.state_machine.process_input(StreamInputs.RECV_END_STREAM)
 
 
+def _plain_block(conn: H2Connection, flags: int) -> bool:
+    """A HEADERS frame holding a whole header block (END_HEADERS) without padding or
+    priority, on a connection that can receive headers."""
+    return (
+        not flags & (_PADDED | _PRIORITY)
+        and bool(flags & _END_HEADERS)
+        and conn.state_machine.state in _CONN_OPEN
+    )
+
+
 def headers_fast_stream(conn: H2Connection, flags: int, stream_id: int) -> H2Stream | None:
     """The stream of a received HEADERS frame that :func:`receive_headers_fast` handles
     exactly as h2 would, else None (the frame goes to h2).
@@ -157,9 +167,7 @@ def headers_fast_stream(conn: H2Connection, flags: int, stream_id: int) -> H2Str
     stream (a request) goes to h2, which checks the concurrent-stream limit and creates it.
     The caller has checked the frame size and that no header block is in progress.
     """
-    if flags & (_PADDED | _PRIORITY) or not flags & _END_HEADERS:
-        return None
-    if conn.state_machine.state not in _CONN_OPEN:
+    if not _plain_block(conn, flags):
         return None
     stream = conn.streams.get(stream_id)
     if stream is None or stream.state_machine.state not in _STREAM_RECEIVES:
@@ -176,9 +184,7 @@ def request_fast_ok(conn: H2Connection, flags: int, stream_id: int) -> bool:
     table, exactly as h2 does before each new stream)."""
     return (
         not conn.config.client_side
-        and not flags & (_PADDED | _PRIORITY)
-        and bool(flags & _END_HEADERS)
-        and conn.state_machine.state in _CONN_OPEN
+        and _plain_block(conn, flags)
         and stream_id % 2 == 1
         and stream_id > conn.highest_inbound_stream_id
         and conn.open_inbound_streams + 1 <= conn.local_settings.max_concurrent_streams

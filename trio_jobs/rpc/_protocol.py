@@ -261,11 +261,8 @@ class GrpcProtocol:
                 fast = self._fast_target(kind, flags, sid, length)
             if fast is not None:
                 stream = None if isinstance(fast, bool) else fast
-                if buffer.frame_budget is not None:
-                    if buffer.frame_budget <= 0:
-                        buffer.budget_exhausted = True
-                        return out
-                    buffer.frame_budget -= 1
+                if not buffer.spend_budget():
+                    return out
                 if stream is not None and kind == _DATA:
                     self._receive_fast(stream, sid, length, flags, out)
                 else:

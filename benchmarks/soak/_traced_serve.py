@@ -32,11 +32,14 @@ def _dump_on_signal(home: Path) -> None:
         if tracemalloc.is_tracing():
             tracemalloc.take_snapshot().dump(str(home / f"heap-{count}.snap"))
             traced = tracemalloc.get_traced_memory()[0]
-        rss = _rss()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        from trio_jobs import heap  # imported by the server long before the first signal
+
+        rss = heap.rss_bytes()
+        if heap.malloc_trim is not None:
+            heap.malloc_trim()
         (home / f"heap-{count}.alloc").write_text(_allocator_stats())
         partial = home / f"heap-{count}.partial"
-        partial.write_text(f"{traced} {rss} {_rss()}\n")
+        partial.write_text(f"{traced} {rss} {heap.rss_bytes()}\n")
         partial.replace(home / f"heap-{count}.done")  # atomically: the soak polls for it
         count += 1
 
@@ -96,11 +99,6 @@ def _allocator_stats() -> str:
             if key is not None:
                 lines.append(f"pymalloc.{key} {value.strip().replace(',', '')}")
     return "\n".join(lines) + "\n"
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
 
 def main() -> int:

@@ -122,9 +122,8 @@ holds (~11,000 jobs), so an unpaged list of a long history is one store query.""
 LIST_CONVERT_BATCH: Final = 512
 """Jobs whose part is not cached are read and converted this many at a time. A status is
 ~2 KB of Python objects while it is converted: a list of 16,384 misses (a history beyond
-the cache's budget) made the server's heap peak ~30 MB higher per call, and the
-allocator keeps arenas of such peaks (a 20-round soak: RSS after malloc_trim 68 -> 152
-MiB, with the Python objects in use flat)."""
+the cache's budget) made the server's heap peak ~30 MB higher per call. This bounds one
+call; ``LIST_CONCURRENCY`` bounds how many run at once."""
 
 
 

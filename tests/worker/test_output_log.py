@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trio_jobs.worker.errors import InvalidArgument
-from trio_jobs.worker.output import OutputLog
+from trio_jobs.worker.output import OutputLog, write_all
 
 
 def _random_bytes(size: int, seed: int) -> bytes:
@@ -48,6 +48,10 @@ def test_every_follower_gets_exactly_output_from_its_offset(data: st.DataObject)
     ), max_size=6), label="followers")
     writer_pauses = data.draw(st.lists(st.integers(0, 3), min_size=len(appends),
                                        max_size=len(appends)), label="writer pauses")
+    # per append: through append(), or as the pump does it -- the writer writes the file
+    # itself and publishes only the bytes the in-memory tail keeps
+    tail_only = data.draw(st.lists(st.booleans(), min_size=len(appends), max_size=len(appends)),
+                          label="tail-only publishes")
     expected = b"".join(appends)
 
     async def scenario(directory: Path) -> None:
@@ -77,7 +81,11 @@ def test_every_follower_gets_exactly_output_from_its_offset(data: st.DataObject)
 
                 for k, chunk in enumerate(appends):
                     join(k)
-                    await log.append(chunk)
+                    if tail_only[k]:
+                        write_all(log.write_fd, chunk)
+                        log.publish(chunk[-tail_size:], dropped=False, written=len(chunk))
+                    else:
+                        await log.append(chunk)
                     for _ in range(writer_pauses[k]):
                         await trio.lowlevel.checkpoint()
                 join(len(appends))
@@ -91,6 +99,22 @@ def test_every_follower_gets_exactly_output_from_its_offset(data: st.DataObject)
 
     with tempfile.TemporaryDirectory() as d:
         trio.run(scenario, Path(d))
+
+
+async def test_a_publish_must_bring_what_the_tail_keeps(tmp_path: Path) -> None:
+    log = await OutputLog.create(tmp_path / "out", cap=1 << 20, tail_size=10)
+    write_all(log.write_fd, b"0123456789abcdef")
+    with pytest.raises(ValueError, match="last 10"):
+        log.publish(b"abcdef", dropped=False, written=16)  # the ring would miss 4 bytes
+    with pytest.raises(ValueError, match="of 16 bytes"):
+        log.publish(b"x" * 17, dropped=False, written=16)  # more than was written
+    assert log.size == 0  # nothing was published
+    log.publish(b"6789abcdef", dropped=False, written=16)
+    assert log.size == 16
+    assert log.tail_read(6, 100) == b"6789abcdef"
+    assert log.tail_read(5, 100) is None  # before the tail: from the file
+    log.finish()
+    assert b"".join([c.data async for c in log.follow(0)]) == b"0123456789abcdef"
 
 
 @settings(max_examples=30, deadline=None)

@@ -89,6 +89,11 @@ class OutputLog:
         return self._size
 
     @property
+    def tail_size(self) -> int:
+        """How many of the newest bytes are kept in memory."""
+        return self._tail_size
+
+    @property
     def truncated(self) -> bool:
         return self._truncated
 
@@ -140,17 +145,22 @@ class OutputLog:
             raise RuntimeError("the log has ended")
         return self._write_fd
 
-    def publish(self, data: bytes, *, dropped: bool) -> None:
-        """Make ``data``, already written to the file at offset ``size``, visible to readers.
+    def publish(self, data: bytes, *, dropped: bool, written: int | None = None) -> None:
+        """Make the bytes just written to the file at offset ``size`` visible to readers.
 
         The second half of an append, for a writer that wrote the file itself; ``dropped``
-        says it dropped bytes at the cap. Single writer, on the event loop.
+        says it dropped bytes at the cap. ``data`` is what it wrote, or, when ``written``
+        says how many bytes that was, at least their last ``tail_size`` bytes (all the
+        in-memory tail keeps). Single writer, on the event loop.
         """
+        n = len(data) if written is None else written
+        if not min(n, self._tail_size) <= len(data) <= n:
+            raise ValueError(f"publish of {n} bytes needs their last {self._tail_size}, got {len(data)}")
         if dropped:
             self._truncated = True
-        if data:
-            self._ring_store(data)
-            self._size += len(data)
+        if n:
+            self._ring_store(data, self._size + n)
+            self._size += n
             self._wake()
 
     def finish(self) -> None:
@@ -171,12 +181,13 @@ class OutputLog:
         """Wait until something happened after ``seen`` was current (see the module doc)."""
         await seen.wait()
 
-    def _ring_store(self, data: bytes) -> None:
+    def _ring_store(self, data: bytes, end: int) -> None:
+        """Keep the end of ``data``, whose last byte is at absolute offset ``end - 1``."""
         cap = self._tail_size
         if self._ring is None:
             self._ring = bytearray(cap)
         view = memoryview(data)[-cap:]
-        start = self._size + len(data) - len(view)  # absolute offset of view[0]
+        start = end - len(view)  # absolute offset of view[0]
         pos = start % cap
         first = min(len(view), cap - pos)
         self._ring[pos : pos + first] = view[:first]

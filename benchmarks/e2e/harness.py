@@ -109,8 +109,11 @@ class BenchServer:
         ]  # fmt: skip
         if profile is not None:
             argv += ["--profile", str(profile)]
+        # In a session of its own, as a service is (systemd, or a terminal of its own): with
+        # the kernel's autogroup on, the CPUs are shared between sessions, and a server in
+        # the driver's session would share one group's CPU with every CLI the driver runs.
         with self.stderr_path.open("wb") as err:
-            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err)
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, start_new_session=True)
         assert self.proc.stdout is not None
         try:
             line = read_line(self.proc.stdout, STARTUP_TIMEOUT)

@@ -53,7 +53,7 @@ async def test_a_bulk_writer_is_copied_exactly_through_the_reused_buffer(
         readv_calls += 1
         return real_readv(fd, buffers)
 
-    monkeypatch.setattr(pump.os, "readv", counting_readv)
+    monkeypatch.setattr(os, "readv", counting_readv)
     log = await OutputLog.create(tmp_path / "out", cap=1 << 40, tail_size=tail_size)
     r, w = os.pipe2(os.O_CLOEXEC)
     fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 * MiB)
@@ -99,7 +99,7 @@ async def test_a_bulk_writer_over_the_cap_keeps_a_prefix(tmp_path: Path) -> None
 
 async def test_a_quiet_job_is_read_in_small_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Lines now and then never reach the bulk buffer: every read is os.read of its own."""
-    monkeypatch.setattr(pump.os, "readv", None)  # would raise TypeError if called
+    monkeypatch.setattr(os, "readv", None)  # would raise TypeError if called
     log = await OutputLog.create(tmp_path / "out", cap=1 << 20)
     r, w = os.pipe2(os.O_CLOEXEC)
 

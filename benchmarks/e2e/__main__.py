@@ -106,7 +106,7 @@ async def measure(sizes: Sizes, workdir: Path, log: Callable[[str], None],
                 async def chain_round() -> None:  # interleaved with the tail's rounds
                     spool = workdir / "ideal-chain.spool"
                     await scenarios.settle_disk()
-                    chain["job_alone_s"].append(ceilings.job_alone(sizes.stream, spool))
+                    chain["job_alone_s"].append(await trio.to_thread.run_sync(ceilings.job_alone, sizes.stream, spool))
                     await scenarios.settle_disk()
                     for key, value in (await ceilings.ideal_live_chain(pki, sizes.stream, spool)).items():
                         chain[key].append(value)

@@ -32,14 +32,18 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import trio
 
 from trio_jobs.security.tls import client_ssl_context, server_ssl_context
 
 from .harness import PYTHON, own_cgroup_dirs
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
 
 CHUNK: Final = 64 * 1024
 # The limit files a job's cgroups get written (v1 and v2 names); what exists is written.
@@ -110,18 +114,52 @@ def _hierarchy_used(base: Path) -> bool:
     return unified or any(c in hierarchy.split(",") for c in DRIVER_HIERARCHIES)
 
 
-async def bare_tls_receive(pki: Path, size: int) -> float:
-    """MB/s (10^6 B/s) of ``size`` bytes sent by a sender process over mutual TLS."""
-    proc = await trio.lowlevel.open_process(
-        [PYTHON, "-m", "benchmarks.e2e.ceilings", "send", "--pki", str(pki), "--size", str(size)],
+async def _start_sender(role: str, pki: Path, size: int, *extra: str) -> trio.Process:
+    """A sender process of ours (``main`` below), in a session of its own as the server is."""
+    return await trio.lowlevel.open_process(
+        [PYTHON, "-m", "benchmarks.e2e.ceilings", role, "--pki", str(pki), "--size", str(size), *extra],
         stdout=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
+
+
+async def _connect(pki: Path, sender: trio.Process) -> trio.SSLStream[trio.SocketStream]:
+    """A TLS stream to ``sender`` once it has printed its port (handshake not done yet)."""
+    assert sender.stdout is not None
+    port = int((await _line(sender.stdout)).split()[1])
+    ctx = client_ssl_context(cert=pki / "admin.crt", key=pki / "admin.key", ca=pki / "ca.crt")
+    return trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname="localhost")
+
+
+async def _reap(*children: trio.Process) -> None:
+    """Wait (shielded, bounded) for child processes to exit; kill what is still running."""
+    with trio.move_on_after(30, shield=True):
+        for child in children:
+            await child.wait()
+    for child in children:
+        if child.returncode is None:
+            child.kill()
+
+
+@asynccontextmanager
+async def _accept_one(pki: Path) -> AsyncIterator[trio.SSLStream[trio.SocketStream]]:
+    """A sender's side: print a loopback port, accept one mutual-TLS client, handshake."""
+    ctx = server_ssl_context(cert=pki / "server.crt", key=pki / "server.key", ca=pki / "ca.crt")
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     try:
-        assert proc.stdout is not None
-        port = int((await _line(proc.stdout)).split()[1])
-        ctx = client_ssl_context(cert=pki / "admin.crt", key=pki / "admin.key", ca=pki / "ca.crt")
-        tcp = await trio.open_tcp_stream("127.0.0.1", port)
-        stream = trio.SSLStream(tcp, ctx, server_hostname="localhost")
+        print(f"port {listeners[0].socket.getsockname()[1]}", flush=True)
+        stream = trio.SSLStream(await listeners[0].accept(), ctx, server_side=True)
+        await stream.do_handshake()
+        yield stream
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+
+
+async def bare_tls_receive(pki: Path, size: int) -> float:
+    """MB/s (10^6 B/s) of ``size`` bytes sent by a sender process over mutual TLS."""
+    proc = await _start_sender("send", pki, size)
+    try:
+        stream = await _connect(pki, proc)
         received = 0
         with trio.fail_after(600):
             await stream.do_handshake()
@@ -134,30 +172,19 @@ async def bare_tls_receive(pki: Path, size: int) -> float:
             raise RuntimeError(f"bare TLS: received {received} of {size} bytes")
         return size / elapsed / 1e6
     finally:
-        with trio.move_on_after(30, shield=True):
-            await proc.wait()
-        if proc.returncode is None:
-            proc.kill()
+        await _reap(proc)
 
 
 async def _send(pki: Path, size: int) -> None:
-    ctx = server_ssl_context(cert=pki / "server.crt", key=pki / "server.key", ca=pki / "ca.crt")
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    print(f"port {port}", flush=True)
     with trio.fail_after(600):
-        tcp = await listeners[0].accept()
-        stream = trio.SSLStream(tcp, ctx, server_side=True)
-        await stream.do_handshake()
-        block = bytes(CHUNK)
-        left = size
-        while left > 0:
-            n = min(left, CHUNK)
-            await stream.send_all(block if n == CHUNK else block[:n])
-            left -= n
-        await stream.aclose()
-    for listener in listeners:
-        await listener.aclose()
+        async with _accept_one(pki) as stream:
+            block = bytes(CHUNK)
+            left = size
+            while left > 0:
+                n = min(left, CHUNK)
+                await stream.send_all(block if n == CHUNK else block[:n])
+                left -= n
+            await stream.aclose()
 
 
 def _start_job(size: int, spool: Path) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
@@ -186,40 +213,36 @@ async def _send_chain(pki: Path, size: int, spool: Path) -> None:
     """The ideal chain's sender: start the job once a receiver is connected, follow its spool
     file as it grows (64 KiB preads; a 0.5 ms nap when caught up, which a job faster than
     the follower seldom leaves it) and send it over bare TLS. Prints the job's wall time."""
-    ctx = server_ssl_context(cert=pki / "server.crt", key=pki / "server.key", ca=pki / "ca.crt")
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    print(f"port {listeners[0].socket.getsockname()[1]}", flush=True)
     with trio.fail_after(600):
-        tcp = await listeners[0].accept()
-        stream = trio.SSLStream(tcp, ctx, server_side=True)
-        await stream.do_handshake()
-        t0 = time.perf_counter()
-        head, cat = _start_job(size, spool)
-        job_wall = 0.0
-        fd = os.open(spool, os.O_RDONLY | os.O_CLOEXEC)
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        offset = 0
-        try:
-            while offset < size:
-                if not job_wall and cat.poll() is not None:
-                    job_wall = time.perf_counter() - t0
-                got = os.preadv(fd, [buf], offset)
-                if not got:
-                    if cat.returncode is not None and cat.returncode != 0:
-                        raise RuntimeError(f"the ideal chain's cat exited {cat.returncode}")
-                    await trio.sleep(0.0005)
-                    continue
-                await stream.send_all(view[:got])
-                offset += got
-        finally:
-            os.close(fd)
-        await stream.aclose()
-        cat.wait()
-        head.wait()
-    print(f"job {job_wall or time.perf_counter() - t0:.6f}", flush=True)
-    for listener in listeners:
-        await listener.aclose()
+        async with _accept_one(pki) as stream:
+            t0 = time.perf_counter()
+            head, cat = _start_job(size, spool)
+            job_wall = 0.0
+            fd = os.open(spool, os.O_RDONLY | os.O_CLOEXEC)
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            offset = 0
+            try:
+                while offset < size:
+                    if not job_wall and cat.poll() is not None:
+                        job_wall = time.perf_counter() - t0
+                    got = os.preadv(fd, [buf], offset)
+                    if not got:
+                        if cat.returncode is not None and cat.returncode != 0:
+                            raise RuntimeError(f"the ideal chain's cat exited {cat.returncode}")
+                        await trio.sleep(0.0005)
+                        continue
+                    await stream.send_all(view[:got])
+                    offset += got
+            finally:
+                os.close(fd)
+            if not job_wall:  # the last bytes went out before we saw cat exit
+                await trio.to_thread.run_sync(cat.wait)
+                job_wall = time.perf_counter() - t0
+            await stream.aclose()
+            await trio.to_thread.run_sync(cat.wait)
+            await trio.to_thread.run_sync(head.wait)
+    print(f"job {job_wall:.6f}", flush=True)
 
 
 _DRAIN = "import os\nb = bytearray(1 << 20)\nwhile os.readv(0, [b]): pass\n"
@@ -231,10 +254,7 @@ async def ideal_live_chain(pki: Path, size: int, spool: Path) -> dict[str, float
     """One run of the ideal live chain (see the module docstring): MB/s (10^6 B/s) from the
     first to the last byte received, and the job's wall time while followed, in seconds.
     ``spool`` is overwritten (each run truncates it)."""
-    proc = await trio.lowlevel.open_process(
-        [PYTHON, "-m", "benchmarks.e2e.ceilings", "chain", "--pki", str(pki), "--size", str(size), "--spool", str(spool)],
-        stdout=subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
+    proc = await _start_sender("chain", pki, size, "--spool", str(spool))
     pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
     try:
         reader = await trio.lowlevel.open_process([PYTHON, "-c", _DRAIN], stdin=pipe_r)
@@ -244,9 +264,7 @@ async def ideal_live_chain(pki: Path, size: int, spool: Path) -> dict[str, float
         assert proc.stdout is not None
         with contextlib.suppress(OSError):
             fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, 1 << 20)  # as trio-jobs tail grows its stdout
-        port = int((await _line(proc.stdout)).split()[1])
-        ctx = client_ssl_context(cert=pki / "admin.crt", key=pki / "admin.key", ca=pki / "ca.crt")
-        stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname="localhost")
+        stream = await _connect(pki, proc)
         received = 0
         first = 0.0
         with trio.fail_after(600):
@@ -266,12 +284,7 @@ async def ideal_live_chain(pki: Path, size: int, spool: Path) -> dict[str, float
         return {"mbps": size / elapsed / 1e6, "job_followed_s": job_wall}
     finally:
         os.close(pipe_w)  # the reader's EOF
-        with trio.move_on_after(30, shield=True):
-            await reader.wait()
-            await proc.wait()
-        for child in (reader, proc):
-            if child.returncode is None:
-                child.kill()
+        await _reap(reader, proc)
 
 
 async def _line(stream: trio.abc.ReceiveStream) -> bytes:

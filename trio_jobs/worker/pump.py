@@ -88,8 +88,10 @@ async def pump_pipe(fd: int, output: OutputLog, *, read_size: int, name: str) ->
             ready = {ready_fd for ready_fd, _ in poller.poll()}
             if stop_r in ready:
                 return
+            own: bytes | None = None  # the read's own object, or None when it went into ``bulk``
             if bulk is None:
-                data = memoryview(os.read(fd, size))
+                own = os.read(fd, size)
+                data = memoryview(own)
             else:
                 data = memoryview(bulk)[: os.readv(fd, [bulk])]
             if not data:
@@ -113,9 +115,9 @@ async def pump_pipe(fd: int, output: OutputLog, *, read_size: int, name: str) ->
             except OSError as exc:  # e.g. the disk is full: keep what made it to the file
                 error = exc
             accepted += written
-            if isinstance(data.obj, bytes) and written == len(data.obj):
-                tail = data.obj  # a read of its own, written whole: no copy
-            else:  # (part of) ``bulk``, which the next read overwrites: copy what the tail keeps
+            if own is not None and written == len(own):
+                tail = own  # written whole and never reused: no copy
+            else:  # ``bulk`` is overwritten by the next read: copy out what the tail keeps
                 tail = bytes(data[max(written - tail_size, 0) : written])
             slots.acquire()  # the loop always runs our callbacks while we are awaited
             token.run_sync_soon(publish, tail, written, written < len(data), error)

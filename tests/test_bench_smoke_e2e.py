@@ -27,6 +27,7 @@ ROWS = (
     "jobs started/s, no cgroups (8 callers)",
     "tail of 32 MiB over mTLS",
     "job wall time with one follower",
+    "job wall time beside one spinning process, no follower",
     "fan-out 1 followers, aggregate",
     "fan-out 10 followers, aggregate",
     "server RSS per running job (50 sleeping)",

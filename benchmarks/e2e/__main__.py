@@ -183,6 +183,8 @@ def rows(figs: Figures, sizes: Sizes) -> list[report.Row]:
             R(figure="job wall time with a stalled follower", value=st["job_stalled_s"], unit="s",
               ceiling=st["job_alone_s"], ceiling_name="no follower", target="not slowed (<= 1.2x)",
               ok=st["job_stalled_s"] <= 1.2 * st["job_alone_s"]),
+            R(figure="job wall time beside one spinning process, no follower", value=st["job_spinner_s"], unit="s",
+              ceiling=st["job_alone_s"], ceiling_name="nothing beside"),
             R(figure="job wall time in the ideal chain, followed", value=c["chain_job_followed_s"], unit="s",
               ceiling=c["chain_job_alone_s"], ceiling_name="no follower"),
         ]  # fmt: skip
@@ -233,7 +235,7 @@ def rows(figs: Figures, sizes: Sizes) -> list[report.Row]:
 def workload(sizes: Sizes) -> str:
     return (
         f"{sizes.start_seq} sequential StartJob of /bin/true then {sizes.start_burst} by 8 callers; "
-        f"{sizes.stream_rounds} rounds of: one tail of {sizes.stream >> 20} MiB, the job alone and with a stalled follower, the ideal chain; {', '.join(map(str, sizes.fanout_counts))} followers of "
+        f"{sizes.stream_rounds} rounds of: one tail of {sizes.stream >> 20} MiB, the job alone, beside a spinning process and with a stalled follower, the ideal chain; {', '.join(map(str, sizes.fanout_counts))} followers of "
         f"{sizes.fanout >> 20} MiB; {sizes.running} sleeping jobs; {sizes.history} jobs of history; "
         f"a {sizes.flood >> 20} MiB flood; latency samples: {sizes.calls} list, {sizes.calls * 5} status calls."
     )

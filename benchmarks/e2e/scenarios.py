@@ -24,7 +24,7 @@ from trio_jobs.worker import JobSpec, open_worker
 from .harness import FOLLOWER_IDENTITIES, PYTHON, percentile
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from trio_jobs.client import JobInfo, JobsClient
 
@@ -133,14 +133,14 @@ async def streaming(
     server: BenchServer, size: int, rounds: int, ceiling_round: Callable[[], Awaitable[None]] | None = None
 ) -> Figures:
     """One ``trio-jobs tail`` of ``head -c SIZE /dev/zero``; the job's wall time alone, followed
-    and with a stalled follower. ``rounds`` interleaved rounds, medians: this machine's speed
+    with a stalled follower, and beside a spinning process. ``rounds`` interleaved rounds, medians: this machine's speed
     drifts by 2-4x between phases of seconds, which a single alone-then-followed pair
     mistakes for the follower's effect. ``ceiling_round`` (if given) runs at the start of
     each round, so that a ceiling measured there drifts with the figures."""
     argv = ("head", "-c", str(size), "/dev/zero")
     mbps: list[float] = []
     ended_mbps: list[float] = []
-    walls: dict[str, list[float]] = {"alone": [], "followed": [], "stalled": []}
+    walls: dict[str, list[float]] = {"alone": [], "followed": [], "stalled": [], "spinner": []}
     for _ in range(rounds):
         if ceiling_round is not None:
             await ceiling_round()
@@ -149,6 +149,10 @@ async def streaming(
             alone = await client.start(argv[0], argv[1:])
             # a follower from the last offset gets no bytes: it only tells us when the job ended
             walls["alone"].append(_wall(await client.tail(alone.job_id, _discard, offset=size)))
+            await settle_disk()
+            async with _spinning():
+                beside = await client.start(argv[0], argv[1:])
+                walls["spinner"].append(_wall(await client.tail(beside.job_id, _discard, offset=size)))
             await settle_disk()
             followed = await client.start(argv[0], argv[1:])
             got = await trio.to_thread.run_sync(run_cli_tail, server, followed.job_id)
@@ -170,7 +174,23 @@ async def streaming(
         "job_alone_s": statistics.median(walls["alone"]),
         "job_followed_s": statistics.median(walls["followed"]),
         "job_stalled_s": statistics.median(walls["stalled"]),
+        "job_spinner_s": statistics.median(walls["spinner"]),
     }
+
+
+@contextlib.asynccontextmanager
+async def _spinning() -> AsyncIterator[None]:
+    """One process that keeps a CPU busy (in a session of its own, like a follower's client),
+    nothing else: what the machine itself does to the job when something else wants a CPU,
+    the reference for the job's wall time with a follower."""
+    proc = await trio.lowlevel.open_process([PYTHON, "-c", "while True: pass"], start_new_session=True)
+    try:
+        await trio.sleep(0.1)  # running before the job starts
+        yield
+    finally:
+        proc.kill()
+        with trio.CancelScope(shield=True):
+            await proc.wait()
 
 
 async def _with_stalled_follower(server: BenchServer, argv: tuple[str, ...], size: int) -> JobInfo:

@@ -132,10 +132,10 @@ def run_cli_tail(server: BenchServer, job_id: str, identity: str = "admin") -> F
 async def streaming(
     server: BenchServer, size: int, rounds: int, ceiling_round: Callable[[], Awaitable[None]] | None = None
 ) -> Figures:
-    """One ``trio-jobs tail`` of ``head -c SIZE /dev/zero``; the job's wall time alone, followed
-    with a stalled follower, and beside a spinning process. ``rounds`` interleaved rounds, medians: this machine's speed
-    drifts by 2-4x between phases of seconds, which a single alone-then-followed pair
-    mistakes for the follower's effect. ``ceiling_round`` (if given) runs at the start of
+    """One ``trio-jobs tail`` of ``head -c SIZE /dev/zero``; the job's wall time alone, followed,
+    with a stalled follower and beside a spinning process. ``rounds`` interleaved rounds,
+    medians: this machine's speed drifts by 2-4x between phases of seconds, which a single
+    alone-then-followed pair mistakes for the follower's effect. ``ceiling_round`` (if given) runs at the start of
     each round, so that a ceiling measured there drifts with the figures."""
     argv = ("head", "-c", str(size), "/dev/zero")
     mbps: list[float] = []

@@ -236,11 +236,11 @@ async def _send_chain(pki: Path, size: int, spool: Path) -> None:
                     offset += got
             finally:
                 os.close(fd)
-            if not job_wall:  # the last bytes went out before we saw cat exit
-                await trio.to_thread.run_sync(cat.wait)
-                job_wall = time.perf_counter() - t0
-            await stream.aclose()
+            # every byte is in the file, so cat is at its end; if the last bytes went out
+            # before we saw it exit, its exit is the job's end
             await trio.to_thread.run_sync(cat.wait)
+            job_wall = job_wall or time.perf_counter() - t0
+            await stream.aclose()
             await trio.to_thread.run_sync(head.wait)
     print(f"job {job_wall:.6f}", flush=True)
 

@@ -135,8 +135,9 @@ async def streaming(
     """One ``trio-jobs tail`` of ``head -c SIZE /dev/zero``; the job's wall time alone, followed,
     with a stalled follower and beside a spinning process. ``rounds`` interleaved rounds,
     medians: this machine's speed drifts by 2-4x between phases of seconds, which a single
-    alone-then-followed pair mistakes for the follower's effect. ``ceiling_round`` (if given) runs at the start of
-    each round, so that a ceiling measured there drifts with the figures."""
+    alone-then-followed pair mistakes for the follower's effect. ``ceiling_round`` (if
+    given) runs at the start of each round, so that a ceiling measured there drifts with
+    the figures."""
     argv = ("head", "-c", str(size), "/dev/zero")
     mbps: list[float] = []
     ended_mbps: list[float] = []
@@ -183,14 +184,19 @@ async def _spinning() -> AsyncIterator[None]:
     """One process that keeps a CPU busy (in a session of its own, like a follower's client),
     nothing else: what the machine itself does to the job when something else wants a CPU,
     the reference for the job's wall time with a follower."""
-    proc = await trio.lowlevel.open_process([PYTHON, "-c", "while True: pass"], start_new_session=True)
+    spin = "print('spinning', flush=True)\nwhile True: pass"
+    proc = await trio.lowlevel.open_process([PYTHON, "-c", spin], stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None
     try:
-        await trio.sleep(0.1)  # running before the job starts
+        with trio.fail_after(30):  # spinning before the job starts
+            if not await proc.stdout.receive_some(1):
+                raise RuntimeError("the spinning process ended at start")
         yield
     finally:
         proc.kill()
         with trio.CancelScope(shield=True):
             await proc.wait()
+            await proc.stdout.aclose()
 
 
 async def _with_stalled_follower(server: BenchServer, argv: tuple[str, ...], size: int) -> JobInfo:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from trio_jobs.worker.cgroups.v1 import V1Driver, V1JobCgroup
+from trio_jobs.worker.cgroups._layout import parse_proc_cgroup
+from trio_jobs.worker.cgroups.v1 import V1_CONTROLLERS, V1Driver, V1JobCgroup
 from trio_jobs.worker.cgroups.v2 import V2Driver, V2JobCgroup
 
 if TYPE_CHECKING:
@@ -97,6 +98,27 @@ def read_limit(job: JobCgroup, what: str) -> str:
     return (Path(job.path) / files_v2[what]).read_text().strip()
 
 
+def parent_dirs(driver: V1Driver | V2Driver) -> list[Path]:
+    """The jobs' parent directory in every hierarchy the driver uses."""
+    if isinstance(driver, V1Driver):
+        return sorted({driver.parent_dir(c) for c in V1_CONTROLLERS})
+    return [driver.parent_dir]
+
+
+def job_cgroup_dir(driver: V1Driver | V2Driver, pid: int) -> Path:
+    """The directory of the (freezer on v1) cgroup holding ``pid``, found as an outsider
+    would: from ``/proc/<pid>/cgroup`` (world-readable), not from the driver's key."""
+    key = "freezer" if isinstance(driver, V1Driver) else ""
+    parent = driver.parent_dir("freezer") if isinstance(driver, V1Driver) else driver.parent_dir
+    path = parse_proc_cgroup(Path(f"/proc/{pid}/cgroup").read_text())[key]
+    # The parent's own cgroup path is a suffix of its directory; the rest of ``path`` below it.
+    parts = path.strip("/").split("/")
+    for i in range(len(parts)):
+        if parts[i] == parent.name and (parent.joinpath(*parts[i + 1 :])).is_dir():
+            return parent.joinpath(*parts[i + 1 :])
+    raise AssertionError(f"pid {pid} is in {path}, not under {parent}")
+
+
 def members(job: JobCgroup) -> set[int]:
     procs = cgroup_dir(job, "freezer") / "cgroup.procs"
     try:
@@ -174,3 +196,6 @@ for _ in range(300):
 print(made, failed, flush=True)
 signal.pause()
 """
+
+# FORK_LOOP with the number of forks in argv[1] (for splitting a fork loop over jobs).
+FORK_N: Final = FORK_LOOP.replace("range(300)", "range(int(sys.argv[1]))")

@@ -23,7 +23,7 @@ from trio_jobs.worker.cgroups.v1 import V1Driver
 from trio_jobs.worker.cgroups.v2 import V2Driver
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
 Driver = V1Driver | V2Driver
 
@@ -92,13 +92,22 @@ async def driver(detected_driver: Driver) -> AsyncIterator[Driver]:
 
 
 @pytest.fixture(params=["detected", "cgroup2-without-controllers"])
-def new_mechanics_driver(request: pytest.FixtureRequest) -> Driver:
+def mechanics_factory(request: pytest.FixtureRequest) -> Callable[[], Driver]:
+    """Makes drivers over one test parent: each call is a new driver instance (a new key
+    for its opaque names), as a restarted server would have."""
     parent = _test_parent()
     if request.param == "detected":
-        return _detected(parent)
+        _detected(parent)  # skips here when the host has no usable cgroups
+        return lambda: _detected(parent)
     if isinstance(_detected(parent), V2Driver):
         pytest.skip("the detected driver is already v2 (covered by 'detected')")
-    return _controllerless_v2(parent)
+    _controllerless_v2(parent)
+    return lambda: _controllerless_v2(parent)
+
+
+@pytest.fixture
+def new_mechanics_driver(mechanics_factory: Callable[[], Driver]) -> Driver:
+    return mechanics_factory()
 
 
 @pytest.fixture

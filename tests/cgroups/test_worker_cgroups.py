@@ -16,8 +16,20 @@ import pytest
 import trio
 
 from trio_jobs.worker import JobSpec, JobState, Limits, MiB, open_worker
+from trio_jobs.worker.cgroups.v1 import V1Driver
 
-from ._helpers import FORK_LOOP, IN_VM, LEAK_JOBS, alive, boost_cpu_weight, descendants, open_fds
+from ._helpers import (
+    FORK_LOOP,
+    FORK_N,
+    IN_VM,
+    LEAK_JOBS,
+    alive,
+    boost_cpu_weight,
+    descendants,
+    job_cgroup_dir,
+    open_fds,
+    parent_dirs,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -193,7 +205,8 @@ async def test_job_that_forks_at_once_is_entirely_inside(worker: Worker, driver:
     with trio.fail_after(30):
         job = await worker.start(_spec("/bin/sh", "-c", script))
         (main,) = (int(x) for x in await _first_lines(worker, job.job_id, 1))
-        path = await _job_procs_file(driver, job.job_id)
+        path = str(job_cgroup_dir(driver, main) / "cgroup.procs")
+        assert job.job_id not in path  # the name is opaque
         inside = {int(p) for p in (await trio.Path(path).read_text()).split()}
         assert descendants(main) | {main} <= inside
         assert len(inside) >= 5
@@ -201,12 +214,33 @@ async def test_job_that_forks_at_once_is_entirely_inside(worker: Worker, driver:
     assert not await trio.Path(path).exists()  # removed after the job
 
 
-async def _job_procs_file(driver: Driver, job_id: str) -> str:
-    from trio_jobs.worker.cgroups.v1 import V1Driver
+async def test_group_limit_binds_two_jobs_started_through_the_worker(
+    worker: Worker, driver: Driver
+) -> None:
+    """JobSpec.group/group_limits reach the driver: a fork loop split over two jobs of one
+    group stops at the group's pids.max, and the group's cgroup goes with its last job."""
+    def spec(count: int) -> JobSpec:
+        script = "import os; print(os.getpid(), flush=True)\n" + FORK_N
+        return JobSpec(command=PY, args=("-c", script, str(count)), owner="alice",
+                       limits=Limits(pids_max=200), group="alice",
+                       group_limits=Limits(pids_max=64))
 
-    if isinstance(driver, V1Driver):
-        return str(driver.parent_dir("freezer") / job_id / "cgroup.procs")
-    return str(driver.parent_dir / job_id / "cgroup.procs")
+    with trio.fail_after(60):
+        first = await worker.start(spec(40))
+        main, counts = await _first_lines(worker, first.job_id, 2)
+        assert counts == "40 0"
+        path = job_cgroup_dir(driver, int(main))
+        assert first.job_id not in str(path)
+        group = path.parent
+        assert group.parent in set(parent_dirs(driver))
+        pids = driver.parent_dir("pids") / group.name if isinstance(driver, V1Driver) else group
+        assert (pids / "pids.max").read_text().strip() == "64"  # the group's, read back
+        second = await worker.start(spec(300))
+        _, counts = await _first_lines(worker, second.job_id, 2)
+        assert counts == f"22 {300 - 22}"  # 64 - 41 (the first job) - 1 (itself)
+        for job in (first, second):
+            assert (await worker.stop(job.job_id, grace=0)).force_ended
+    assert not await trio.Path(group).exists()
 
 
 @pytest.mark.slow

@@ -119,15 +119,19 @@ async def follow_to_end(client: JobsClient, job_id: str) -> tuple[bytes, JobInfo
     return bytes(got), info
 
 
-def _job_cgroup(host: Host, controller: str, job_id: str) -> Path | None:
-    """The job's cgroup directory for a v1 ``controller`` (or v2), if it exists."""
+def _job_cgroup(controller: str, pid: int) -> Path | None:
+    """The cgroup directory of process ``pid`` for a v1 ``controller`` (or v2), if it exists.
+
+    Found from the world-readable ``/proc/<pid>/cgroup``: job cgroup names are opaque (they
+    do not carry the job id), so a job's cgroup is located through one of its processes.
+    """
     root = Path("/sys/fs/cgroup")
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, own = line.split(":", 2)
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
         if controllers and controller not in controllers.split(","):
             continue
         for mount in [root / controller] if controllers else [root / "unified", root]:
-            d = mount / own.lstrip("/") / host.cgroup_parent / job_id
+            d = mount / path.lstrip("/")
             if (d / f"{controller}.max").exists() or (d / f"{controller}.current").exists():
                 return d
     return None
@@ -181,10 +185,10 @@ async def test_memory_bomb(users: Users) -> None:
 
 async def test_fork_bomb(users: Users) -> None:
     _needs_cgroups(users.host)
-    script = "echo go; bomb() { bomb | bomb & }; bomb; exec sleep 600"
+    script = "echo $$; bomb() { bomb | bomb & }; bomb; exec sleep 600"
     job = await users.alice.start("sh", ["-c", script], limits=JobLimits(pids_max=64, cpu_millis=1000))
-    await wait_output(users.alice, job.job_id, 3)
-    cg = _job_cgroup(users.host, "pids", job.job_id)
+    first = await wait_output(users.alice, job.job_id, 2, b"\n")
+    cg = _job_cgroup("pids", int(first.split(b"\n")[0]))
     assert cg is not None, "the job's pids cgroup"
     await users.measure("fork bomb (64 pids)")
     assert int((cg / "pids.current").read_text()) <= 64

@@ -73,16 +73,18 @@ class FailingDriver:
     async def prepare(self) -> None:
         await trio.lowlevel.checkpoint()
 
-    def create_blocking(self, job_id: str, limits: Limits) -> FailingJobCgroup:
+    def create_blocking(self, job_id: str, limits: Limits, *, group: str | None = None,
+                        group_limits: Limits | None = None) -> FailingJobCgroup:
         if self._fail_create:
             raise CgroupError("mkdir: Permission denied")
         cg = FailingJobCgroup()
         self.cgroups.append(cg)
         return cg
 
-    async def create(self, job_id: str, limits: Limits) -> FailingJobCgroup:
+    async def create(self, job_id: str, limits: Limits, *, group: str | None = None,
+                     group_limits: Limits | None = None) -> FailingJobCgroup:
         await trio.lowlevel.checkpoint()
-        return self.create_blocking(job_id, limits)
+        return self.create_blocking(job_id, limits, group=group, group_limits=group_limits)
 
 
 @pytest.mark.parametrize("fail_create", [True, False])

@@ -63,7 +63,8 @@ async def test_a_job_that_forks_at_once_is_inside_its_cgroup(cg_worker: Worker) 
     status = await cg_worker.start(sh("(cat /proc/self/cgroup) & cat /proc/self/cgroup; wait"))
     out = (await read_all(cg_worker, status.job_id)).decode()
     lines = out.splitlines()
-    assert status.job_id in out
+    assert "/trio-jobs-test-" in out  # in a job cgroup under the test's parent ...
+    assert status.job_id not in out  # ... whose world-readable name does not reveal the job
     # the same cgroup membership for the forked child and the main process
     assert sorted(lines[: len(lines) // 2]) == sorted(lines[len(lines) // 2 :])
 

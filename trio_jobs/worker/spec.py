@@ -35,6 +35,11 @@ class JobSpec:
     limits: Limits = DEFAULT_LIMITS
     owner: str
     run_as: RunAs | None = None
+    # The job's cgroup goes under this group's cgroup (the service passes the owner's
+    # identity), whose aggregate limits (cpu_millis, memory_bytes, pids_max of
+    # ``group_limits``; None = none) the kernel enforces on all the group's jobs together.
+    group: str | None = None
+    group_limits: Limits | None = None
 
 
 class JobState(enum.Enum):

@@ -7,11 +7,13 @@ trip per file. The batches around a job's start and end -- mkdir and limit write
 final usage and rmdir, an rmdir costing ~0.1 ms on v1 -- run in one worker thread each (the
 ``*_blocking`` methods, called by worker/launch.py and worker/job.py), so they do not hold up
 the event loop. The only slow kernel-side operations (reclaim when lowering a memory limit
-under usage) cannot happen here: limits are written into an empty, new cgroup.
+under usage) cannot happen for a job: its limits are written into an empty, new cgroup (a
+group's limits can be lowered under usage; that write runs in the start's thread).
 
 Signalling without hitting a recycled pid: a pid read from ``cgroup.procs`` is opened as a
-pidfd, then checked (through ``/proc/<pid>/cgroup``) to still be a member of the job's
-cgroup, and only then signalled through the pidfd. If the process exits after the check, the
+pidfd, then checked (through ``/proc/<pid>/cgroup``, or by finding it still listed in
+``cgroup.procs``, see ``_verified``) to still be a member of the job's cgroup, and only
+then signalled through the pidfd. If the process exits after the check, the
 pidfd refers to the dead process and the signal fails with ESRCH; it can never reach an
 unrelated process that got the same pid.
 """
@@ -131,6 +133,20 @@ def make_membership_check(key: str, cgroup_path: str) -> Callable[[int], bool]:
     return check
 
 
+def _verified(pid: int, procs: Path, is_member: Callable[[int], bool]) -> bool:
+    """Whether the process behind a pidfd just opened for ``pid`` is a member of the cgroup.
+
+    ``/proc/<pid>/cgroup`` is the quick check, but on v1 it shows "/" for every hierarchy
+    once a task is exiting (PF_EXITING), while ``cgroup.procs`` still lists it until its
+    exit reaches ``cgroup_exit`` -- for a process freeing a large memory image under
+    memory pressure, that takes seconds. So a pid still listed in ``cgroup.procs`` after
+    its pidfd was opened counts too: if the pidfd's process is alive at the listing it still
+    holds the pid, so the listed pid is that process; if it died in between, the pidfd
+    refers to a dead process (signals fail with ESRCH, a wait returns at once).
+    """
+    return is_member(pid) or pid in read_pids(procs)
+
+
 def open_member_pidfds(
     procs: Path, is_member: Callable[[int], bool], limit: int | None = None
 ) -> list[int]:
@@ -146,7 +162,7 @@ def open_member_pidfds(
                 continue
             except OSError as exc:
                 raise CgroupError(f"pidfd_open({pid}) failed: {exc.strerror or exc}") from exc
-            if is_member(pid):
+            if _verified(pid, procs, is_member):
                 fds.append(fd)
             else:
                 os.close(fd)
@@ -168,7 +184,7 @@ def signal_members(procs: Path, is_member: Callable[[int], bool], sig: int) -> i
         except OSError as exc:
             raise CgroupError(f"pidfd_open({pid}) failed: {exc.strerror or exc}") from exc
         try:
-            if is_member(pid):
+            if _verified(pid, procs, is_member):
                 signal.pidfd_send_signal(fd, sig)
                 sent += 1
         except ProcessLookupError:
@@ -319,17 +335,46 @@ def remove_new_dirs(paths: list[Path]) -> None:
             log.warning("cannot remove the new cgroup %s: %s", path, exc.strerror or exc)
 
 
+# Every directory the drivers create (the jobs' parent, group and job cgroups) is 0700: other
+# local users can neither list which groups and jobs exist nor read their counters (DESIGN
+# §3). Nothing but the server needs to enter them: the server is root or owns the delegated
+# subtree, placement is done by the server, and jobs are not promised access to their own
+# cgroup files. (0711 would let anyone who learns a path from the world-readable
+# /proc/<pid>/cgroup read that job's usage files.)
+PRIVATE_MODE: Final = 0o700
+
+
 def make_dir(path: Path, *, exist_ok: bool) -> bool:
-    """mkdir; returns whether it created the directory."""
+    """mkdir with mode :data:`PRIVATE_MODE`; returns whether it created the directory.
+
+    The mode is set with an explicit chmod too, so neither the umask nor a kernel that
+    ignores mkdir's mode on cgroupfs can widen it.
+    """
     try:
-        os.mkdir(path)
-        return True
+        os.mkdir(path, PRIVATE_MODE)
     except FileExistsError:
         if exist_ok:
             return False
         raise CgroupError(f"cgroup {path} already exists") from None
     except OSError as exc:
         raise CgroupError(f"cannot create cgroup {path}: {exc.strerror or exc}") from exc
+    try:
+        os.chmod(path, PRIVATE_MODE)
+    except OSError as exc:
+        remove_new_dirs([path])
+        raise CgroupError(f"cannot make {path} private: {exc.strerror or exc}") from exc
+    return True
+
+
+def make_private(path: Path) -> None:
+    """chmod an existing directory to :data:`PRIVATE_MODE` (e.g. a parent left by an older
+    version or given by the operator); a directory we may not chmod is logged, not fatal:
+    the opaque names below it still reveal no job ids."""
+    try:
+        if os.stat(path).st_mode & 0o7777 != PRIVATE_MODE:
+            os.chmod(path, PRIVATE_MODE)
+    except OSError as exc:
+        log.warning("cannot make %s private (mode 0700): %s", path, exc.strerror or exc)
 
 
 def child_dirs(path: Path) -> list[Path]:

@@ -1,6 +1,7 @@
 """The seam between the job logic and cgroup drivers.
 
-A driver owns a parent cgroup (a delegated subtree) and creates one child cgroup per job.
+A driver owns a parent cgroup (a delegated subtree) and creates one child cgroup per job,
+directly under the parent or under the job's group cgroup (see ``_groups``).
 The job logic only talks to these protocols, so v2, v1 and "none" plug in without it
 changing.
 
@@ -68,7 +69,8 @@ class JobCgroup(Protocol):
         ...
 
     async def remove(self) -> None:
-        """Remove the cgroup (killing what is left first). Idempotent."""
+        """Remove the cgroup (killing what is left first), and its group's cgroup when this
+        was the group's last job. Idempotent."""
         ...
 
     def final_usage_blocking(self) -> tuple[Usage, bool]:
@@ -97,16 +99,26 @@ class CgroupDriver(Protocol):
         """Set up the parent cgroup; kill and remove job cgroups left by an earlier run."""
         ...
 
-    def create_blocking(self, job_id: str, limits: Limits) -> JobCgroup:
+    def create_blocking(self, job_id: str, limits: Limits, *, group: str | None = None,
+                        group_limits: Limits | None = None) -> JobCgroup:
         """Create (and configure) the cgroup of a new job. Raises CgroupError, after removing
         what it created (a new cgroup holds no process yet, so that is an rmdir).
 
-        Blocking, for the job start's worker thread (see ``worker/launch.py``): it only
-        creates and writes the new job's own directories, so it is safe next to the event
-        loop's calls on other jobs.
+        ``group`` (e.g. the owner's identity) puts the job under that group's cgroup,
+        created on first use, whose ``group_limits`` (cpu_millis, memory_bytes, pids_max;
+        ``None`` fields and ``group_limits=None`` mean no group limit) the kernel enforces on
+        all the group's jobs together; a later job that brings other group limits updates
+        them. The group cgroup is removed with its last job. Cgroup names reveal neither the
+        job id nor the group.
+
+        Blocking, for the job start's worker thread (see ``worker/launch.py``): it creates
+        and writes the new job's own directories, and its group's (under locks the event
+        loop holds only for an mkdir or rmdir), so it is safe next to the event loop's calls
+        on other jobs.
         """
         ...
 
-    async def create(self, job_id: str, limits: Limits) -> JobCgroup:
+    async def create(self, job_id: str, limits: Limits, *, group: str | None = None,
+                     group_limits: Limits | None = None) -> JobCgroup:
         """:meth:`create_blocking` on the event loop."""
         ...

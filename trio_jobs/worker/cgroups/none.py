@@ -113,9 +113,13 @@ class NoCgroupDriver:
     async def prepare(self) -> None:
         await trio.lowlevel.checkpoint()
 
-    def create_blocking(self, job_id: str, limits: Limits) -> NoJobCgroup:
+    def create_blocking(self, job_id: str, limits: Limits, *, group: str | None = None,
+                        group_limits: Limits | None = None) -> NoJobCgroup:
+        # Neither job nor group limits can be enforced here (describe() says so loudly);
+        # the group is accepted so that callers need not know which driver runs.
         return NoJobCgroup()
 
-    async def create(self, job_id: str, limits: Limits) -> NoJobCgroup:
+    async def create(self, job_id: str, limits: Limits, *, group: str | None = None,
+                     group_limits: Limits | None = None) -> NoJobCgroup:
         await trio.lowlevel.checkpoint()
         return NoJobCgroup()

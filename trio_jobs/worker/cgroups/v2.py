@@ -1,9 +1,11 @@
 """cgroup v2 driver (the unified hierarchy).
 
 Theory of operation. Job cgroups live in a delegated subtree: by default
-``<own>/trio-jobs/<job_id>`` where ``<own>`` is this process's cgroup, or under the
-``--cgroup-parent``. A cgroup may only enable controllers for its children while it has no
-processes of its own (the no-internal-process rule; the root is exempt), so when the parent
+``<own>/trio-jobs/<job>`` where ``<own>`` is this process's cgroup, or under the
+``--cgroup-parent``; a job of a group is in ``<parent>/<group>/<job>``. Both names are
+opaque (see _groups.py) and every directory we create is 0700. A cgroup may only enable
+controllers for its children while it has no processes of its own (the no-internal-process
+rule; the root is exempt), so when the parent
 is under ``<own>`` the server first moves itself into the leaf ``<own>/supervisor`` and then
 enables ``+cpu +memory +io +pids`` in ``<own>/cgroup.subtree_control`` and in every
 directory it creates down to the parent. Controllers above a cgroup we did not create must
@@ -16,6 +18,11 @@ job: ``cgroup.events`` ``populated 0``, waited on with inotify (the kernel signa
 event on every change of that file). Usage: ``cpu.stat`` usage_usec, ``memory.peak`` (5.19+;
 older kernels get the highest ``memory.current`` seen by our own samples), ``io.stat``
 rbytes/wbytes. OOM: ``memory.events`` ``oom_kill`` > 0 (it counts kills, there can be many).
+
+Groups: a group cgroup holds only job cgroups, never a process (the no-internal-process
+rule), so the controllers are enabled in its ``cgroup.subtree_control`` when it is created,
+and it carries the group's ``cpu.max``, ``memory.max`` (+ ``memory.swap.max 0``) and
+``pids.max``, which the kernel applies to all its jobs together.
 
 A driver can be built with fewer controllers than the four (e.g. on a hybrid host's
 controller-less cgroup2 mount): it then refuses limits it cannot apply, with a clear error,
@@ -34,6 +41,14 @@ import trio
 
 from ..limits import Limits, Usage
 from . import _cgfs
+from ._groups import (
+    Group,
+    GroupTable,
+    Membership,
+    OpaqueNames,
+    check_group,
+    group_limits_of,
+)
 from ._layout import check_job_id
 from .base import CgroupError
 from .devices import whole_disks
@@ -50,11 +65,13 @@ FREEZE_WAIT_SECONDS: Final = 1.0
 class V2JobCgroup(_cgfs.UsageFiles):
     """One job's cgroup2 directory. Methods are safe after the job ended."""
 
-    def __init__(self, *, job_id: str, directory: Path, cgroup_path: str) -> None:
-        self.job_id = job_id
+    def __init__(self, *, job_id: str, directory: Path, cgroup_path: str,
+                 membership: Membership | None = None) -> None:
+        self.job_id = job_id  # for messages only: the directory does not carry it
         self._dir = directory
         self._is_member = _cgfs.make_membership_check("", cgroup_path)
         self._peak_sample = 0
+        self._membership = membership or Membership()
 
     @property
     def path(self) -> str:
@@ -147,20 +164,21 @@ class V2JobCgroup(_cgfs.UsageFiles):
         return self._events("memory.events").get("oom_kill", 0) > 0
 
     def try_remove_blocking(self) -> bool:
-        if not self._dir.exists():
-            return True
-        if self._events("cgroup.events").get("populated", 0):
-            return False
-        return _cgfs.try_rmdir(self._dir)
+        if self._dir.exists():
+            if self._events("cgroup.events").get("populated", 0):
+                return False
+            if not _cgfs.try_rmdir(self._dir):
+                return False
+        return self._membership.release_blocking()  # the group goes with its last job
 
     async def remove(self) -> None:
-        if not self._dir.exists():
-            return
-        if self._events("cgroup.events").get("populated", 0):
-            await self.kill_all()
-            with trio.move_on_after(REMOVE_WAIT_SECONDS):
-                await self.wait_empty()
-        await _cgfs.rmdir_retry(self._dir)
+        if self._dir.exists():
+            if self._events("cgroup.events").get("populated", 0):
+                await self.kill_all()
+                with trio.move_on_after(REMOVE_WAIT_SECONDS):
+                    await self.wait_empty()
+            await _cgfs.rmdir_retry(self._dir)
+        await self._membership.release()
 
 
 @final
@@ -191,6 +209,8 @@ class V2Driver:
         self._reason = reason
         self._sys_root = sys_root
         self._created: list[Path] = []
+        self._names = OpaqueNames()
+        self._groups = GroupTable()
 
     def describe(self) -> str:
         ctl = " ".join(sorted(self._controllers)) or "no controllers"
@@ -244,33 +264,90 @@ class V2Driver:
                 f"enable them in {self._parent.parent / 'cgroup.subtree_control'}"
             )
         self._enable(self._parent)
-        for leftover in _cgfs.child_dirs(self._parent):
-            log.warning("removing leftover job cgroup %s of an earlier run", leftover.name)
-            await self._job(leftover.name).remove()
+        _cgfs.make_private(self._parent)  # also a parent an older version left 0755
+        await self._remove_tree(())
+        self._groups.forget_all()
 
-    def _job(self, job_id: str) -> V2JobCgroup:
+    async def _remove_tree(self, rel: tuple[str, ...]) -> None:
+        """Kill and remove every cgroup below ``rel``, deepest first, whatever the names
+        (job cgroups, group cgroups with their jobs, the flat layout of older versions)."""
+        for child in _cgfs.child_dirs(self._parent.joinpath(*rel)):
+            await self._remove_tree((*rel, child.name))
+        if rel:
+            log.warning("removing leftover cgroup %s of an earlier run", "/".join(rel))
+            await self._job_at(rel).remove()
+
+    def _job_at(self, rel: tuple[str, ...], job_id: str = "",
+                membership: Membership | None = None) -> V2JobCgroup:
         return V2JobCgroup(
             job_id=job_id,
-            directory=self._parent / job_id,
-            cgroup_path=self._parent_cg.rstrip("/") + "/" + job_id,
+            directory=self._parent.joinpath(*rel),
+            cgroup_path="/".join([self._parent_cg.rstrip("/"), *rel]),
+            membership=membership,
         )
 
-    def create_blocking(self, job_id: str, limits: Limits) -> V2JobCgroup:
+    def create_blocking(self, job_id: str, limits: Limits, *, group: str | None = None,
+                        group_limits: Limits | None = None) -> V2JobCgroup:
         check_job_id(job_id)
         check_limits(limits)
         self._check_supported(limits)
-        job = self._job(job_id)
-        _cgfs.make_dir(self._parent / job_id, exist_ok=False)
+        name = self._names.job(job_id)
+        if group is None:
+            return self._create_job((name,), job_id, limits, Membership())
+        check_group(group)
+        wanted = group_limits_of(group_limits)
+        check_limits(wanted)
+        self._check_supported(wanted)
+        gname = self._names.group(group)
+        g = self._groups.acquire(
+            gname, lambda: Group(name=gname, dirs={"": self._parent / gname}),
+            lambda g: self._enable(g.dirs[""]),  # it will hold only job cgroups
+        )
+        membership = Membership(self._groups, g)
         try:
-            self._configure(self._parent / job_id, limits)
+            with g.update_lock:
+                self._apply_group_limits(g, wanted)
+                return self._create_job((gname, name), job_id, limits, membership)
         except BaseException:
-            _cgfs.remove_new_dirs([self._parent / job_id])
+            membership.abandon_blocking()  # no process was placed: rmdirs, no wait
+            raise
+
+    async def create(self, job_id: str, limits: Limits, *, group: str | None = None,
+                     group_limits: Limits | None = None) -> V2JobCgroup:
+        await trio.lowlevel.checkpoint()
+        return self.create_blocking(job_id, limits, group=group, group_limits=group_limits)
+
+    def _create_job(self, rel: tuple[str, ...], job_id: str, limits: Limits,
+                    membership: Membership) -> V2JobCgroup:
+        job = self._job_at(rel, job_id, membership)
+        directory = self._parent.joinpath(*rel)
+        _cgfs.make_dir(directory, exist_ok=False)
+        try:
+            self._configure(directory, limits)
+        except BaseException:
+            _cgfs.remove_new_dirs([directory])
             raise
         return job
 
-    async def create(self, job_id: str, limits: Limits) -> V2JobCgroup:
-        await trio.lowlevel.checkpoint()
-        return self.create_blocking(job_id, limits)
+    def _apply_group_limits(self, group: Group, wanted: Limits) -> None:
+        """Write the group's limits when they differ from what it has ("max" lifts one).
+        Under the group's update_lock; v2 accepts any child limit under any parent's."""
+        if group.applied == wanted:
+            return
+        d = group.dirs[""]
+        if "cpu" in self._controllers:
+            quota = "max" if wanted.cpu_millis is None else str(cfs_quota_us(wanted.cpu_millis))
+            _cgfs.write_text(d / "cpu.max", f"{quota} {CFS_PERIOD_US}")
+        if "memory" in self._controllers:
+            limit = wanted.memory_bytes
+            _cgfs.write_text(d / "memory.max", "max" if limit is None else str(limit))
+            swap = d / "memory.swap.max"
+            if swap.exists():
+                _cgfs.write_text(swap, "max" if limit is None else "0")
+        if "pids" in self._controllers:
+            pids = wanted.pids_max
+            _cgfs.write_text(d / "pids.max", "max" if pids is None else str(pids))
+        group.applied = wanted
 
     def _check_supported(self, limits: Limits) -> None:
         needs = {
@@ -319,7 +396,9 @@ class V2Driver:
                     log.warning("device %s (%s) rejects io.max: %s", dev.name, dev.dev, exc)
 
     async def remove_parent(self) -> None:
-        """Remove the parent directories ``prepare`` created (they must be empty of jobs)."""
+        """Remove idle group cgroups and the parent directories ``prepare`` created (they
+        must be empty of jobs)."""
+        await self._groups.remove_idle()
         for d in reversed(self._created):
             await _cgfs.rmdir_retry(d)
         self._created.clear()

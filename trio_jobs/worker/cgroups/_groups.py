@@ -1,0 +1,224 @@
+"""Opaque cgroup names, and the per-group cgroups that the v1 and v2 drivers share.
+
+Names. ``/proc/<pid>/cgroup`` of every process is world-readable, so a cgroup's name is
+public the moment a job process sits in it. A job cgroup is therefore not named by its job
+id, nor a group cgroup by its group (an identity), but ``j<32 hex>`` / ``g<32 hex>``: an
+HMAC-SHA256 of the id under a random key that exists only in the driver instance's memory.
+Without the key a name says nothing about the id, and a restarted server cannot map old
+names back either; nothing needs to: ``prepare()`` removes every cgroup it finds under the
+parent whatever its name, and a running job's ``JobCgroup`` holds its own paths. (What a
+name still shows: processes whose paths share a group name belong to the same, unnamed,
+identity.)
+
+Groups. A job of group ``G`` lives in ``<parent>/<name of G>/<name of job>``. The group cgroup
+is created by the first job of the group and carries the group's aggregate limits, which the
+kernel enforces on all its jobs together (a fork loop split over two jobs stops at the
+group's ``pids.max``). It is removed when the cgroup of its last job is removed, so an idle
+identity leaves nothing behind; ``remove_parent()`` and ``prepare()`` remove any group whose
+rmdir failed (``EBUSY`` for more than the retry window).
+
+Concurrency. Job cgroups are created in the start's worker thread (``create_blocking``) and
+removed on the event loop or in the end-of-job thread, so the table of live groups is
+guarded by a ``threading.Lock`` held only around dictionary updates, mkdir and rmdir (well
+under a millisecond: the event loop may take it). A group's limits are written under the
+group's own ``update_lock``, which only starts of jobs of that group take: a limit write
+that has to wait for the kernel (lowering a memory limit under usage reclaims memory) never
+holds up the event loop. A job counted into a group keeps the group from being removed until
+its own cgroup is gone, so the group's directories exist for as long as anyone writes into
+them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, final
+
+import trio
+
+from ..limits import Limits
+from . import _cgfs
+from .base import CgroupError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+NAME_HEX_DIGITS: Final = 32  # 128 bits of the HMAC: no two ids of one driver collide
+
+
+@final
+class OpaqueNames:
+    """Directory names for jobs and groups that reveal nothing without this object's key."""
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+
+    def _mac(self, kind: bytes, value: str) -> str:
+        msg = kind + b"\0" + value.encode("utf-8", "surrogatepass")
+        return hmac.new(self._key, msg, hashlib.sha256).hexdigest()[:NAME_HEX_DIGITS]
+
+    def job(self, job_id: str) -> str:
+        return "j" + self._mac(b"job", job_id)
+
+    def group(self, group: str) -> str:
+        return "g" + self._mac(b"group", group)
+
+
+def check_group(group: str) -> None:
+    if not isinstance(group, str) or not group:
+        raise CgroupError(f"group {group!r} must be a non-empty string (an identity)")
+
+
+def group_limits_of(limits: Limits | None) -> Limits:
+    """The limits a group cgroup carries: CPU, memory and pids (IO is per job only, see
+    docs/cgroups.md). ``None`` means no group limits at all."""
+    if limits is None:
+        return Limits()
+    return Limits(cpu_millis=limits.cpu_millis, memory_bytes=limits.memory_bytes,
+                  pids_max=limits.pids_max)
+
+
+@dataclass(eq=False, kw_only=True)
+class Group:
+    """One live group cgroup (in every hierarchy the driver uses)."""
+
+    name: str
+    dirs: dict[str, Path]  # hierarchy key ("" on v2, the controller on v1) -> directory
+    jobs: int = 0  # job cgroups counted in and not yet removed (guarded by the table lock)
+    applied: Limits | None = None  # the group limits last written; None: write them
+    update_lock: threading.Lock = field(default_factory=threading.Lock)
+    # v1 only: each job's cpu directory -> the job's own cpu_millis, to re-cap the jobs'
+    # quotas when the group's changes (v1 refuses a child quota above its parent's).
+    # Guarded by update_lock; entries of removed jobs are pruned when next used.
+    cpu_members: dict[Path, int | None] = field(default_factory=dict)
+
+    @property
+    def distinct(self) -> list[Path]:
+        return sorted(set(self.dirs.values()))
+
+
+@final
+class GroupTable:
+    """The live groups of one driver, with how many job cgroups each holds."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._groups: dict[str, Group] = {}
+
+    def acquire(self, name: str, make: Callable[[], Group], setup: Callable[[Group], None]
+                ) -> Group:
+        """Count one more job into group ``name``, creating its directories when missing
+        (``setup`` then prepares them, e.g. enables controllers). Blocking, brief."""
+        with self._lock:
+            group = self._groups.get(name)
+            new = group is None
+            if group is None:
+                group = make()
+            made: list[Path] = []
+            try:
+                for d in group.distinct:
+                    if _cgfs.make_dir(d, exist_ok=True):
+                        made.append(d)
+                if made:
+                    group.applied = None  # a new directory holds no limits yet
+                if new or made:
+                    setup(group)
+            except BaseException:
+                if group.jobs == 0:
+                    _cgfs.remove_new_dirs(made)
+                    self._groups.pop(name, None)
+                raise
+            self._groups[name] = group
+            group.jobs += 1
+            return group
+
+    def release(self, group: Group) -> bool:
+        """One job of ``group`` is gone: remove the group when it was the last. True when
+        nothing is left to do, False when an rmdir met EBUSY (then :meth:`drop`)."""
+        with self._lock:
+            group.jobs -= 1
+            return self._drop_if_idle(group)
+
+    def try_drop(self, group: Group) -> bool:
+        with self._lock:
+            return self._drop_if_idle(group)
+
+    def _drop_if_idle(self, group: Group) -> bool:
+        if group.jobs > 0 or self._groups.get(group.name) is not group:
+            return True  # still used, or already removed (or forgotten by prepare)
+        for d in reversed(group.distinct):
+            if not _cgfs.try_rmdir(d):
+                return False  # kept in the table: the next acquire re-creates what is gone
+        del self._groups[group.name]
+        return True
+
+    async def drop(self, group: Group) -> None:
+        """:meth:`try_drop` until it succeeds, bounded like ``_cgfs.rmdir_retry`` (EBUSY
+        lasts only while the kernel finishes removing the group's last job cgroup)."""
+        delay = 0.001
+        deadline = trio.current_time() + _cgfs.RMDIR_RETRY_SECONDS
+        while not self.try_drop(group):
+            if trio.current_time() >= deadline:
+                log.warning("cannot remove the group cgroup %s yet (busy); it is removed "
+                            "later, when the server stops or restarts", group.name)
+                return
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def forget_all(self) -> None:
+        """After ``prepare()`` removed every cgroup under the parent."""
+        with self._lock:
+            self._groups.clear()
+
+    async def remove_idle(self) -> None:
+        """Remove every group that holds no job (for ``remove_parent``)."""
+        with self._lock:
+            idle = [g for g in self._groups.values() if g.jobs == 0]
+        for group in idle:
+            for d in reversed(group.distinct):
+                await _cgfs.rmdir_retry(d)
+            with self._lock:
+                if self._groups.get(group.name) is group and group.jobs == 0:
+                    del self._groups[group.name]
+
+
+@final
+class Membership:
+    """A job cgroup's link to its group: counts the job out exactly once, after the job's
+    own directories are gone. ``group=None`` (an ungrouped job, a leftover) does nothing."""
+
+    def __init__(self, table: GroupTable | None = None, group: Group | None = None) -> None:
+        self._table = table
+        self._group = group
+        self._released = False
+
+    def release_blocking(self) -> bool:
+        """True when the group needs nothing more (see :meth:`GroupTable.release`)."""
+        if self._table is None or self._group is None:
+            return True
+        if not self._released:
+            self._released = True
+            return self._table.release(self._group)
+        return self._table.try_drop(self._group)
+
+    def abandon_blocking(self) -> None:
+        """:meth:`release_blocking` after a failed start: logs (never raises) what it cannot
+        remove, so the start's own error is what the caller sees."""
+        try:
+            self.release_blocking()
+        except CgroupError as exc:
+            log.warning("cannot remove a group cgroup after a failed start: %s", exc)
+
+    async def release(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if not self.release_blocking():
+            assert self._table is not None
+            assert self._group is not None
+            await self._table.drop(self._group)

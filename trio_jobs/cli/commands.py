@@ -25,6 +25,7 @@ from .errors import (
     CliError,
     exit_code_for,
 )
+from .escape import terminal_safe
 from .output import list_table, status_table, to_json
 from .sink import StdoutWriter
 
@@ -90,7 +91,24 @@ def job_id_of(args: argparse.Namespace) -> str:
     job = positional or option
     if not job:
         raise CliError("no job given: pass JOB or --job JOB (see 'trio-jobs list')", EXIT_USAGE)
-    return str(job)
+    return utf8_text("the job id", str(job))
+
+
+def utf8_text(what: str, value: str) -> str:
+    """``value``, if it can travel as a protobuf string; else a usage error.
+
+    A command-line word that is not UTF-8 reaches Python as lone surrogates
+    (surrogateescape), which protobuf refuses to encode: say so instead of failing inside.
+    """
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise CliError(
+            f"{what} '{value}' is not valid UTF-8: the API carries text only "
+            "(give the program binary data in a file or through a shell)",
+            EXIT_USAGE,
+        ) from None
+    return value
 
 
 def _print(text: str) -> None:
@@ -127,14 +145,19 @@ async def cmd_start(args: argparse.Namespace) -> int:
     if not argv:
         raise CliError("no command given: trio-jobs start [OPTIONS] -- CMD [ARGS...]", EXIT_USAGE)
     env = env_of(args.env)
+    for i, word in enumerate(argv):
+        utf8_text("the command" if i == 0 else f"argument {i}", word)
+    for pair in args.env or ():
+        utf8_text("the environment variable", pair)
+    utf8_text("the working directory", args.cwd or "")
     async with open_client(args) as client:
         job = await client.start(argv[0], argv[1:], env=env, working_dir=args.cwd or "", limits=limits_of(args))
         if not args.follow:
-            _print(job.job_id)
+            _print(terminal_safe(job.job_id))
             return EXIT_OK
         # With -f stdout carries only the job's bytes (like tail, so `start -f -- cat f > copy`
         # is byte-exact); the id still reaches the user, on stderr.
-        print(f"trio-jobs: job {job.job_id}", file=sys.stderr, flush=True)
+        print(f"trio-jobs: job {terminal_safe(job.job_id)}", file=sys.stderr, flush=True)
         return await _follow(client, job.job_id, offset=0, follow=True)
 
 
@@ -148,7 +171,7 @@ async def cmd_stop(args: argparse.Namespace) -> int:
         from .output import describe_state
 
         how = "stopped" if outcome.force_ended else "had already ended"
-        sys.stderr.write(f"job {job_id} {how}: {describe_state(outcome.job)}\n")
+        sys.stderr.write(f"job {terminal_safe(job_id)} {how}: {terminal_safe(describe_state(outcome.job))}\n")
     return EXIT_OK
 
 
@@ -198,6 +221,7 @@ async def _follow(client: JobsClient, job_id: str, *, offset: int, follow: bool)
 def _job_exit(job: JobInfo) -> int:
     status = job.exit_status
     if status is None:
-        sys.stderr.write(f"trio-jobs: job {job.job_id} is {job.state}: its exit status is unknown\n")
+        shown = terminal_safe(job.job_id)
+        sys.stderr.write(f"trio-jobs: job {shown} is {job.state}: its exit status is unknown\n")
         return EXIT_ERROR
     return status

@@ -1,14 +1,20 @@
-"""Human tables and proto3 JSON for ``status`` and ``list``."""
+"""Human tables and proto3 JSON for ``status`` and ``list``.
+
+Every cell of a table passes through :func:`.escape.terminal_safe` (the command line through
+:func:`.escape.shell_join`) before the columns are measured: a job's command, its arguments,
+its id and owner are the server's (and so possibly a hostile user's) text. The JSON is
+exact and needs no escaping (protobuf writes it as ASCII with every control escaped).
+"""
 
 from __future__ import annotations
 
-import shlex
 import signal
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from google.protobuf.json_format import MessageToJson
 
+from .escape import shell_join, terminal_safe
 from .units import format_duration, format_size
 
 if TYPE_CHECKING:
@@ -51,7 +57,8 @@ def describe_state(job: JobInfo) -> str:
 
 
 def command_line(job: JobInfo) -> str:
-    return shlex.join([job.command, *job.args])
+    """The job's argv as a bash command line; terminal-safe (see :func:`.escape.shell_join`)."""
+    return shell_join([job.command, *job.args])
 
 
 def _when(moment: datetime) -> str:
@@ -102,7 +109,8 @@ def status_table(job: JobInfo, *, now: datetime | None = None) -> str:
         ("output", f"{job.output_bytes} bytes" + (" (truncated: over the output cap)" if job.output_truncated else "")),
     ]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    # every value escaped (the command line already is, in its own notation)
+    return "\n".join(f"{k:<{width}}  {v if k == 'command' else terminal_safe(v)}" for k, v in rows)
 
 
 def list_table(jobs: Sequence[JobInfo], *, show_owner: bool, now: datetime | None = None) -> str:
@@ -112,15 +120,16 @@ def list_table(jobs: Sequence[JobInfo], *, show_owner: bool, now: datetime | Non
     header = ["JOB ID", *(["OWNER"] if show_owner else []), "STATE", "CREATED", "RUNTIME", "COMMAND"]
     rows = [
         [
-            j.job_id,
-            *([j.owner] if show_owner else []),
-            describe_state(j),
+            terminal_safe(j.job_id),
+            *([terminal_safe(j.owner)] if show_owner else []),
+            terminal_safe(describe_state(j)),
             _when(j.created_at),
             _runtime(j, now),
             command_line(j),
         ]
         for j in jobs
     ]
+    # measured on the escaped cells, which are what is printed
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     lines = []
     for r in [header, *rows]:

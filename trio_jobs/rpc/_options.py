@@ -23,6 +23,23 @@ class ServerLimits:
     """Seconds for TCP accept -> TLS handshake done -> ALPN checked."""
     max_connections: int = 1000
     """Connections beyond this are closed right after accept (accept loop keeps going)."""
+    max_connections_per_source: int = 64
+    """Connections one source address may hold (IPv4-mapped IPv6 counts as its IPv4
+    address, IPv6 per /64: ``_sources.py``); more are closed right after accept, before any
+    TLS work. 64: a CI fleet behind one NAT address still fits (as many connections as one
+    identity may hold ``tail`` streams by default), while 1000 / 64 keeps any one address
+    to a sixteenth of ``max_connections``."""
+    max_handshakes_per_source: int = 32
+    """TLS handshakes in progress from one source address; a connection beyond this is
+    closed right after accept. Clients that start together all wait in their handshakes
+    at once (the server does them one after the other, a millisecond or more each): 32
+    admits such a burst (our own soak smoke starts 20 clients at once; a CI matrix behind
+    one NAT address does the same), while the connections nobody has authenticated yet
+    (anyone who can reach the port) stay half of that address's share."""
+    idle_timeout: float | None = 300.0
+    """A connection with no call running for this long (PINGs do not count) gets
+    GOAWAY(NO_ERROR) and is closed, like grpc's ``max_connection_idle``. 5 min: an
+    interactive client never notices, a forgotten one gives its slot back. None = never."""
     ping_min_interval: float = 10.0
     """A PING sooner than this after the previous one, with no HEADERS/DATA sent in
     between, is a strike (grpc-go's default is 5 min; ours allows keepalive >= 10 s)."""

@@ -9,6 +9,17 @@ Graceful shutdown (PROTOCOL-HTTP2.md, "GOAWAY"): GOAWAY(2^31-1) and a PING; afte
 PING ack (or a bounded wait) GOAWAY(last stream id actually seen); new calls that still
 arrive get UNAVAILABLE; in-flight calls run until the drain deadline, then are cancelled
 with UNAVAILABLE; then the connection is closed.
+
+One connection alone closes the same way (its own GOAWAY, drain, close) when it has had no
+call running for ``idle_timeout`` (grpc's max_connection_idle: two-phase, so a request
+racing the first GOAWAY is still served), or when a handler asked for it with
+``ServerContext.close_connection`` (one GOAWAY with the real last stream id at once: the
+peer is not wanted, so its racing requests are refused).
+
+Admission (``_sources.py``): the accept loop closes a connection at once, before any TLS
+work, when the server holds ``max_connections``, or when its source address holds
+``max_connections_per_source`` or has ``max_handshakes_per_source`` TLS handshakes in
+progress; refusals are logged at most every 10 s (a flood must not flood the log).
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from ._options import ServerLimits
 from ._protocol import StreamGone
 from ._server_protocol import ServerProtocol
 from ._service import Method, Serialized, ServerContext
+from ._sources import Admission, SourceCaps, ThrottledLog, source_key
 from ._status import Metadata, RpcError, StatusCode
 from ._transport import StreamState, Transport, log
 from ._wire import Wire
@@ -38,6 +50,22 @@ _SHUTDOWN_PING: Final = b"trio-jgo"
 _CLEANUP_TIMEOUT: Final = 2.0
 YIELD_BYTES: Final = 128 * 1024
 """A streaming handler's ``send`` writes and yields once per this many bytes (see there)."""
+
+
+def _unparseable(method: Method, exc: Exception) -> str:
+    """The message of a request that does not parse as ``method``'s request type.
+
+    Answered INVALID_ARGUMENT, for every method: the client sent a bad request (typically a
+    string field that is not UTF-8, which proto3 forbids), and the caller must not take it
+    for a server fault it may retry. grpc's statuscodes.md has its libraries answer INTERNAL
+    here (grpcio: "Exception deserializing request!"); we do not, knowingly.
+    """
+    name = method.request_type.DESCRIPTOR.full_name
+    if isinstance(exc, UnicodeDecodeError) or "UTF-8" in str(exc):
+        why = "a string field is not valid UTF-8; send text as UTF-8 (bytes go in bytes fields)"
+    else:
+        why = "the bytes are not its protobuf encoding; check the client's .proto"
+    return f"the request is not a valid {name}: {why}"
 
 
 class _Call:
@@ -61,6 +89,7 @@ class _ServerConnection(Transport):
         wire: Wire,
         peer_certificate: dict[str, Any] | None,
         peer_identity: str | None,
+        peer: str | None = None,
     ) -> None:
         limits = server.limits
         protocol = ServerProtocol(
@@ -83,13 +112,18 @@ class _ServerConnection(Transport):
         self.server = server
         self.peer_certificate = peer_certificate
         self.peer_identity = peer_identity
+        self.peer = peer  # "ip:port" of the client (ServerContext.peer)
         self.calls: dict[int, _Call] = {}
         self.idle = trio.Event()  # set whenever no call is running
         self.idle.set()
+        self.idle_since = trio.current_time()  # when the last call ended (see _idle_watchdog)
         self.ping_acked = trio.Event()
         self.preface_received = trio.Event()
+        self.closing = False  # graceful_close has begun (its GOAWAY is out or going out)
+        self.close_requested = False  # a handler asked for ServerContext.close_connection
         self.nursery: trio.Nursery | None = None
         self.scope = trio.CancelScope()
+        self._idle_watch = trio.CancelScope()  # the idle watchdog's: ends with the reader
 
     async def run(self) -> None:
         self.proto.initiate()
@@ -99,9 +133,12 @@ class _ServerConnection(Transport):
                     self.nursery = nursery
                     await nursery.start(self.writer)
                     nursery.start_soon(self._preface_watchdog)
+                    if self.server.limits.idle_timeout is not None:
+                        nursery.start_soon(self._idle_watchdog, self.server.limits.idle_timeout)
                     await self.flush()
                     await self.reader()
-                    self.preface_received.set()  # (ends the watchdog)
+                    self.preface_received.set()  # (ends the preface watchdog)
+                    self._idle_watch.cancel()
                     # The connection is gone: calls cannot answer any more.
                     for call in self.calls.values():
                         call.cancel(
@@ -118,6 +155,34 @@ class _ServerConnection(Transport):
             return
         log.info("no HTTP/2 connection preface within the handshake timeout; closing")
         self.scope.cancel()
+
+    async def _idle_watchdog(self, limit: float) -> None:
+        """Close the connection gracefully once no call has run on it for ``limit`` seconds.
+
+        Lazy, like grpc-go's keepalive: a call costs nothing here but the time stamp
+        ``_finish`` takes when the last call ends; the watchdog wakes at the earliest moment
+        the connection could have been idle that long and looks. PINGs and SETTINGS do not
+        touch it, so a peer that only pings is idle.
+        """
+        with self._idle_watch:
+            deadline = self.idle_since + limit
+            while True:
+                await trio.sleep_until(deadline)
+                if self.calls:  # busy: idle long enough a full `limit` from now at the soonest
+                    deadline = trio.current_time() + limit
+                    continue
+                deadline = self.idle_since + limit
+                if deadline <= trio.current_time():
+                    break
+            if self.server.shutting_down or self.closing:
+                return  # shutdown() or a handler's request closes the connection already
+            log.info("closing a connection without a call for %gs (idle timeout)", limit)
+            await self.graceful_close(trio.current_time() + self.server.limits.drain_timeout)
+
+    async def _close_for_handler(self) -> None:
+        """A handler called ``ServerContext.close_connection``: GOAWAY now, drain, close."""
+        deadline = trio.current_time() + self.server.limits.drain_timeout
+        await self.graceful_close(deadline, two_phase=False)
 
     def handle_event(self, event: object) -> None:
         if isinstance(event, ev.MessageReceived):
@@ -182,6 +247,7 @@ class _ServerConnection(Transport):
                 ctx = ServerContext(
                     method=event.method,
                     peer_identity=self.peer_identity,
+                    peer=self.peer,
                     peer_certificate=self.peer_certificate,
                     invocation_metadata=event.metadata,
                     deadline=None if deadline == math.inf else deadline,
@@ -203,6 +269,10 @@ class _ServerConnection(Transport):
             if ctx is not None and not trailing:
                 trailing = ctx.trailing_metadata
             await self._finish(sid, call, code, message, trailing)
+            if ctx is not None and ctx.close_requested and not self.close_requested:
+                assert self.nursery is not None
+                self.close_requested = True  # (its GOAWAY follows these trailers)
+                self.nursery.start_soon(self._close_for_handler)
 
     async def _read_request(self, state: StreamState, method: Method) -> Any:
         """Wait for exactly one request message and the end of the request stream."""
@@ -220,8 +290,8 @@ class _ServerConnection(Transport):
         self.proto.acknowledge(state.stream_id, ack)
         try:
             return method.request_type.FromString(data)
-        except DecodeError as exc:
-            raise RpcError(StatusCode.INTERNAL, "could not parse the request message") from exc
+        except (DecodeError, UnicodeDecodeError) as exc:  # (the latter: pure-Python protobuf)
+            raise RpcError(StatusCode.INVALID_ARGUMENT, _unparseable(method, exc)) from exc
 
     async def _invoke(
         self, method: Method, request: Any, ctx: ServerContext, state: StreamState
@@ -289,23 +359,34 @@ class _ServerConnection(Transport):
             self.calls.pop(sid, None)
             if not self.calls:
                 self.idle.set()
+                self.idle_since = trio.current_time()
 
-    async def graceful_close(self, drain_deadline: float) -> None:
-        """Two-phase GOAWAY, drain until ``drain_deadline``, cancel the rest, close.
+    async def graceful_close(self, drain_deadline: float, *, two_phase: bool = True) -> None:
+        """GOAWAY, drain until ``drain_deadline``, cancel the rest, close.
 
+        ``two_phase``: GOAWAY(2^31-1) and a PING first, the real last stream id after the
+        ack, so requests already on their way are served; else the real one at once.
+        Several callers may overlap (an idle timeout and a shutdown): the first sends the
+        GOAWAY, each closes the connection at its own deadline at the latest.
         Bounded even if the peer stopped reading: every wait is under the drain deadline
         or a cleanup timeout, and closing the stream ends a write blocked on the peer.
         """
         limits = self.server.limits
+        first = not self.closing
+        self.closing = True
         with trio.move_on_at(drain_deadline):
             try:
-                self.proto.goaway(_MAX_STREAM_ID)
-                self.proto.ping(_SHUTDOWN_PING)
-                await self.flush()
-                with trio.move_on_after(limits.shutdown_ping_timeout):
-                    await self.ping_acked.wait()
-                self.proto.goaway(self.proto.highest_inbound_stream_id)
-                await self.flush()
+                if first:
+                    if two_phase:
+                        self.proto.goaway(_MAX_STREAM_ID)
+                        self.proto.ping(_SHUTDOWN_PING)
+                        await self.flush()
+                        with trio.move_on_after(limits.shutdown_ping_timeout):
+                            await self.ping_acked.wait()
+                    # (never a higher last stream id than an earlier GOAWAY: only the first
+                    # caller sends any)
+                    self.proto.goaway(self.proto.highest_inbound_stream_id)
+                    await self.flush()
             except RpcError:
                 pass
             await self.idle.wait()
@@ -344,6 +425,20 @@ class Server:
         self._handshakes: set[trio.CancelScope] = set()
         self._shutdown_done = trio.Event()
         self._active = 0
+        self._sources = SourceCaps(
+            max_connections=self.limits.max_connections_per_source,
+            max_handshakes=self.limits.max_handshakes_per_source,
+        )
+        self._global_refusals = ThrottledLog()
+        self._source_refusals = ThrottledLog()
+
+    def set_ssl_context(self, ssl_context: ssl.SSLContext) -> None:
+        """Use ``ssl_context`` for the handshakes of connections accepted from now on (e.g.
+        rotated certificates). Each connection wraps the context it was accepted with once
+        (``Wire``), so connections already open keep their TLS session untouched."""
+        if self.ssl_context is None:
+            raise ValueError("this server was created without TLS; it cannot switch to TLS")
+        self.ssl_context = ssl_context
 
     async def serve_tcp(
         self,
@@ -377,67 +472,79 @@ class Server:
                 log.warning("accept failed: %s", exc)
                 await trio.sleep(0.1)
                 continue
-            if self._active >= self.limits.max_connections:
-                log.warning(
-                    "connection limit %d reached; closing a new connection",
-                    self.limits.max_connections,
-                )
+            # Refused here, before a task or any TLS work: a flood costs accept + close.
+            refusal = self._admit(stream)
+            if isinstance(refusal, str):
                 await trio.aclose_forcefully(stream)
                 continue
             # Counted here, not in the connection task: that task only starts running
-            # later, and connections accepted meanwhile would slip past the cap.
+            # later, and connections accepted meanwhile would slip past the caps.
             self._active += 1
-            nursery.start_soon(self._serve_counted, stream)
+            nursery.start_soon(self._serve_counted, stream, refusal)
 
-    async def _serve_counted(self, stream: trio.abc.Stream) -> None:
+    def _admit(self, stream: trio.abc.Stream) -> Admission | str | None:
+        """The connection's share of its source's counts (None: no IP source), or why it
+        is refused (logged here, throttled)."""
+        limits = self.limits
+        if self._active >= limits.max_connections:
+            why = f"connection limit {limits.max_connections} reached"
+            throttle = self._global_refusals
+        else:
+            source = _source_of(stream)
+            if source is None:
+                return None
+            admitted = self._sources.admit(source)
+            if isinstance(admitted, Admission):
+                return admitted
+            why, throttle = admitted, self._source_refusals
+        suppressed = throttle.due(trio.current_time())
+        if suppressed is not None:
+            more = f" ({suppressed} more refused since the last report)" if suppressed else ""
+            log.warning("%s; closing a new connection%s", why, more)
+        return why
+
+    async def _serve_counted(self, stream: trio.abc.Stream, admission: Admission | None) -> None:
         try:
-            await self._serve_connection(stream)
+            await self._serve_connection(stream, admission)
         finally:
             self._active -= 1
+            if admission is not None:
+                admission.release()
 
     async def serve_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one connection (TLS handshake first when the server has an ssl_context).
 
         Returns when the connection is closed; never raises for a peer's misbehaviour.
-        Counts towards ``max_connections`` while it runs (refused by the accept loop).
+        Counts towards ``max_connections`` and its source's caps while it runs (refused
+        by the accept loop; the caller of this method decided to serve it).
         """
+        source = _source_of(stream)
         self._active += 1
-        await self._serve_counted(stream)
+        await self._serve_counted(stream, None if source is None else self._sources.add(source))
 
-    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
-        cert: dict[str, Any] | None = None
+    async def _serve_connection(self, stream: trio.abc.Stream, admission: Admission | None) -> None:
         if self.shutting_down:
             await trio.aclose_forcefully(stream)
             return
         # A socket gets the lean TLS of _wire.py; any other stream the same TLS over its
         # send_all/receive_some.
+        peer = peer_address(stream)  # now: a Wire takes a SocketStream's socket over
         wire = Wire(stream, self.ssl_context, server_side=True)
         try:
-            if self.ssl_context is not None:
-                # Cancelled by shutdown() too: a half-open connection must not delay it.
-                with trio.move_on_after(self.limits.handshake_timeout) as hs:
-                    self._handshakes.add(hs)
-                    try:
-                        await wire.do_handshake()
-                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                        log.info("TLS handshake failed: %s", exc.__cause__ or exc)
-                        return
-                    finally:
-                        self._handshakes.discard(hs)
-                if hs.cancelled_caught or self.shutting_down:
-                    log.info("TLS handshake timed out (or the server is shutting down)")
+            try:
+                if not await self._handshake(wire):
                     return
-                if wire.selected_alpn_protocol() != "h2":
-                    log.info("client did not negotiate ALPN h2; closing")
-                    return
-                cert = wire.getpeercert()
+            finally:
+                if admission is not None:
+                    admission.handshake_done()
+            cert = wire.getpeercert()
             identity: str | None = None
             if self.identify is not None and cert:
                 try:
                     identity = self.identify(cert)
                 except Exception:
                     log.exception("identify() failed; the peer has no identity")
-            conn = _ServerConnection(self, wire, cert, identity)
+            conn = _ServerConnection(self, wire, cert, identity, peer)
             self._connections.add(conn)
             try:
                 await conn.run()
@@ -447,6 +554,29 @@ class Server:
                 self._connections.discard(conn)
         finally:
             await wire.aclose()  # bounded, and closes even when cancelled
+
+    async def _handshake(self, wire: Wire) -> bool:
+        """TLS (if the server has a context) under the handshake timeout, ALPN h2; True if
+        the connection may go on."""
+        if self.ssl_context is None:
+            return True
+        # Cancelled by shutdown() too: a half-open connection must not delay it.
+        with trio.move_on_after(self.limits.handshake_timeout) as hs:
+            self._handshakes.add(hs)
+            try:
+                await wire.do_handshake()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.info("TLS handshake failed: %s", exc.__cause__ or exc)
+                return False
+            finally:
+                self._handshakes.discard(hs)
+        if hs.cancelled_caught or self.shutting_down:
+            log.info("TLS handshake timed out (or the server is shutting down)")
+            return False
+        if wire.selected_alpn_protocol() != "h2":
+            log.info("client did not negotiate ALPN h2; closing")
+            return False
+        return True
 
     async def shutdown(self, drain_timeout: float | None = None) -> None:
         """Stop accepting, drain every connection within ``drain_timeout``, close them.
@@ -468,3 +598,37 @@ class Server:
                     nursery.start_soon(conn.graceful_close, deadline)
         finally:
             self._shutdown_done.set()
+
+
+def _source_of(stream: trio.abc.Stream) -> str | None:
+    """The source a connection is counted under (``_sources.source_key``); None when the
+    stream is not an IP socket (or TLS over one), or its peer is already gone (the
+    connection then fails at its first read)."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return None
+    if isinstance(peer, tuple) and peer and isinstance(peer[0], str):
+        return source_key(peer[0])
+    return None
+
+
+def peer_address(stream: trio.abc.Stream) -> str | None:
+    """The remote address of ``stream`` (a socket, or TLS over one) as ``ip:port``, IPv6
+    in brackets (``[::1]:port``); None for any other stream or a peer already gone."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    try:
+        addr = stream.socket.getpeername()
+    except OSError:
+        return None
+    if not (isinstance(addr, tuple) and len(addr) >= 2 and isinstance(addr[0], str)):
+        return None
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -49,9 +49,11 @@ class ServerContext:
     """What a handler knows about its call, and how it sets the outcome."""
 
     __slots__ = (
+        "close_requested",
         "deadline",
         "invocation_metadata",
         "method",
+        "peer",
         "peer_certificate",
         "peer_identity",
         "trailing_metadata",
@@ -65,13 +67,29 @@ class ServerContext:
         peer_certificate: dict[str, Any] | None,
         invocation_metadata: Metadata,
         deadline: float | None,
+        peer: str | None = None,
     ) -> None:
         self.method = method
+        # The client's address as "ip:port" ("[v6]:port"); None when the transport is not
+        # an IP socket (memory streams in tests).
+        self.peer = peer
         self.peer_identity = peer_identity
         self.peer_certificate = peer_certificate
         self.invocation_metadata = invocation_metadata
         self.deadline = deadline  # trio.current_time() based, None = no deadline
         self.trailing_metadata: Metadata = ()
+        self.close_requested = False
+
+    def close_connection(self) -> None:
+        """Close this call's connection once the call's status has been sent.
+
+        The server then sends GOAWAY(NO_ERROR) (no new calls on the connection), lets calls
+        already running on it finish within its ``drain_timeout`` and closes it. For a peer
+        that must not keep a connection open, e.g. one whose identity is refused: it would
+        otherwise hold a connection slot for as long as it likes. Call it before returning
+        or raising; the call itself ends as usual.
+        """
+        self.close_requested = True
 
     def set_trailing_metadata(self, md: Metadata) -> None:
         """Metadata sent with the status; validated now (raises ValueError if invalid)."""

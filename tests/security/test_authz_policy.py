@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from trio_jobs.security import PermissionDenied, PolicyError
+from trio_jobs.security.dynamic_users import UID_RANGE, DynamicUsers
 from trio_jobs.security.policy import (
     DEFAULT_SEARCH_PATH,
     LimitAboveCap,
@@ -39,9 +40,10 @@ def test_default_roles() -> None:
     assert admin.programs is None
     assert alice.programs is None
     assert bob.programs is None
-    assert admin.run_as is None  # the server's own user
-    assert alice.run_as == "nobody"
-    assert bob.run_as == "nobody"
+    assert admin.run_as == ""  # the server's own user
+    assert alice.run_as is None  # unset: a dynamic user of her own on a root server
+    assert bob.run_as is None
+    assert alice.max_total["pids_max"] <= 8192  # the identity's jobs together
     assert alice.max_running_jobs > 0
     assert alice.max_limits["cpu_millis"] > 0
 
@@ -58,7 +60,7 @@ def test_missing_identity_is_denied() -> None:
 
 
 def test_run_as_only_switches_users_when_root() -> None:
-    p = Policy.default()
+    p = policy('[identities.alice]\nrun_as = "nobody"\n[identities.admin]\nadmin = true\n')
     nobody = pwd.getpwnam("nobody")
     user = p.resolve_run_as(p.lookup("alice"), euid=0)
     assert user is not None
@@ -67,6 +69,48 @@ def test_run_as_only_switches_users_when_root() -> None:
     assert p.resolve_run_as(p.lookup("admin"), euid=0) is None
     assert p.resolve_run_as(p.lookup("alice"), euid=1000) is None
     p.check_users(euid=0)
+
+
+def test_identities_without_run_as_get_users_of_their_own(tmp_path: Path) -> None:
+    p = Policy.default()
+    users = DynamicUsers(tmp_path / "users.json")
+    alice = p.resolve_run_as(p.lookup("alice"), euid=0, dynamic=users)
+    bob = p.resolve_run_as(p.lookup("bob"), euid=0, dynamic=users)
+    assert alice is not None
+    assert bob is not None
+    assert alice.uid != bob.uid
+    for user in (alice, bob):
+        assert user.uid in UID_RANGE
+        assert (user.gid, user.groups) == (user.uid, (user.uid,))
+        with pytest.raises(KeyError):
+            pwd.getpwuid(user.uid)  # never an existing account
+    assert p.resolve_run_as(p.lookup("admin"), euid=0, dynamic=users) is None
+    assert p.resolve_run_as(p.lookup("alice"), euid=1000, dynamic=users) is None
+    # Stable across restarts: a new allocator on the same file gives the same ids.
+    again = DynamicUsers(tmp_path / "users.json")
+    assert (again.get("bob").uid, again.get("alice").uid) == (bob.uid, alice.uid)
+    assert (tmp_path / "users.json").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(PolicyError, match="no dynamic users"):
+        p.resolve_run_as(p.lookup("alice"), euid=0)
+
+
+def test_dynamic_users_skip_ids_that_accounts_or_others_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trio_jobs.security import dynamic_users
+
+    users = DynamicUsers(None)
+    first = users.get("carol").uid
+    taken = {first, first + 1}
+    monkeypatch.setattr(dynamic_users, "_taken_by_host", lambda uid: uid in taken)
+    # Another identity whose hash lands on carol's id, or on an account's, probes past them.
+    monkeypatch.setattr(dynamic_users, "_first_choice", lambda _identity: first - UID_RANGE.start)
+    assert users.get("dave").uid == first + 2
+
+
+def test_damaged_dynamic_users_file_is_a_policy_error(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    path.write_text('{"users": {"a": 5}}')
+    with pytest.raises(PolicyError, match="damaged"):
+        DynamicUsers(path)
 
 
 def test_missing_run_as_user_is_a_policy_error() -> None:
@@ -106,7 +150,7 @@ def test_overrides_and_merged_caps(tmp_path: Path) -> None:
     p = Policy.load(path)
     ops, alice = p.lookup("ops"), p.lookup("Alice Smith")
     assert ops.admin
-    assert ops.run_as is None
+    assert ops.run_as == ""
     assert ops.programs is None
     assert dict(ops.max_limits) == {"cpu_millis": 4000, "memory_bytes": 1000000}
     assert not alice.admin

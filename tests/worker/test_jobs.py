@@ -338,21 +338,16 @@ async def test_run_as_another_user(worker: Worker) -> None:
 
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="running a job as another user needs root")
-@pytest.mark.parametrize("switch", ["setpriv", "cpython"])
-async def test_run_as_drops_every_id_group_and_capability(
-    worker: Worker, switch: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Either way of switching users (setpriv on the vfork path, or CPython's own in a fork)
-    leaves the job no way back to root: real, effective, saved and fs ids are the user's, the
-    groups are exactly the given ones, no capability is left."""
+async def test_run_as_drops_every_id_group_and_capability(worker: Worker) -> None:
+    """The switch (setpriv, before the held shell) leaves the job no way back to root: real,
+    effective, saved and fs ids are the user's, the groups are exactly the given ones, no
+    capability is left (the bounding set included), and no_new_privs is set."""
     from trio_jobs.worker import RunAs
     from trio_jobs.worker import spawn as spawn_module
 
-    if switch == "setpriv" and spawn_module.SETPRIV is None:
+    if spawn_module.SETPRIV is None:
         pytest.skip("util-linux setpriv is not installed")
-    if switch == "cpython":
-        monkeypatch.setattr(spawn_module, "SETPRIV", None)
-    script = "grep -E '^(Uid|Gid|Groups|CapPrm|CapEff|CapAmb):' /proc/self/status"
+    script = "grep -E '^(Uid|Gid|Groups|CapPrm|CapEff|CapAmb|CapBnd|CapInh|NoNewPrivs):' /proc/self/status"
     for groups, shown in (((65534, 4), "65534 4"), ((), "")):
         run_as = RunAs(uid=65534, gid=65534, groups=groups, name="nobody", home="/")
         status = await worker.start(sh(script, run_as=run_as))
@@ -360,8 +355,9 @@ async def test_run_as_drops_every_id_group_and_capability(
         assert lines["Uid"].split() == ["65534"] * 4
         assert lines["Gid"].split() == ["65534"] * 4
         assert sorted(lines["Groups"].split()) == sorted(shown.split())  # the kernel sorts them
-        for caps in ("CapPrm", "CapEff", "CapAmb"):
+        for caps in ("CapPrm", "CapEff", "CapAmb", "CapBnd", "CapInh"):
             assert int(lines[caps], 16) == 0, lines
+        assert lines["NoNewPrivs"].strip() == "1"
         assert (await worker.status(status.job_id)).exit_code == 0
 
 

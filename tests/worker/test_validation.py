@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -10,12 +13,11 @@ import pytest
 from trio_jobs.worker import DEFAULT_LIMITS, InvalidJobSpec, JobSpec, Limits, RunAs
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from trio_jobs.worker import Worker
 
 
 def _files(tmp: Path) -> dict[str, str]:
+    tmp.chmod(0o755)  # reachable by every user (pytest's base directory may not be: see below)
     text = tmp / "script.txt"
     text.write_text("echo no shebang\n")
     text.chmod(0o755)
@@ -25,7 +27,13 @@ def _files(tmp: Path) -> dict[str, str]:
     nobody_only = tmp / "root-only"
     nobody_only.write_text("#!/bin/sh\necho hi\n")
     nobody_only.chmod(0o700)
-    return {"text": str(text), "plain": str(plain), "root_only": str(nobody_only)}
+    secret_dir = tmp / "secret"
+    secret_dir.mkdir(mode=0o700)
+    hidden = secret_dir / "tool"
+    hidden.write_text("#!/bin/sh\necho hi\n")
+    hidden.chmod(0o755)
+    return {"text": str(text), "plain": str(plain), "root_only": str(nobody_only),
+            "hidden": str(hidden), "secret_dir": str(secret_dir)}
 
 
 CASES: dict[str, tuple[dict[str, object], str]] = {
@@ -38,6 +46,13 @@ CASES: dict[str, tuple[dict[str, object], str]] = {
     "not executable by the run-as user": (
         {"command": "{root_only}", "run_as": RunAs(uid=65534, gid=65534, name="nobody")},
         "not executable by user nobody"),
+    "hidden from the run-as user": (
+        {"command": "{hidden}", "run_as": RunAs(uid=65534, gid=65534, name="nobody")},
+        "no such file, or the job's user may not reach it"),
+    "working dir hidden from the run-as user": (
+        {"command": "echo", "working_dir": "{secret_dir}",
+         "run_as": RunAs(uid=65534, gid=65534, name="nobody")},
+        "does not exist or the job's user may not enter it"),
     "NUL in command": ({"command": "ec\0ho"}, "NUL"),
     "NUL in an argument": ({"command": "echo", "args": ("a", "b\0c")}, "argument 2 contains a NUL"),
     "NUL in an env value": ({"command": "echo", "env": {"A": "x\0"}}, "NUL"),
@@ -60,17 +75,24 @@ CASES: dict[str, tuple[dict[str, object], str]] = {
 @pytest.mark.parametrize("case", list(CASES))
 async def test_bad_spec_is_refused_without_a_record(worker: Worker, tmp_path: Path,
                                                      case: str) -> None:
-    if case == "not executable by the run-as user" and os.geteuid() != 0:
-        pytest.skip("needs root to own a 0700 file that user nobody cannot execute")
+    if "run-as user" in case and os.geteuid() != 0:
+        pytest.skip("needs root to own files that user nobody cannot execute or reach")
     fields, message = CASES[case]
-    files = _files(tmp_path)
-    kwargs = {"owner": "tester", **fields}
-    if isinstance(kwargs["command"], str):
-        kwargs["command"] = kwargs["command"].format(**files) if "{" in kwargs["command"] \
-            else kwargs["command"]
-    spec = JobSpec(**kwargs)  # type: ignore[arg-type]
-    with pytest.raises(InvalidJobSpec, match=message):
-        await worker.start(spec)
+    # tmp_path's parents must be reachable by nobody for the run-as cases to tell "not
+    # executable" from "hidden": use a directory of our own under /tmp.
+    base = Path(tempfile.mkdtemp(prefix="trio-jobs-validate-"))
+    try:
+        files = _files(base)
+        kwargs: dict[str, object] = {"owner": "tester", **fields}
+        for key in ("command", "working_dir"):
+            value = kwargs.get(key)
+            if isinstance(value, str) and "{" in value:
+                kwargs[key] = value.format(**files)
+        spec = JobSpec(**kwargs)  # type: ignore[arg-type]
+        with pytest.raises(InvalidJobSpec, match=message):
+            await worker.start(spec)
+    finally:
+        shutil.rmtree(base)
     assert await worker.list() == []
     assert os.listdir(tmp_path / "data" / "output") == []
 

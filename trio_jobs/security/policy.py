@@ -4,19 +4,23 @@ The format (TOML, read with :mod:`tomllib`; documented in docs/security.md and
 docs/policy.example.toml)::
 
     [defaults]                 # applies to every identity listed below, unless it overrides
-    run_as = "nobody"          # Unix user for jobs when the server runs as root; "" = server's user
+    # run_as = "build"         # Unix user for jobs when the server runs as root; "" = the
+                               # server's user; unset = a dynamic user of the identity's own
+                               # (admins: the server's user)
     max_running_jobs = 32      # RUNNING jobs at once per identity (RESOURCE_EXHAUSTED above)
     programs = ["*"]           # "*" = anything; else names (looked up on the job PATH) / abs paths
     [defaults.max_limits]      # caps on each job limit (INVALID_ARGUMENT above)
     cpu_millis = 8000
+    [defaults.max_total]       # what all running jobs of one identity may use together,
+    pids_max = 8192            # enforced by the kernel on the identity's cgroup
     [identities.admin]
     admin = true               # sees and stops everyone's jobs (only settable per identity)
     run_as = ""
 
 Identities not listed are refused. Unknown keys or wrong types are a :class:`PolicyError`
 naming the key. The built-in default (:data:`DEFAULT_POLICY_TOML`) makes ``admin`` an admin
-whose jobs run as the server's user, and ``alice`` and ``bob`` users who may run anything (as
-``nobody`` when the server runs as root).
+whose jobs run as the server's user, and ``alice`` and ``bob`` users who may run anything (each
+as a dynamic user of its own when the server runs as root: :mod:`dynamic_users`).
 
 Program rule (:meth:`Policy.check_program`): entries name files, not strings. An absolute-path
 entry names that file; a bare name names the file it resolves to on the job search PATH (never
@@ -25,6 +29,14 @@ those files (same device and inode after following symlinks). So ``sh`` allows `
 ``/usr/bin/dash`` (the same file), but not a user's own ``/tmp/x/sh``; and ``sh -c '...'`` is
 exactly as allowed as ``sh``. Arguments are not inspected: allowing an interpreter, ``env``, a
 multi-call binary such as busybox, or anything that runs other programs allows everything.
+
+What runs is the file that was checked: the job's user opens the program and the policy
+compares *that open file* (``file_id``), and the job then executes the policy's own path for
+it, never the request's path again (a swapped symlink, ``/proc/self/cwd/...`` or
+``/dev/fd/N`` cannot make it run something else; only someone who can write the directories
+of the policy's own path could, and that is the operator's choice of path). And an identity
+restricted to some programs may not set the variables that make the dynamic loader or the C
+library load other code into them (:data:`LOADER_VARIABLES`, any ``LD_*``).
 """
 
 from __future__ import annotations
@@ -34,15 +46,17 @@ import os
 import pwd
 import shutil
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
 from trio_jobs.security.errors import PermissionDenied, PolicyError, SecurityError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
     from pathlib import Path
+
+    from trio_jobs.security.dynamic_users import DynamicUsers
 
 LIMIT_FIELDS: Final = (
     "cpu_millis",
@@ -53,20 +67,33 @@ LIMIT_FIELDS: Final = (
     "io_write_iops",
     "pids_max",
 )
+# The limits that also apply to an identity's running jobs together (its cgroup).
+TOTAL_FIELDS: Final = ("cpu_millis", "memory_bytes", "pids_max")
+# Variables with which the dynamic loader or glibc load code or files of the caller's choice
+# into a program (glibc's "unsecure" list for setuid programs, less TMPDIR); with any LD_*
+# they are refused to identities that may run only some programs.
+LOADER_VARIABLES: Final = frozenset({
+    "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH",
+    "MALLOC_TRACE", "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TZDIR",
+})
 # The job's search PATH (a job gets a fixed PATH, never the server's): bare program names in
 # the policy resolve on this.
 DEFAULT_SEARCH_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 DEFAULT_POLICY_TOML: Final = """\
 [defaults]
-run_as = "nobody"
 max_running_jobs = 32
 programs = ["*"]
 
 [defaults.max_limits]
 cpu_millis = 8000
 memory_bytes = 8589934592
-pids_max = 32768
+pids_max = 8192
+
+[defaults.max_total]
+cpu_millis = 8000
+memory_bytes = 17179869184
+pids_max = 8192
 
 [identities.admin]
 admin = true
@@ -78,7 +105,7 @@ max_running_jobs = 256
 [identities.bob]
 """
 
-_COMMON_KEYS: Final = frozenset({"run_as", "max_running_jobs", "programs", "max_limits"})
+_COMMON_KEYS: Final = frozenset({"run_as", "max_running_jobs", "programs", "max_limits", "max_total"})
 _IDENTITY_KEYS: Final = _COMMON_KEYS | {"admin"}
 
 
@@ -97,9 +124,10 @@ class IdentityPolicy:
     name: str
     admin: bool
     programs: frozenset[str] | None  # None = any program ("*")
-    run_as: str | None  # Unix user name; None = the server's own user
+    run_as: str | None  # Unix user name; "" = the server's own user; None = unset (dynamic)
     max_running_jobs: int
     max_limits: Mapping[str, int]  # field of LIMIT_FIELDS -> cap; absent = no cap
+    max_total: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # TOTAL_FIELDS -> cap
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,10 +163,10 @@ def _int(value: object, key: str) -> int:
     return value
 
 
-def _run_as(value: object, key: str) -> str | None:
+def _run_as(value: object, key: str) -> str:
     if not isinstance(value, str):
         raise PolicyError(f'{key}: expected a Unix user name or "", got {value!r}')
-    return value or None
+    return value
 
 
 def _programs(value: object, key: str) -> frozenset[str] | None:
@@ -154,9 +182,9 @@ def _programs(value: object, key: str) -> frozenset[str] | None:
     return frozenset(value)
 
 
-def _limits(value: object, key: str) -> dict[str, int]:
+def _limits(value: object, key: str, names: tuple[str, ...] = LIMIT_FIELDS) -> dict[str, int]:
     table = _table(value, key)
-    _check_keys(table, frozenset(LIMIT_FIELDS), key)
+    _check_keys(table, frozenset(names), key)
     return {name: _int(v, f"{key}.{name}") for name, v in table.items()}
 
 
@@ -166,6 +194,7 @@ class _Defaults:
     max_running_jobs: int
     programs: frozenset[str] | None
     max_limits: Mapping[str, int]
+    max_total: Mapping[str, int]
 
 
 def _parse_identity(name: str, raw: object, defaults: _Defaults) -> IdentityPolicy:
@@ -180,6 +209,9 @@ def _parse_identity(name: str, raw: object, defaults: _Defaults) -> IdentityPoli
     caps = dict(defaults.max_limits)
     if "max_limits" in table:
         caps.update(_limits(table["max_limits"], f"{where}.max_limits"))
+    totals = dict(defaults.max_total)
+    if "max_total" in table:
+        totals.update(_limits(table["max_total"], f"{where}.max_total", TOTAL_FIELDS))
     return IdentityPolicy(
         name=name,
         admin=admin,
@@ -193,6 +225,7 @@ def _parse_identity(name: str, raw: object, defaults: _Defaults) -> IdentityPoli
         if "max_running_jobs" in table
         else defaults.max_running_jobs,
         max_limits=MappingProxyType(caps),
+        max_total=MappingProxyType(totals),
     )
 
 
@@ -201,13 +234,16 @@ def _parse(data: Mapping[str, object]) -> dict[str, IdentityPolicy]:
     raw_defaults = _table(data.get("defaults", {}), "defaults")
     _check_keys(raw_defaults, _COMMON_KEYS, "defaults")
     defaults = _Defaults(
-        run_as=_run_as(raw_defaults.get("run_as", ""), "defaults.run_as"),
+        run_as=_run_as(raw_defaults["run_as"], "defaults.run_as") if "run_as" in raw_defaults else None,
         max_running_jobs=_int(
             raw_defaults.get("max_running_jobs", 32), "defaults.max_running_jobs"
         ),
         programs=_programs(raw_defaults.get("programs", []), "defaults.programs"),
         max_limits=MappingProxyType(
             _limits(raw_defaults.get("max_limits", {}), "defaults.max_limits")
+        ),
+        max_total=MappingProxyType(
+            _limits(raw_defaults.get("max_total", {}), "defaults.max_total", TOTAL_FIELDS)
         ),
     )
     identities = _table(data.get("identities", {}), "identities")
@@ -268,26 +304,33 @@ class Policy:
             ) from None
 
     def check_program(
-        self, who: IdentityPolicy, resolved_path: str, *, search_path: str = DEFAULT_SEARCH_PATH
-    ) -> None:
-        """Allow or refuse (:class:`PermissionDenied`) running the executable at ``resolved_path``.
+        self, who: IdentityPolicy, resolved_path: str, *, file_id: tuple[int, int] | None = None,
+        search_path: str = DEFAULT_SEARCH_PATH,
+    ) -> str:
+        """Allow or refuse (:class:`PermissionDenied`) running the executable at ``resolved_path``;
+        return the path to execute.
 
-        ``resolved_path`` is the absolute path the command resolved to. See the module
-        docstring for the rule (entries name files; symlinks are followed on both sides).
+        ``file_id`` is the (device, inode) of the file the job's user opened at
+        ``resolved_path`` (without it, the path is looked at now, which only suits callers that
+        execute nothing). See the module docstring for the rule. An identity that may run
+        anything executes ``resolved_path``; a restricted one executes the policy's own path of
+        the entry that matched.
         """
         if who.programs is None:
-            return
+            return resolved_path
         if not os.path.isabs(resolved_path):
             raise PermissionDenied(f"cannot authorize {resolved_path!r}: not an absolute path")
         denied = PermissionDenied(
             f"identity {who.name!r} may not run {resolved_path!r} "
             f"(allowed: {', '.join(sorted(who.programs)) or 'nothing'})"
         )
-        try:
-            target = os.stat(resolved_path)
-        except OSError:
-            raise denied from None
-        for entry in who.programs:
+        if file_id is None:
+            try:
+                target = os.stat(resolved_path)
+            except OSError:
+                raise denied from None
+            file_id = (target.st_dev, target.st_ino)
+        for entry in sorted(who.programs):
             allowed = entry if entry.startswith("/") else shutil.which(entry, path=search_path)
             if allowed is None:
                 continue
@@ -295,9 +338,21 @@ class Policy:
                 st = os.stat(allowed)
             except OSError:
                 continue
-            if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
-                return
+            if (st.st_dev, st.st_ino) == file_id:
+                return allowed
         raise denied
+
+    def check_env(self, who: IdentityPolicy, names: Iterable[str]) -> None:
+        """Refuse (:class:`PermissionDenied`) loader variables to a restricted identity (they
+        would load other code into its allowed programs)."""
+        if who.programs is None:
+            return
+        for name in names:
+            if name.startswith("LD_") or name in LOADER_VARIABLES:
+                raise PermissionDenied(
+                    f"identity {who.name!r} may run only some programs, so it may not set "
+                    f"{name} (it would make them load other code); drop it from the environment"
+                )
 
     def check_limits(self, who: IdentityPolicy, limits: Mapping[str, int | None]) -> None:
         """Refuse (:class:`LimitAboveCap`) a job whose effective limits exceed the caps.
@@ -322,20 +377,46 @@ class Policy:
                 f"{who.max_running_jobs}); stop one or wait for one to end"
             )
 
-    def resolve_run_as(self, who: IdentityPolicy, *, euid: int | None = None) -> UnixUser | None:
+    def resolve_run_as(
+        self, who: IdentityPolicy, *, euid: int | None = None, dynamic: DynamicUsers | None = None
+    ) -> UnixUser | None:
         """The Unix user ``who``'s jobs run as, or ``None`` for the server's own user.
 
         Only a root server (``euid`` 0) can switch users; otherwise jobs always run as the
-        server's user and ``run_as`` is not used (the server should say so at start).
+        server's user and ``run_as`` is not used (the server should say so at start). A
+        non-admin identity without ``run_as`` gets its dynamic user from ``dynamic``; without
+        one (an embedder that passed none) it is refused (PolicyError): it would otherwise run
+        as root.
         """
-        if who.run_as is None or (os.geteuid() if euid is None else euid) != 0:
+        if (os.geteuid() if euid is None else euid) != 0:
+            return None
+        if who.run_as is None:
+            if who.admin:
+                return None
+            if dynamic is None:
+                raise PolicyError(
+                    f"identity {who.name!r} has no run_as user and no dynamic users are "
+                    "available; set run_as in the policy"
+                )
+            user = dynamic.get(who.name)
+            return UnixUser(name=user.name, uid=user.uid, gid=user.uid, groups=(user.uid,), home="/")
+        if who.run_as == "":
             return None
         return lookup_unix_user(who.run_as)
 
-    def check_users(self, *, euid: int | None = None) -> None:
+    def check_users(self, *, euid: int | None = None, dynamic: DynamicUsers | None = None) -> None:
         """Resolve every ``run_as`` now (at server start), so a typo fails early."""
         for who in self._identities.values():
-            self.resolve_run_as(who, euid=euid)
+            self.resolve_run_as(who, euid=euid, dynamic=dynamic)
+
+    def shared_users(self) -> list[tuple[str, list[str]]]:
+        """(user, identities) for each named ``run_as`` user that several non-admin identities
+        share: their jobs can signal and trace each other (the server warns)."""
+        by_user: dict[str, list[str]] = {}
+        for who in self._identities.values():
+            if who.run_as and not who.admin:
+                by_user.setdefault(who.run_as, []).append(who.name)
+        return [(user, sorted(names)) for user, names in sorted(by_user.items()) if len(names) > 1]
 
 
 def lookup_unix_user(name: str) -> UnixUser:

@@ -1,8 +1,8 @@
 """Starting a job in one thread call, and the spool files that make it cheap.
 
 Theory of operation. A start is a chain of small blocking steps: build the spec (the service
-resolves its user and program and checks the policy here), validate it (``prepare``: a few
-stats), create the output spool file, create the cgroup (mkdir + limit writes in each
+resolves its user here), validate it (``prepare``: a few opens and stats as the job's user,
+and the policy's check of the opened program), create the output spool file, create the cgroup (mkdir + limit writes in each
 hierarchy), fork the held wrapper (``spawn_blocking``), move it into the cgroup, release it,
 insert the RUNNING record. Each step takes microseconds to a fraction of a millisecond, so a
 ``trio.to_thread`` round trip per step (0.05-0.3 ms each on a loaded 2-core host, where the
@@ -38,6 +38,7 @@ or ``/proc`` is missing, a start creates its file as before.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
     from .spawn import Spawned
     from .spec import JobSpec
     from .store import JobStore
+    from .validate import Authorize
 
 log = logging.getLogger("trio_jobs.worker")
 
@@ -108,19 +110,21 @@ class Started:
 
 
 def launch(state: Launch, build: Callable[[], JobSpec], *, driver: CgroupDriver, store: JobStore,
-           spools: SpoolFiles) -> Started:
+           spools: SpoolFiles, authorize: Authorize | None = None) -> Started:
     """Build, validate, create, spawn, place, release and record a job. Blocking: run it in
     one worker thread. On error, raises with ``state`` telling what exists (see :func:`undo`).
 
     Raises whatever ``build`` raises, InvalidJobSpec, CgroupError, WorkerError, WorkerClosed.
     """
     spec = build()
-    prepared = prepare(spec)  # raises InvalidJobSpec before anything exists
+    prepared = prepare(spec, authorize)  # raises InvalidJobSpec before anything exists
+    spec = dataclasses.replace(spec, command=prepared.program)  # the record shows what runs
     created_at = utcnow()
     fd = state.fd = spools.take(state.path)
-    cgroup = state.cgroup = driver.create_blocking(state.job_id, spec.limits)
+    cgroup = state.cgroup = driver.create_blocking(state.job_id, spec.limits, group=spec.group,
+                                                   group_limits=spec.group_limits)
     spawned = state.spawned = spawn_blocking(prepared.program, tuple(spec.args), env=prepared.env,
-                                             cwd=spec.working_dir, run_as=spec.run_as)
+                                             cwd=prepared.cwd, run_as=spec.run_as)
     cgroup.add_process_blocking(spawned.pid)
     spawned.release()
     status = running_status(state.job_id, spec, created_at)
@@ -212,13 +216,15 @@ class SpoolFiles:
         while self.wanted:
             try:
                 if self._dir_fd is None:
-                    dir_fd = os.open(self._out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    dir_fd = os.open(self._out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                     | os.O_CLOEXEC)
                     with self._lock:
                         if self._dir_fd is None and not self._closed:
                             self._dir_fd, dir_fd = dir_fd, -1
                     if dir_fd >= 0:
                         os.close(dir_fd)
-                fd = os.open(self._out_dir, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+                fd = os.open(self._out_dir, os.O_TMPFILE | os.O_WRONLY | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EMFILE, errno.ENFILE, errno.EDQUOT):
                     return  # try again at the next job's end

@@ -1,32 +1,44 @@
-"""Starting a job's process inside its cgroup before it executes the user's program.
+"""Starting a job's process inside its cgroup, as its user, before it executes the user's program.
 
-Placement (DESIGN §2; Python 3.11's ``subprocess`` has no ``CLONE_INTO_CGROUP``): the child
-is ``/bin/sh -c WRAPPER PROGRAM ARGS...`` whose stdin is the read end of a "go" pipe. The
-wrapper blocks in ``read`` until the worker has moved its pid into the job's cgroup
-(:meth:`JobCgroup.add_process`) and written ``go``; then it ``exec``s the program with stdin
-from /dev/null. The pid stays the same across ``exec``, so the program and everything it forks
-start inside the cgroup. If the worker never says go (placement failed, or it died), the
-wrapper reads EOF and exits 125 without running anything.
+Theory of operation. The request is hostile (DESIGN §3): its environment, working directory
+and program must not touch anything that runs with the server's privileges, nor anything that
+runs before the process is inside the job's cgroup. So the job process goes through a fixed
+chain, each step of which sees only what it must:
 
-The user's program was resolved and validated in Python first (``validate.prepare``), so
-"cannot be executed" is an InvalidJobSpec of start, not a job. Remaining edge cases, which
-become a job that exits 126/127 with the shell's message as its output: the file is removed
-or changed between the check and the exec; a run-as user lacks search permission on a
-directory of the path; exec fails for a reason a stat cannot see (e.g. a missing ELF
-interpreter, an unreadable #! interpreter). ``argv[0]`` of the program is its resolved path
-(POSIX sh cannot set argv[0] separately), and dash exports ``PWD`` (= the working dir).
+1. ``setpriv`` (util-linux, :data:`SETPRIV`, a fixed root-owned path), run with the fixed
+   :data:`LAUNCH_ENV` (never the job's variables: ``LD_PRELOAD`` & co. cannot reach it),
+   drops to the job's user: real, effective and saved uid and gid, the supplementary groups,
+   ``no_new_privs`` (setuid/setgid bits and file capabilities no longer grant anything) and
+   empty bounding and inheritable capability sets. Then it executes
+2. ``/bin/sh -c WRAPPER`` -- as the job's user, still with :data:`LAUNCH_ENV` -- which blocks
+   in ``read`` on its stdin, the read end of a "go" pipe, until the worker has moved its pid
+   into the job's cgroup (:meth:`JobCgroup.add_process`) and written ``go``. If the worker
+   never says go (placement failed, or it died), it reads EOF and exits 125 without running
+   anything. Then, as the user, it enters the working directory (``cd -P``: so a directory the
+   user may not enter stays closed, whatever root could do), and executes
+3. ``/usr/bin/env -i -- NAME=VALUE... PROGRAM ARGS...``, which replaces the whole environment
+   with the job's (the clean one of ``validate.job_environment`` plus the request's) and
+   executes the program. The job's variables are arguments until this last exec: the first
+   and only code that runs with them is the user's program, as the user, inside its cgroup.
 
-The child runs through CPython's C-level fork/exec (no ``preexec_fn``, which is unsafe with
-threads): ``start_new_session`` (own session and process group), ``cwd``, ``close_fds``. stdout
-and stderr are the same pipe, so their interleaving is exact. CPython takes its fast
-``vfork`` path for this (~0.1 ms), but not when it is asked to switch users
-(``user``/``group``/``extra_groups``): then it forks, copying the page tables of the whole
-server -- 5-10 ms for a server of 100 MB here, for every job of a run-as user. So a run-as job
-is started, on the vfork path, as util-linux ``setpriv --regid G --reuid U --groups ...``
-(:data:`SETPRIV`, a fixed root-owned path), which sets real, effective and saved ids and the
-groups exactly as CPython would, and then execs the wrapper as that user; only without
-``setpriv`` does CPython switch users itself. (A ``setpriv`` that fails exits 127 with its
-message as the job's output, like a failed exec.)
+The pid stays the same across every exec, so the program and everything it forks start inside
+the cgroup (Python 3.11's ``subprocess`` has no ``CLONE_INTO_CGROUP``). A job that runs as
+uid 0 (an admin's job on a root server, or a policy's ``run_as = "root"``) skips step 1: the
+policy gave it root, and removing root's capabilities would only pretend otherwise. A server
+that is not root runs step 1 with ``no_new_privs`` only (it has no capabilities to drop).
+
+The program was resolved, opened and checked as the job's user in Python first
+(``validate.prepare``), so "cannot be executed" is an InvalidJobSpec of start, not a job;
+when the policy restricts programs, the path executed is the policy's own (see
+``Policy.check_program``). Remaining edge cases become a job that exits 126/127 with the
+shell's or env's message as its output: the working directory or the file is changed between
+the check and the exec; exec fails for a reason a stat cannot see (e.g. a missing ELF
+interpreter). ``argv[0]`` of the program is its resolved path.
+
+The first exec runs through CPython's C-level fork/exec (no ``preexec_fn``, which is unsafe
+with threads; no ``user=``/``cwd=``, which would make CPython fork instead of vfork and enter
+the directory as root): ``start_new_session`` (own session and process group), ``close_fds``.
+stdout and stderr are the same pipe, so their interleaving is exact.
 
 The main process is watched with a pidfd (:meth:`Spawned.wait_exited`) which becomes readable
 at exit *without reaping*: the zombie keeps the pid (and process-group id) reserved until
@@ -53,10 +65,17 @@ if TYPE_CHECKING:
 
     from .spec import RunAs
 
-WRAPPER: Final = 'IFS= read -r go && [ "$go" = go ] || exit 125; exec "$0" "$@" </dev/null'
+WRAPPER: Final = (
+    'IFS= read -r go && [ "$go" = go ] || exit 125; cd -P -- "$1" || exit 126; shift; '
+    'exec /usr/bin/env -i -- "$@" </dev/null'
+)
+"""The held step (2. in the module doc). Arguments: the working directory, then env's."""
 SHELL: Final = "/bin/sh"
+ENV: Final = "/usr/bin/env"
 SETPRIV: str | None = next((p for p in ("/usr/bin/setpriv", "/bin/setpriv") if os.access(p, os.X_OK)), None)
-"""util-linux setpriv, to switch a run-as job's user without leaving the vfork path (None: none)."""
+"""util-linux setpriv: drops to the job's user, no_new_privs, no capabilities (None: none)."""
+LAUNCH_ENV: Final = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+"""The only environment steps 1 and 2 ever see: fixed, nothing from the request."""
 PIPE_SIZE: Final = 1024 * 1024  # the default /proc/sys/fs/pipe-max-size
 
 
@@ -152,34 +171,49 @@ class Spawned:
             os.close(fd)
 
 
+def launch_argv(program: str, args: tuple[str, ...], *, env: dict[str, str], cwd: str,
+                run_as: RunAs | None) -> list[str]:
+    """The argv of the chain in the module doc (steps 1-3). Raises WorkerError when this host
+    cannot drop to ``run_as`` (no setpriv)."""
+    chain = [SHELL, "-c", WRAPPER, "trio-jobs-job", cwd, *(f"{k}={v}" for k, v in env.items()),
+             program, *args]
+    euid = os.geteuid()
+    if euid == 0 and (run_as is None or (run_as.uid, run_as.gid) == (0, 0)):
+        return chain  # root's job: nothing to drop (see the module doc)
+    if SETPRIV is None:
+        if euid != 0:
+            return chain  # same user; no no_new_privs without setpriv (the server warns)
+        raise WorkerError("cannot run jobs as another user: util-linux setpriv is not installed")
+    if euid != 0:
+        return [SETPRIV, "--no-new-privs", "--", *chain]
+    assert run_as is not None
+    groups = ",".join(str(g) for g in run_as.groups)
+    return [SETPRIV, f"--regid={run_as.gid}", f"--reuid={run_as.uid}",
+            f"--groups={groups}" if groups else "--clear-groups",
+            "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all", "--", *chain]
+
+
 def spawn_blocking(program: str, args: tuple[str, ...], *, env: dict[str, str], cwd: str,
                    run_as: RunAs | None) -> Spawned:
-    """Start the held wrapper. Raises InvalidJobSpec when the OS refuses (cwd, user, E2BIG).
+    """Start the held chain. Raises InvalidJobSpec when the OS refuses (E2BIG), WorkerError
+    when this host cannot run it.
 
     Blocking (a fork and exec: ~0.1 ms with CPython's vfork path), for the job start's worker
     thread; on any error nothing is left running and every fd is closed.
     """
+    argv = launch_argv(program, args, env=env, cwd=cwd, run_as=run_as)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     # A bigger pipe means fewer, larger reads and file writes (one thread hop each) for a
     # chatty job. Best effort: an unprivileged user may be held to the default 64 KiB.
     with contextlib.suppress(OSError):
         fcntl.fcntl(out_r, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
-    argv = [SHELL, "-c", WRAPPER, program, *args]
-    kwargs: dict[str, object] = {}
-    if run_as is not None and SETPRIV is not None:
-        groups = ",".join(str(g) for g in run_as.groups)
-        argv = [SETPRIV, f"--regid={run_as.gid}", f"--reuid={run_as.uid}",
-                f"--groups={groups}" if groups else "--clear-groups", "--", *argv]
-    elif run_as is not None:
-        kwargs = {"user": run_as.uid, "group": run_as.gid, "extra_groups": list(run_as.groups)}
     try:
         try:
             before = boot_ticks()
             popen = subprocess.Popen(
-                argv, executable=argv[0], stdin=go_r, stdout=out_w, stderr=out_w, env=env,
-                cwd=cwd, start_new_session=True, close_fds=True,
-                **kwargs,  # type: ignore[call-overload]
+                argv, executable=argv[0], stdin=go_r, stdout=out_w, stderr=out_w,
+                env=LAUNCH_ENV, cwd="/", start_new_session=True, close_fds=True,
             )
             after = boot_ticks()
         finally:

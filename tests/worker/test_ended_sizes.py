@@ -53,7 +53,7 @@ async def test_jobs_beyond_the_cache_are_followed_from_their_spool_file(
             assert await read_all(worker, job_id) == out
             assert await read_all(worker, job_id, offset=3) == out[3:]
     async with open_worker(tmp_path / "data") as worker:  # after a restart: the same
-        assert len(worker._ended) == 2
+        assert len(worker._ended) == 0  # a restart loads nothing of the history
         for job_id, out in zip(ids, outputs, strict=True):
             assert await read_all(worker, job_id, wait=False) == out
 

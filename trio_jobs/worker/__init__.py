@@ -17,6 +17,7 @@ from .cgroups.none import NoCgroupDriver
 from .errors import InvalidArgument, InvalidJobSpec, JobNotFound, WorkerClosed, WorkerError
 from .limits import DEFAULT_LIMITS, Limits, MiB, Usage
 from .output import OutputReader
+from .retention import Retention
 from .spec import JobSpec, JobState, JobStatus, OutputChunk, RunAs, StopResult
 from .validate import JOB_PATH
 from .worker import Worker, open_worker
@@ -38,6 +39,7 @@ __all__ = [
     "NoCgroupDriver",
     "OutputChunk",
     "OutputReader",
+    "Retention",
     "RunAs",
     "StopResult",
     "Usage",

@@ -216,11 +216,12 @@ class Job:
             log.warning("job %s: cannot remove the cgroup yet: %s", self.job_id, exc)
         final = self._final_status(base, exit_info, usage, oom)
         try:
-            self._store.update_blocking(final)
-            saved = True
-        except WorkerError as exc:
-            # e.g. the disk is full: the worker keeps the status and retries (see Worker)
-            log.error("job %s: cannot store the final status (will retry): %s", self.job_id, exc)
+            # False: the database refused it (e.g. the disk is full); the store kept it in
+            # reserved space (worker/finals.py) and logged why; the worker keeps the status
+            # and retries (see Worker)
+            saved = self._store.finalize_blocking(final)
+        except WorkerError as exc:  # the store is closed
+            log.error("job %s: cannot store the final status: %s", self.job_id, exc)
             saved = False
         self._spools.refill()
         return final, removed, saved

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Final, final
 
 import trio
 
-from .errors import InvalidArgument, WorkerError
+from .errors import InvalidArgument, JobNotFound, WorkerError
 from .spec import OutputChunk
 
 if TYPE_CHECKING:
@@ -207,9 +207,11 @@ class OutputLog:
             return bytes(ring[pos : pos + n])
         return bytes(ring[pos:]) + bytes(ring[: n - first])
 
-    def follow(self, offset: int = 0, *, wait: bool = True, max_chunk: int = DEFAULT_MAX_CHUNK
-               ) -> OutputReader:
-        return OutputReader(self, offset, wait=wait, max_chunk=max_chunk)
+    def follow(self, offset: int = 0, *, wait: bool = True, max_chunk: int = DEFAULT_MAX_CHUNK,
+               fd: int | None = None) -> OutputReader:
+        """A reader from ``offset``; ``fd``: the spool file already open for reading, which
+        the reader then owns (so a file unlinked later is still read to its end)."""
+        return OutputReader(self, offset, wait=wait, max_chunk=max_chunk, fd=fd)
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -232,7 +234,8 @@ class OutputReader:
     only advances when a chunk is returned).
     """
 
-    def __init__(self, log: OutputLog, offset: int, *, wait: bool, max_chunk: int) -> None:
+    def __init__(self, log: OutputLog, offset: int, *, wait: bool, max_chunk: int,
+                 fd: int | None = None) -> None:
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise InvalidArgument(f"offset must be a non-negative integer, not {offset!r}")
         if isinstance(max_chunk, bool) or not isinstance(max_chunk, int) or max_chunk < 1:
@@ -242,7 +245,7 @@ class OutputReader:
         self._wait = wait
         self._stop_at = None if wait else log.size
         self._max_chunk = min(max_chunk, MAX_CHUNK_LIMIT)
-        self._fd: int | None = None
+        self._fd: int | None = fd  # owned from here on (the caller closes it if we raised)
         self._closed = False
         self._busy = False
         self._scope = trio.CancelScope()
@@ -296,9 +299,13 @@ class OutputReader:
         global _nowait_supported
         if self._fd is None:
             try:
+                # O_NOFOLLOW: a symlink in place of the spool file is refused, not read as root
                 fd = await trio.to_thread.run_sync(os.open, self._log.path,
-                                                   os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:  # e.g. EMFILE with very many followers, or a missing file
+                                                   os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError as exc:  # retention deleted the job before we needed it
+                raise JobNotFound(f"the output of job {self._log.path.stem} was deleted "
+                                  "(retention: see the server's --retain-* options)") from exc
+            except OSError as exc:  # e.g. EMFILE with very many followers
                 raise WorkerError(f"cannot open output file {self._log.path}: {exc}") from exc
             if self._closed:
                 os.close(fd)

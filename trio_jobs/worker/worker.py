@@ -29,14 +29,17 @@ from .job import CLEANUP_TIMEOUT, EMPTY_TIMEOUT, Job
 from .launch import Launch, SpoolFiles, launch, undo
 from .leftovers import group_members, kill_leftover_group, wait_gone
 from .output import DEFAULT_MAX_CHUNK, DEFAULT_TAIL_SIZE, OutputLog, OutputReader
+from .retention import DEFAULT_RETENTION, Retainer, Retention
 from .spec import JobState, JobStatus, StopResult, check_transition
 from .store import JobStore, utcnow
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterable
+    from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+    from datetime import datetime
 
     from .cgroups.base import CgroupDriver
     from .spec import JobSpec
+    from .validate import Authorize
 
 log = logging.getLogger("trio_jobs.worker")
 
@@ -52,10 +55,16 @@ ENDED_SIZES_KEPT: Final = 4096
 async def open_worker(
     data_dir: Path | str, *, cgroups: CgroupDriver | None = None,
     output_cap: int = DEFAULT_OUTPUT_CAP, default_grace: float = 5.0,
-    tail_size: int = DEFAULT_TAIL_SIZE,
+    tail_size: int = DEFAULT_TAIL_SIZE, retention: Retention = DEFAULT_RETENTION,
+    clock: Callable[[], datetime] = utcnow,
 ) -> AsyncIterator[Worker]:
     """Open the store in ``data_dir`` (created 0700 if missing), mark leftovers LOST (the
     driver's ``prepare()`` removes their cgroups), and yield a :class:`Worker`.
+
+    Only the records still RUNNING are read at open (they become LOST); ended jobs stay in
+    the store until asked for, so opening costs the same whatever the history's length.
+    Ended jobs beyond ``retention`` are deleted by a background task (worker/retention.py);
+    ``clock`` (aware UTC now) is what its ``max_age`` is measured against.
 
     ``cgroups=None`` uses :class:`NoCgroupDriver` (no limits). On exit every running job is
     stopped (SIGTERM, ``default_grace``, SIGKILL) and recorded as stopped by shutdown.
@@ -79,7 +88,7 @@ async def open_worker(
     lock_fd = await trio.to_thread.run_sync(_lock_data_dir, data_dir)
     try:
         async with _open_store_and_jobs(data_dir, out_dir, cgroups, output_cap, default_grace,
-                                        tail_size) as worker:
+                                        tail_size, retention, clock) as worker:
             yield worker
     finally:
         os.close(lock_fd)
@@ -88,7 +97,7 @@ async def open_worker(
 @asynccontextmanager
 async def _open_store_and_jobs(
     data_dir: Path, out_dir: Path, cgroups: CgroupDriver | None, output_cap: int,
-    default_grace: float, tail_size: int,
+    default_grace: float, tail_size: int, retention: Retention, clock: Callable[[], datetime],
 ) -> AsyncIterator[Worker]:
     driver: CgroupDriver = cgroups if cgroups is not None else NoCgroupDriver()
     try:
@@ -99,14 +108,16 @@ async def _open_store_and_jobs(
     try:
         if driver.name == "none":  # a cgroup driver's prepare() killed them already
             await _kill_leftover_groups(store)
-        ended = await _recover(store, out_dir)
+        await _recover(store, out_dir)
         spools = SpoolFiles(out_dir)
         try:
             await trio.to_thread.run_sync(spools.refill)
             async with trio.open_nursery() as nursery:
                 worker = Worker(_store=store, _driver=driver, _nursery=nursery, _out_dir=out_dir,
                                 _output_cap=output_cap, _default_grace=default_grace,
-                                _tail_size=tail_size, _ended=ended, _spools=spools)
+                                _tail_size=tail_size, _ended=EndedSizes(), _spools=spools,
+                                _retention=retention, _clock=clock)
+                await nursery.start(worker.retention.run)
                 try:
                     yield worker
                 finally:
@@ -141,22 +152,18 @@ async def _kill_leftover_groups(store: JobStore) -> None:
                         members, EMPTY_TIMEOUT)
 
 
-async def _recover(store: JobStore, out_dir: Path) -> EndedSizes:
-    """Mark jobs that were RUNNING when an earlier worker died as LOST; remember the output
-    sizes of the most recent ended jobs."""
-    ended = EndedSizes()
-    for status in await store.list():
-        if status.state is JobState.RUNNING:
-            check_transition(status.state, JobState.LOST)
-            path = out_dir / f"{status.job_id}.out"
-            size = await trio.to_thread.run_sync(_file_size, path)
-            status = JobStatus(**{**status.__dict__, "state": JobState.LOST,
-                                  "ended_at": utcnow(), "output_bytes": size})
-            await store.update(status)
-            log.warning("job %s was running when the previous server stopped: marked LOST",
-                        status.job_id)
-        ended.add(status.job_id, status.output_bytes)
-    return ended
+async def _recover(store: JobStore, out_dir: Path) -> None:
+    """Mark jobs that were RUNNING when an earlier worker died as LOST. Reads only those
+    records (a partial index): nothing of the ended history is loaded."""
+    for status in await store.running_records():
+        check_transition(status.state, JobState.LOST)
+        path = out_dir / f"{status.job_id}.out"
+        size = await trio.to_thread.run_sync(_file_size, path)
+        status = JobStatus(**{**status.__dict__, "state": JobState.LOST,
+                              "ended_at": utcnow(), "output_bytes": size})
+        await store.update(status)
+        log.warning("job %s was running when the previous server stopped: marked LOST",
+                    status.job_id)
 
 
 class EndedSizes:
@@ -183,6 +190,9 @@ class EndedSizes:
     def get(self, job_id: str) -> int | None:
         return self._sizes.get(job_id)
 
+    def discard(self, job_id: str) -> None:
+        self._sizes.pop(job_id, None)
+
     def __len__(self) -> int:
         return len(self._sizes)
 
@@ -202,7 +212,7 @@ def _lock_data_dir(data_dir: Path) -> int:
     """Hold an exclusive ``flock`` on ``data_dir/LOCK_NAME``; WorkerError if another has it."""
     path = data_dir / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise WorkerError(f"cannot create the lock file {path}: {exc}") from exc
     try:
@@ -236,7 +246,8 @@ class Worker:
 
     def __init__(self, *, _store: JobStore, _driver: CgroupDriver, _nursery: trio.Nursery,
                  _out_dir: Path, _output_cap: int, _default_grace: float, _tail_size: int,
-                 _ended: EndedSizes, _spools: SpoolFiles) -> None:
+                 _ended: EndedSizes, _spools: SpoolFiles, _retention: Retention = DEFAULT_RETENTION,
+                 _clock: Callable[[], datetime] = utcnow) -> None:
         self._store = _store
         self._driver = _driver
         self._nursery = _nursery
@@ -251,6 +262,10 @@ class Worker:
         # written again before every start and at shutdown. Bounded by the jobs of this run.
         self._unsaved: dict[str, JobStatus] = {}
         self._closed = False
+        self._deletion_listeners: list[Callable[[Sequence[str]], None]] = []
+        # Deletes ended jobs beyond the limits; its task runs in the worker's nursery.
+        self._retainer = Retainer(_store, _out_dir, _retention, clock=_clock,
+                                  on_deleted=self._forget, after_pass=self._retry_unsaved)
 
     @property
     def cgroup_driver_name(self) -> str:
@@ -260,6 +275,25 @@ class Worker:
     def cgroup_driver(self) -> CgroupDriver:
         return self._driver
 
+    @property
+    def retention(self) -> Retainer:
+        """The retention of ended jobs (its limits, ``enforce()``, ``settled()``)."""
+        return self._retainer
+
+    def add_deletion_listener(self, listener: Callable[[Sequence[str]], None]) -> None:
+        """Call ``listener(job_ids)`` (synchronously, on the loop) whenever retention has
+        deleted jobs, e.g. to drop them from a cache. It must not raise."""
+        self._deletion_listeners.append(listener)
+
+    def _forget(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            self._ended.discard(job_id)
+        for listener in self._deletion_listeners:
+            try:
+                listener(job_ids)
+            except Exception:  # never let a listener's bug stop retention or the worker
+                log.exception("a deletion listener failed")
+
     async def start(self, spec: JobSpec) -> JobStatus:
         """Validate ``spec``, start the job, return its RUNNING status once the process runs.
 
@@ -268,10 +302,12 @@ class Worker:
         """
         return await self.start_with(lambda: spec)
 
-    async def start_with(self, build: Callable[[], JobSpec]) -> JobStatus:
+    async def start_with(self, build: Callable[[], JobSpec], authorize: Authorize | None = None) -> JobStatus:
         """:meth:`start` the spec that ``build()`` returns. ``build`` runs first, in the
         start's worker thread, before anything is created: blocking checks (user lookups,
         stat) belong there, and whatever it raises propagates unchanged (nothing was created).
+        ``authorize`` (a policy) is given the program file once the job's user has opened it
+        and returns the path to execute (``validate.prepare``); what it raises propagates too.
 
         The start is one thread call (see ``launch.py``); it cannot be cancelled half-way.
         If the caller is cancelled meanwhile, the job runs (and is listed) and Cancelled
@@ -285,7 +321,8 @@ class Worker:
         state = Launch(job_id=job_id, path=self._out_dir / f"{job_id}.out")
         try:
             started = await trio.to_thread.run_sync(lambda: launch(
-                state, build, driver=self._driver, store=self._store, spools=self._spools))
+                state, build, driver=self._driver, store=self._store, spools=self._spools,
+                authorize=authorize))
         except BaseException as exc:
             await undo(state, CLEANUP_TIMEOUT)
             if isinstance(exc, CgroupError):
@@ -315,16 +352,25 @@ class Worker:
                 if not job.saved and job.final is not None:
                     self._unsaved[job.job_id] = job.final
             del self._jobs[job.job_id]
+            self._retainer.poke()
 
     async def _save_unsaved(self) -> None:
-        """Retry storing final statuses that failed earlier (stops at the first failure)."""
+        """Retry storing final statuses that failed earlier (stops at the first failure);
+        once all are stored, free the journal slots that kept them (see worker/finals.py)."""
         for job_id, status in list(self._unsaved.items()):
             try:
                 await self._store.update(status)
             except WorkerError as exc:
                 log.warning("job %s: still cannot store the final status: %s", job_id, exc)
                 return
-            del self._unsaved[job_id]
+            self._unsaved.pop(job_id, None)  # a concurrent retry may have stored it too
+        if self._store.finals_pending and not self._store.closed:
+            await self._store.clear_finals()
+
+    async def _retry_unsaved(self) -> None:
+        """After each retention pass (which may have freed space): retry final records."""
+        if self._unsaved or self._store.finals_pending:
+            await self._save_unsaved()
 
     async def stop(self, job_id: str, *, grace: float | None = None) -> StopResult:
         """Stop a job: SIGTERM, ``grace`` seconds (default: the worker's), SIGKILL.
@@ -420,14 +466,23 @@ class Worker:
         if name is None:
             raise JobNotFound(f"no job {job_id!r}; `list` shows the jobs that exist")
         path = self._out_dir / f"{name}.out"
-        if size is None:  # an older job: its spool file says how much output it has
-            try:
-                size = path.stat().st_size  # one cached inode lookup: cheaper than a thread hop
-            except FileNotFoundError:
-                raise JobNotFound(f"no job {job_id!r}; `list` shows the jobs that exist") from None
-            except OSError as exc:
-                raise WorkerError(f"cannot read the output file {path}: {exc}") from exc
-        return OutputLog.ended_log(path, size=size).follow(offset, wait=wait, max_chunk=max_chunk)
+        # Opened here, not at the reader's first read: the reader then holds the inode, so
+        # retention deleting the job meanwhile never cuts it short (worker/retention.py).
+        # One cached inode lookup: cheaper than a thread hop.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise JobNotFound(f"no job {job_id!r}; `list` shows the jobs that exist") from None
+        except OSError as exc:
+            raise WorkerError(f"cannot read the output file {path}: {exc}") from exc
+        try:
+            if size is None:  # an older job: its spool file says how much output it has
+                size = os.fstat(fd).st_size
+            return OutputLog.ended_log(path, size=size).follow(offset, wait=wait, max_chunk=max_chunk,
+                                                               fd=fd)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def followers(self, job_id: str) -> int:
         """Open readers of a running job's output (0 for an ended or unknown job).

@@ -89,8 +89,12 @@ def percentile(samples: Sequence[float], q: float) -> float:
 class BenchServer:
     """A server process with its own home (PKI, policy, data) under ``workdir``."""
 
-    def __init__(self, workdir: Path, *, cgroups: bool, profile: Path | None = None, home: Path | None = None) -> None:
-        """``home``: an existing home whose ``data`` directory already holds jobs."""
+    def __init__(
+        self, workdir: Path, *, cgroups: bool, profile: Path | None = None, home: Path | None = None,
+        server_args: Sequence[str] = (),
+    ) -> None:
+        """``home``: an existing home whose ``data`` directory already holds jobs.
+        ``server_args``: more arguments for ``server_main`` (e.g. ``--audit-log F``)."""
         self.home = home or workdir / f"server-{uuid.uuid4().hex[:8]}"
         self.home.mkdir(parents=True, exist_ok=home is not None)
         self.pki = self.home / "pki"
@@ -109,6 +113,7 @@ class BenchServer:
         ]  # fmt: skip
         if profile is not None:
             argv += ["--profile", str(profile)]
+        argv += server_args
         # In a session of its own, as a service is (systemd, or a terminal of its own): with
         # the kernel's autogroup on, the CPUs are shared between sessions, and a server in
         # the driver's session would share one group's CPU with every CLI the driver runs.

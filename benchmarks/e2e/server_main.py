@@ -1,6 +1,7 @@
 """A trio-jobs server for the benchmark, in its own process.
 
     python -m benchmarks.e2e.server_main --home D --policy F --cgroups auto|none [--profile OUT]
+                                         [--audit-log F [--audit-reads]]
 
 It runs :func:`trio_jobs.server.serve` -- exactly what ``trio-jobs serve`` runs -- with one
 difference the CLI cannot express: ``--cgroups none`` uses ``NoCgroupDriver`` on a host that
@@ -8,6 +9,8 @@ has cgroups, so that job start can be measured with and without them on the same
 ``auto`` picks the driver as ``serve`` does (``detect_driver``), under a parent cgroup named
 by ``--cgroup-parent``. The first stdout line is ``listening on HOST:PORT DRIVER``.
 ``--profile OUT`` runs the server under cProfile and writes the stats to OUT at exit.
+``--audit-log F`` writes the audit log there (``--audit-reads``: reads too); without it,
+none (``trio-jobs serve`` always has one): the A/B of ``benchmarks.e2e.audit_ab``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from trio_jobs.audit import AuditLog
+from trio_jobs.rpc import ServerLimits
 from trio_jobs.security.pki import init_dev_pki, is_complete_dev_pki
 from trio_jobs.security.policy import Policy
 from trio_jobs.security.tls import server_ssl_context
@@ -45,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cgroups", choices=("auto", "none"), default="auto")
     parser.add_argument("--cgroup-parent", default="trio-jobs-bench")
     parser.add_argument("--profile", type=Path)
+    parser.add_argument("--audit-log", type=Path)
+    parser.add_argument("--audit-reads", action="store_true")
     args = parser.parse_args(argv)
     pki = args.home / "pki"
     if not is_complete_dev_pki(pki):
@@ -62,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         ssl_context=ctx,
         policy=Policy.load(args.policy),
         cgroups=driver,
+        audit=AuditLog(args.audit_log, reads=args.audit_reads) if args.audit_log else None,
+        # Every client (the fan-out's 100 followers at once) connects from 127.0.0.1.
+        rpc_limits=ServerLimits(max_connections_per_source=1000, max_handshakes_per_source=1000),
     )
     (args.home / "data").mkdir(mode=0o700, exist_ok=True)
     profiler = cProfile.Profile() if args.profile else None

@@ -1,0 +1,139 @@
+"""What the audit log costs: the same calls on servers without it, with it, and with reads.
+
+    .venv/bin/python -m benchmarks.e2e.audit_ab [--rounds 6] [--starts 300] [--calls 12800]
+
+Three server processes (``server_main``, no cgroups so that a start is as cheap as it gets
+and the log's share of it is the largest), measured in turn, the order rotated each round:
+
+- ``off``: no audit log;
+- ``on``: the log, as ``trio-jobs serve`` has it (every StartJob written, successful
+  GetJobStatus not);
+- ``reads``: the log with ``--audit-reads`` (every call written).
+
+Figures per round: StartJob of ``/bin/true`` one at a time, p50 in µs (after a warm-up);
+GetJobStatus by 64 tasks on one connection, calls per second, and the server's CPU time per
+call (user + system, from ``/proc``: steadier than wall time on a busy machine). Medians
+over the rounds, and the median of each round's ratio to ``off`` (paired: on a shared
+machine the load changes between rounds more than within one). Prints a table; writes
+nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from .harness import BenchServer, percentile
+
+VARIANTS: Final = ("off", "on", "reads")
+WARMUP: Final = 30
+CONCURRENCY: Final = 64
+
+
+def _server_args(variant: str, workdir: Path) -> list[str]:
+    if variant == "off":
+        return []
+    args = ["--audit-log", str(workdir / f"audit-{variant}.jsonl")]
+    return [*args, "--audit-reads"] if variant == "reads" else args
+
+
+async def start_p50(server: BenchServer, count: int) -> float:
+    async with server.client() as client:
+        samples = []
+        for n in range(WARMUP + count):
+            t0 = time.perf_counter()
+            await client.start("/bin/true", [])
+            if n >= WARMUP:
+                samples.append(time.perf_counter() - t0)
+    return percentile(samples, 50) * 1e6
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def status_qps(server: BenchServer, calls: int) -> tuple[float, float]:
+    """(calls per second, server CPU µs per call)."""
+    async with server.client() as client:
+        job = await client.start("/bin/true", [])
+        for _ in range(WARMUP):
+            await client.status(job.job_id)
+        per_task = calls // CONCURRENCY
+
+        async def caller() -> None:
+            for _ in range(per_task):
+                await client.status(job.job_id)
+
+        cpu0, t0 = cpu_seconds(server.pid), time.perf_counter()
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                for _ in range(CONCURRENCY):
+                    nursery.start_soon(caller)
+        elapsed, cpu = time.perf_counter() - t0, cpu_seconds(server.pid) - cpu0
+        done = per_task * CONCURRENCY
+        return done / elapsed, cpu / done * 1e6
+
+
+async def run(servers: dict[str, BenchServer], rounds: int, starts: int, calls: int) -> dict[str, dict[str, list[float]]]:
+    figures: dict[str, dict[str, list[float]]] = {
+        v: {"start_p50_us": [], "status_c64_qps": [], "status_cpu_us": []} for v in servers
+    }
+    for r in range(rounds):
+        order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
+        for variant in order:
+            figures[variant]["start_p50_us"].append(await start_p50(servers[variant], starts))
+        for variant in reversed(order):
+            qps, cpu = await status_qps(servers[variant], calls)
+            figures[variant]["status_c64_qps"].append(qps)
+            figures[variant]["status_cpu_us"].append(cpu)
+        print(f"round {r + 1}: " + "; ".join(
+            f"{v} {figures[v]['start_p50_us'][-1]:.0f} µs {figures[v]['status_c64_qps'][-1]:,.0f}/s" for v in VARIANTS
+        ), flush=True)  # fmt: skip
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks.e2e.audit_ab")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--starts", type=int, default=300)
+    parser.add_argument("--calls", type=int, default=12800)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="audit-ab-") as tmp:
+        workdir = Path(tmp)
+        servers: dict[str, BenchServer] = {}
+        try:
+            for variant in VARIANTS:
+                servers[variant] = BenchServer(workdir, cgroups=False, server_args=_server_args(variant, workdir))
+            load_before = os.getloadavg()
+            figures = trio.run(run, servers, args.rounds, args.starts, args.calls)
+            load_after = os.getloadavg()
+        finally:
+            for server in servers.values():
+                server.close()
+        lines = {v: sum(1 for _ in (workdir / f"audit-{v}.jsonl").open()) for v in ("on", "reads")}
+    print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
+          f"audit lines written: on {lines['on']:,}, reads {lines['reads']:,}")  # fmt: skip
+    print("| variant | StartJob p50 (µs) | vs off | GetJobStatus c=64 QPS | vs off | server CPU/call (µs) | vs off |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for variant in VARIANTS:
+        cells = []
+        for key, fmt in (("start_p50_us", "{:.0f}"), ("status_c64_qps", "{:,.0f}"), ("status_cpu_us", "{:.1f}")):
+            paired = statistics.median(v / o for v, o in zip(figures[variant][key], figures["off"][key], strict=True))
+            cells += [fmt.format(statistics.median(figures[variant][key])), f"{paired:.3f}x"]
+        print(f"| {variant} | " + " | ".join(cells) + " |")
+    print(f"(medians of {len(figures['off']['start_p50_us'])} rounds; 'vs off': the median of the rounds' ratios)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,10 +20,17 @@ Lifecycle:
   connection is cut. Still a clean exit: records say "killed by shutdown".
 - ``shutdown_timeout`` bounds the graceful job stop; past it the second-signal path runs.
   The drain (GOAWAY) is bounded by the same figure.
+- SIGHUP (or :meth:`ServerHandle.request_reload`): re-read the policy and certificates named
+  in ``reload_from`` and reopen the audit log, all or nothing (trio_jobs/reload.py); jobs
+  and open connections are untouched. Requests that arrive during a reload are merged into
+  one more reload after it; once shutdown has begun, reloads stop.
+- ``notify_systemd``: ``READY=1`` once listening, ``STOPPING=1`` when the shutdown begins,
+  ``RELOADING=1``/``READY=1`` around a reload, to ``$NOTIFY_SOCKET`` (trio_jobs/sdnotify.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -32,14 +39,18 @@ from typing import TYPE_CHECKING, Final, final
 
 import trio
 
+from . import sdnotify
 from .heap import TRIM_INTERVAL, release_free_memory
-from .rpc import Server, ServerLimits, health_service, service_from_descriptor
+from .reload import reload
+from .rpc import Server, ServerLimits, health_service
+from .security.dynamic_users import FILE_NAME as DYNAMIC_USERS_FILE
+from .security.dynamic_users import DynamicUsers
 from .security.identity import identity_from_peercert
-from .service import DEFAULT_MAX_STREAMS_PER_IDENTITY, JobService
-from .v1 import jobs_pb2
+from .service import DEFAULT_MAX_STREAMS_PER_IDENTITY, JobService, job_service_methods
 from .worker import CgroupError, open_worker
 from .worker.cgroups.v1 import V1Driver
 from .worker.cgroups.v2 import V2Driver
+from .worker.retention import DEFAULT_RETENTION, Retention
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +58,15 @@ if TYPE_CHECKING:
     import ssl
     from pathlib import Path
 
+    from .audit import AuditLog
+    from .reload import ReloadSources
+    from .rpc import Server as RpcServer
     from .security.policy import Policy
     from .worker import Worker
     from .worker.cgroups.base import CgroupDriver
 
 SHUTDOWN_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+RELOAD_SIGNAL: Final = signal.SIGHUP
 # The graceful phase: the default job grace period (5 s) plus time to reap and persist.
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 15.0
 FORCED_DRAIN_TIMEOUT: Final = 2.0
@@ -74,6 +89,15 @@ class ServerConfig:
     # Seconds between checks whether to give the C allocator's free memory back after a
     # peak (trio_jobs/heap.py); None: never.
     release_memory_interval: float | None = TRIM_INTERVAL
+    # The files SIGHUP re-reads (None: a reload only reopens the audit log).
+    reload_from: ReloadSources | None = None
+    # Tell systemd (Type=notify) about readiness, reloads and stopping via $NOTIFY_SOCKET.
+    notify_systemd: bool = False
+    # Who did what (trio_jobs/audit.py); made but not opened: serve() opens it first and
+    # closes it last, SIGHUP reopens it. None: no audit log.
+    audit: AuditLog | None = None
+    # How much history of ended jobs (records and output) to keep (DESIGN §7 "Retention").
+    retention: Retention = DEFAULT_RETENTION
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +114,8 @@ class ServerHandle:
     def __init__(self) -> None:
         self._requests = 0
         self._changed = trio.Event()
+        self._reloads = 0
+        self._reload_requested = trio.Event()
 
     def request_shutdown(self) -> None:
         """First call: graceful shutdown. Second call: immediate."""
@@ -102,6 +128,18 @@ class ServerHandle:
         while self._requests < count:
             await self._changed.wait()
 
+    def request_reload(self) -> None:
+        """Do what SIGHUP does: reload the configuration (see trio_jobs/reload.py)."""
+        self._reloads += 1
+        self._reload_requested.set()
+        self._reload_requested = trio.Event()
+
+    async def wait_for_reload_request(self, seen: int) -> int:
+        """Return the count of reload requests once it is above ``seen``."""
+        while self._reloads <= seen:
+            await self._reload_requested.wait()
+        return self._reloads
+
 
 async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the server until shut down (see the module docstring). Returns normally then."""
@@ -111,15 +149,19 @@ async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[ServerInfo
         # us (as "hurry up"), never the default handler.
         if config.handle_signals:
             await outer.start(_watch_signals, handle)
-        async with open_worker(config.data_dir, cgroups=config.cgroups) as worker:
-            service = JobService(worker, config.policy, max_streams_per_identity=config.max_streams_per_identity)
+        # The audit log first: a path it cannot use stops the server before any job is touched.
+        async with config.audit or contextlib.nullcontext(), open_worker(
+            config.data_dir, cgroups=config.cgroups, retention=config.retention
+        ) as worker:
+            service = JobService(worker, config.policy, max_streams_per_identity=config.max_streams_per_identity,
+                                 dynamic_users=DynamicUsers(config.data_dir / DYNAMIC_USERS_FILE))
             shutting_down = False
 
             def healthy(_service_name: str) -> bool:
                 return not shutting_down
 
             methods = [
-                *service_from_descriptor(jobs_pb2.DESCRIPTOR.services_by_name["JobService"], service),
+                *job_service_methods(service, audit=config.audit),
                 *health_service(healthy),
             ]
             server = Server(
@@ -135,11 +177,18 @@ async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[ServerInfo
                 addresses = await nursery.start(serve_tcp)
                 if config.release_memory_interval is not None:
                     nursery.start_soon(partial(release_free_memory, interval=config.release_memory_interval))
+                reloads = trio.CancelScope()
+                nursery.start_soon(_reload_on_request, config, handle, service, server, reloads)
                 task_status.started(
                     ServerInfo(addresses=list(addresses), cgroup_driver=worker.cgroup_driver_name, handle=handle)
                 )
+                if config.notify_systemd:
+                    sdnotify.ready()
                 await handle.wait_for_request(1)
                 shutting_down = True
+                reloads.cancel()
+                if config.notify_systemd:
+                    sdnotify.stopping()
                 async with trio.open_nursery() as phase:
                     # GOAWAY and drain, never cut short by a second signal: a follower of a
                     # job must get its last bytes and the final status, or it would retry.
@@ -188,8 +237,26 @@ async def _stop_jobs(worker: Worker, handle: ServerHandle, limit: float) -> bool
     return finished
 
 
+async def _reload_on_request(
+    config: ServerConfig, handle: ServerHandle, service: JobService, server: RpcServer, scope: trio.CancelScope
+) -> None:
+    """Reload once per (merged) request, one at a time, until ``scope`` is cancelled."""
+    seen = 0
+    with scope:
+        while True:
+            seen = await handle.wait_for_reload_request(seen)
+            if config.notify_systemd:
+                sdnotify.reloading()
+            await reload(config.reload_from, service=service, server=server, audit=config.audit)
+            if config.notify_systemd:
+                sdnotify.ready()
+
+
 async def _watch_signals(handle: ServerHandle, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS, RELOAD_SIGNAL) as signals:
         task_status.started()
-        async for _ in signals:
-            handle.request_shutdown()
+        async for signum in signals:
+            if signum == RELOAD_SIGNAL:
+                handle.request_reload()
+            else:
+                handle.request_shutdown()

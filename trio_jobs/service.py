@@ -33,9 +33,11 @@ from typing import TYPE_CHECKING, Final, NoReturn, cast, final
 import trio
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from .rpc import RpcError, Serialized, StatusCode
+from .audit import audited, stream_opened
+from .rpc import RpcError, Serialized, StatusCode, service_from_descriptor
+from .security.dynamic_users import DynamicUsers
 from .security.errors import PermissionDenied, PolicyError
-from .security.policy import LimitAboveCap, QuotaExceeded
+from .security.policy import TOTAL_FIELDS, LimitAboveCap, QuotaExceeded
 from .v1 import jobs_pb2 as pb
 from .worker import (
     DEFAULT_LIMITS,
@@ -51,15 +53,16 @@ from .worker import (
     WorkerClosed,
     WorkerError,
 )
-from .worker.validate import resolve_program
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping
+    from collections.abc import Awaitable, Callable, Iterable, Mapping
     from datetime import datetime
 
-    from .rpc import ServerContext
+    from .audit import AuditLog
+    from .rpc import Method, ServerContext
     from .security.policy import IdentityPolicy, Policy, UnixUser
     from .worker import JobStatus, Worker
+    from .worker.validate import ProgramFile
 
 
 log = logging.getLogger(__name__)
@@ -252,6 +255,13 @@ class ListParts:
         self._parts[job_id] = part
         self._used += cost
 
+    def discard(self, job_ids: Iterable[str]) -> None:
+        """Forget these jobs (retention deleted them), freeing their share of the budget."""
+        for job_id in job_ids:
+            part = self._parts.pop(job_id, None)
+            if part is not None:
+                self._used -= len(part) + LIST_CACHE_ENTRY_OVERHEAD
+
 
 def _page_token(position: int) -> str:
     return base64.urlsafe_b64encode(f"{PAGE_TOKEN_VERSION}:{position}".encode()).decode()
@@ -314,13 +324,18 @@ class JobService:
     def __init__(
         self, worker: Worker, policy: Policy, *, max_streams_per_identity: int = DEFAULT_MAX_STREAMS_PER_IDENTITY,
         list_cache_budget: int = LIST_CACHE_BUDGET, list_concurrency: int = LIST_CONCURRENCY,
+        dynamic_users: DynamicUsers | None = None,
     ) -> None:
         if max_streams_per_identity < 1:
             raise ValueError(f"max_streams_per_identity must be at least 1 (got {max_streams_per_identity})")
         if list_concurrency < 1:
             raise ValueError(f"list_concurrency must be at least 1 (got {list_concurrency})")
         self._worker = worker
+        # A root server runs each non-admin identity without run_as as a user of its own;
+        # the server keeps them in its state directory, an embedder gets them in memory.
+        self._dynamic_users = dynamic_users if dynamic_users is not None else DynamicUsers(None)
         self._list_parts = ListParts(list_cache_budget)
+        worker.add_deletion_listener(self._list_parts.discard)  # deleted jobs free their room
         self._list_slots = trio.Semaphore(list_concurrency)
         self._list_locks: dict[str, trio.Lock] = {}  # one per identity of the policy: bounded
         self._policy = policy
@@ -340,6 +355,9 @@ class JobService:
         try:
             return self._policy.lookup(ctx.peer_identity)
         except PermissionDenied as exc:
+            # A certificate that names no identity of the policy gets this answer once,
+            # then GOAWAY and a close: it must not hold a connection slot (DESIGN §3).
+            ctx.close_connection()
             _abort(StatusCode.PERMISSION_DENIED, str(exc))
 
     @staticmethod
@@ -400,32 +418,41 @@ class JobService:
             self._policy.check_limits(who, {name: getattr(limits, name) for name in LIMIT_FIELDS})
         except LimitAboveCap as exc:
             _abort(StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            self._policy.check_env(who, request.env.keys())
+        except PermissionDenied as exc:
+            _abort(StatusCode.PERMISSION_DENIED, str(exc))
         quota: QuotaExceeded | None = None
 
         def build() -> JobSpec:
-            """In the worker's start thread, before anything is created: the user lookup, the
-            program's resolution (stat, read of 4 bytes) and the policy's check of it."""
+            """In the worker's start thread, before anything is created: the user lookup."""
             try:
-                run_as = run_as_of(self._policy.resolve_run_as(who))
-                program = resolve_program(request.command, JOB_PATH, working_dir, run_as)
-                self._policy.check_program(who, program, search_path=JOB_PATH)
-            except InvalidJobSpec as exc:
-                _abort(StatusCode.INVALID_ARGUMENT, f"{exc}; give the full path of a program installed on the server")
-            except PermissionDenied as exc:
-                _abort(StatusCode.PERMISSION_DENIED, str(exc))
+                run_as = run_as_of(self._policy.resolve_run_as(who, dynamic=self._dynamic_users))
             except PolicyError as exc:
                 _abort(StatusCode.FAILED_PRECONDITION, f"{exc}; ask the server's operator to fix the policy")
-            if quota is not None:  # reported after the checks above, as it always was
-                raise quota
             return JobSpec(
-                command=program,
+                command=request.command,
                 args=tuple(request.args),
                 env=dict(request.env),
                 working_dir=working_dir,
                 limits=limits,
                 owner=who.name,
                 run_as=run_as,
+                group=who.name,
+                group_limits=Limits(**{name: who.max_total.get(name) for name in TOTAL_FIELDS}),
             )
+
+        def authorize(program: ProgramFile) -> str:
+            """In the same thread, once the job's user has opened the program: the policy's
+            check of that very file; returns the path to execute."""
+            try:
+                path = self._policy.check_program(
+                    who, program.path, file_id=(program.dev, program.ino), search_path=JOB_PATH)
+            except PermissionDenied as exc:
+                _abort(StatusCode.PERMISSION_DENIED, str(exc))
+            if quota is not None:  # reported after the checks above, as it always was
+                raise quota
+            return path
 
         async with self._start_locks.setdefault(who.name, trio.Lock()):
             try:
@@ -434,7 +461,7 @@ class JobService:
                 quota = exc
             try:
                 # One thread call for the checks above and the whole start (worker/launch.py).
-                status = await self._worker.start_with(build)
+                status = await self._worker.start_with(build, authorize)
             except QuotaExceeded as exc:
                 _abort(StatusCode.RESOURCE_EXHAUSTED, str(exc))
             except InvalidJobSpec as exc:
@@ -508,6 +535,16 @@ class JobService:
         """StreamOutput calls ``identity`` has open now (for tests and monitoring)."""
         return self._streams.get(identity, 0)
 
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    def set_policy(self, policy: Policy) -> None:
+        """Use ``policy`` from the next call on (SIGHUP: trio_jobs/reload.py). Every call
+        looks its caller up afresh, so an identity the new policy drops is refused on its
+        next call, on connections opened before too; its running jobs are not touched."""
+        self._policy = policy
+
     async def _stream_output(
         self,
         who: IdentityPolicy,
@@ -525,11 +562,14 @@ class JobService:
             self._not_found(job_id)
         except WorkerClosed:
             self._unavailable()
+        stream_opened()  # the audit log's "StreamOutput opened" (trio_jobs/audit.py)
         try:
             # The reader keeps only an offset; `send` waits for the client's flow-control
             # window, so a slow follower holds back only itself.
             async for chunk in reader:
                 await send(output_chunk(chunk.data, chunk.offset))
+        except JobNotFound:  # retention deleted the job before the reader needed its file
+            self._not_found(job_id)
         finally:
             await reader.aclose()
         if request.follow:
@@ -564,7 +604,7 @@ class JobService:
                 rows = rows[:limit]
                 last = rows[-1][0] if rows else position
                 found = await self._list_parts_of([job_id for _, job_id in rows])
-                if None in found:  # a record that is gone (cannot happen today): skip it
+                if None in found:  # a record that retention deleted meanwhile: skip it
                     kept = [i for i, part in enumerate(found) if part is not None]
                     rows, found = [rows[i] for i in kept], [found[i] for i in kept]
                 page = cast("list[bytes]", found)
@@ -619,3 +659,10 @@ class JobService:
                 if statuses[job_id].ended:
                     cache.add(job_id, part)
         return [fresh.get(job_id) if part is None else part for job_id, part in zip(job_ids, found, strict=True)]
+
+
+def job_service_methods(service: JobService, *, audit: AuditLog | None = None) -> list[Method]:
+    """The ``trio_jobs.v1.JobService`` methods of ``service`` for an rpc ``Server``, each
+    call logged to ``audit`` when there is one (trio_jobs/audit.py)."""
+    methods = service_from_descriptor(pb.DESCRIPTOR.services_by_name["JobService"], service)
+    return methods if audit is None else audited(methods, audit)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import units
 from .errors import EXIT_CODES_HELP, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, CliError
+from .escape import terminal_safe
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -36,7 +37,8 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line: ``trio-jobs: error: ...`` and exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+        # argparse quotes the user's words raw ("unrecognized arguments: ...")
+        sys.stderr.write(f"{PROG}: error: {terminal_safe(message)} (see '{self.prog} --help')\n")
         sys.exit(EXIT_USAGE)
 
 
@@ -69,6 +71,23 @@ def _positive_count(text: str) -> int:
     if count < 1:
         raise ValueError(f"invalid count {text!r}: must be at least 1")
     return count
+
+
+def _retention_age(text: str) -> float:
+    """``--retain-for``: the syntax of ``--grace`` plus whole days (``30d``), > 0."""
+    stripped = text.strip()
+    if stripped[-1:] in ("d", "D") and stripped[:-1].strip().replace(".", "", 1).isdigit():
+        seconds = float(stripped[:-1]) * 86400
+        if seconds > 10**9:
+            raise ValueError(f"duration {text!r} is too large")
+    else:
+        try:
+            seconds = units.parse_duration(text)
+        except ValueError:
+            raise ValueError(f"invalid duration {text!r}: use e.g. 30d, 12h, 90m (greater than zero)") from None
+    if seconds <= 0:
+        raise ValueError(f"invalid duration {text!r}: must be greater than zero")
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,11 +129,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cgroup-parent", metavar="P", help="cgroup to create job cgroups under: relative to the server's own cgroup, or absolute "
         "(default: trio-jobs-<hash of the data directory> under the server's own cgroup)")
     p.add_argument("--require-limits", action="store_true", help="refuse to start without usable cgroups")
+    p.add_argument("--audit-log", metavar="F", help="append a JSON line per call here: who did what "
+        "(default TRIO_JOBS_HOME/audit.jsonl; reopened on SIGHUP; docs/operations.md)")
+    p.add_argument("--audit-reads", action="store_true",
+        help="also log successful status and list calls (refused ones always are)")
+    g = p.add_argument_group("history retention (docs/operations.md): ended jobs beyond any limit are deleted, oldest first")
+    g.add_argument("--retain-jobs", type=_typed(_positive_count), default=100_000, metavar="N",
+        help="keep at most N ended jobs (records and output; default 100k)")
+    g.add_argument("--retain-output", type=_typed(units.parse_size), default=10 << 30, metavar="SIZE",
+        help="keep at most SIZE of ended jobs' output in total, e.g. 500M, 20G (default 10G)")
+    g.add_argument("--retain-for", type=_typed(_retention_age), default=30 * 86400.0, metavar="DURATION",
+        help="delete ended jobs this long after they ended, e.g. 7d, 12h (default 30d)")
     g = p.add_argument_group("connection caps (advanced; docs/reliability.md)")
     g.add_argument("--handshake-timeout", type=_typed(_positive_duration), default=10.0, metavar="T",
         help="drop a connection that has not finished TLS, or sent the HTTP/2 preface, within T (default 10s)")
     g.add_argument("--max-connections", type=_typed(_positive_count), default=1000, metavar="N",
         help="close connections beyond N right after accept (default 1000)")
+    g.add_argument("--max-connections-per-source", type=_typed(_positive_count), default=64, metavar="N",
+        help="close connections beyond N from one source address (IPv6: per /64) right after accept (default 64)")
+    g.add_argument("--max-handshakes-per-source", type=_typed(_positive_count), default=32, metavar="N",
+        help="close a connection when its source address has N TLS handshakes in progress (default 32)")
+    g.add_argument("--idle-timeout", type=_typed(_positive_duration), default=300.0, metavar="T",
+        help="GOAWAY and close a connection that has had no call running for T (default 5m)")
     g.add_argument("--max-streams-per-identity", type=_typed(_positive_count), default=64, metavar="N",
         help="concurrent output streams (tail) one identity may hold open (default 64)")
     p.set_defaults(func=None)
@@ -198,13 +234,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         for leaf in leaves:
             if isinstance(leaf, CliError):
-                sys.stderr.write(f"{PROG}: error: {leaf.message}\n")
+                # a server's message quotes what users sent: escaped (DESIGN §3)
+                sys.stderr.write(f"{PROG}: error: {terminal_safe(leaf.message)}\n")
                 return leaf.exit_code
         if os.environ.get("TRIO_JOBS_DEBUG"):
             traceback.print_exception(exc)
         leaf = leaves[0]
         sys.stderr.write(
-            f"{PROG}: error: internal error ({type(leaf).__name__}: {leaf}); "
+            f"{PROG}: error: internal error ({terminal_safe(f'{type(leaf).__name__}: {leaf}')}); "
             "set TRIO_JOBS_DEBUG=1 for details and report it\n"
         )
         return EXIT_ERROR

@@ -3,7 +3,9 @@
 The first line on stdout is always ``trio-jobs listening on HOST:PORT`` (with the real port
 when ``--port 0`` was given), so scripts and tests can learn the address; the rest of the
 banner is for people. SIGINT/SIGTERM shut down gracefully, a second one at once (see
-:mod:`trio_jobs.server`); either way the exit code is 0.
+:mod:`trio_jobs.server`); either way the exit code is 0. SIGHUP reloads the policy, the
+certificates and the audit log (:mod:`trio_jobs.reload`). Logs go to stderr and a closed
+stdout does not stop the server (:mod:`trio_jobs.cli.serve_io`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import trio
 from ..security.errors import SecurityError
 from ..security.paths import state_home
 from .errors import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, CliError
+from .serve_io import announce, configure_logging, say
 
 if TYPE_CHECKING:
     import argparse
     import ssl
 
+    from ..audit import AuditLog
+    from ..reload import ReloadSources
     from ..security.policy import Policy
     from ..server import ServerConfig, ServerInfo
     from ..worker.cgroups.base import CgroupDriver
@@ -53,7 +58,7 @@ def _ssl_context(args: argparse.Namespace, home: Path) -> tuple[ssl.SSLContext, 
                         EXIT_CONFIG,
                     )
                 init_dev_pki(pki)
-                print(f"created the development PKI in {pki}", file=sys.stderr)
+                say(f"created the development PKI in {pki}")
         except SecurityError as exc:
             raise CliError(f"cannot create the development PKI in {pki}: {exc}", EXIT_CONFIG) from None
         cert, key, ca = pki / "server.crt", pki / "server.key", pki / "ca.crt"
@@ -63,22 +68,56 @@ def _ssl_context(args: argparse.Namespace, home: Path) -> tuple[ssl.SSLContext, 
         raise CliError(f"cannot use the server certificate {cert}: {exc}", EXIT_CONFIG) from None
 
 
-def _policy(args: argparse.Namespace) -> Policy:
+def _reload_sources(args: argparse.Namespace, home: Path) -> ReloadSources:
+    """The files SIGHUP reads again: the ones :func:`_ssl_context` and ``--policy`` named."""
+    from ..reload import ReloadSources
+
+    if args.cert:
+        cert, key, ca = Path(args.cert), Path(args.key), Path(args.ca)
+    else:
+        pki = Path(args.pki) if args.pki else home / "pki"
+        cert, key, ca = pki / "server.crt", pki / "server.key", pki / "ca.crt"
+    return ReloadSources(policy=Path(args.policy) if args.policy else None, cert=cert, key=key, ca=ca)
+
+
+def _policy(args: argparse.Namespace, data_dir: Path) -> Policy:
+    from ..security.dynamic_users import FILE_NAME, DynamicUsers
     from ..security.policy import Policy
 
     if not args.policy:
         policy = Policy.default()
         try:
-            policy.check_users()
+            policy.check_users(dynamic=DynamicUsers(data_dir / FILE_NAME))
         except SecurityError as exc:
             raise CliError(f"the built-in policy does not fit this host: {exc}; pass --policy F", EXIT_CONFIG) from None
         return policy
     try:
         policy = Policy.load(Path(args.policy))
-        policy.check_users()  # a run_as user that does not exist fails now, not at StartJob
+        # A run_as user that does not exist fails now, not at StartJob; dynamic users are
+        # allocated now, so that their ids are known (and saved) before the first job.
+        policy.check_users(dynamic=DynamicUsers(data_dir / FILE_NAME))
     except (SecurityError, OSError) as exc:
         raise CliError(f"cannot load the policy {args.policy}: {exc}", EXIT_CONFIG) from None
+    for user, names in policy.shared_users():
+        print(f"trio-jobs: WARNING: identities {', '.join(names)} all run as user {user!r}: their "
+              "jobs can signal and trace each other (leave run_as unset for a user of each's own)",
+              file=sys.stderr)
     return policy
+
+
+def _check_launch_host() -> None:
+    """A root server must be able to drop each job to its user (spawn.py, creds.py)."""
+    from ..worker import creds, spawn
+
+    if os.geteuid() != 0:
+        if spawn.SETPRIV is None:
+            print("trio-jobs: WARNING: util-linux setpriv is missing: jobs run without "
+                  "no_new_privs (setuid programs keep working in them)", file=sys.stderr)
+        return
+    problem = None if spawn.SETPRIV is not None else "util-linux setpriv is not installed"
+    problem = problem or creds.supported()
+    if problem is not None:
+        raise CliError(f"cannot run jobs as their users on this host: {problem}", EXIT_CONFIG)
 
 
 def _banner(info: ServerInfo, home: Path, data_dir: Path, pki: Path | None, driver: str) -> str:
@@ -129,9 +168,9 @@ async def _announce_shutdown(info: ServerInfo) -> None:
     """Say what a signal did (on stdout, after the banner), so an operator knows a second
     Ctrl-C is an option. Cancelled when the server has stopped."""
     await info.handle.wait_for_request(1)
-    print("trio-jobs: shutting down: stopping running jobs (signal again to kill them at once)", flush=True)
+    announce("trio-jobs: shutting down: stopping running jobs (signal again to kill them at once)")
     await info.handle.wait_for_request(2)
-    print("trio-jobs: stopping at once: killing running jobs", flush=True)
+    announce("trio-jobs: stopping at once: killing running jobs")
 
 
 def default_cgroup_parent(data_dir: Path) -> str:
@@ -149,14 +188,21 @@ def default_cgroup_parent(data_dir: Path) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     if not sys.platform.startswith("linux"):
         raise CliError(f"trio-jobs serve needs Linux (processes in cgroups); this is {sys.platform}", EXIT_CONFIG)
+    configure_logging()  # the package's own logs: journal-aware (serve_io.py)
     home = state_home()
     data_dir = Path(args.data_dir) if args.data_dir else home
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise CliError(f"cannot create the data directory {data_dir}: {exc.strerror}", EXIT_CONFIG) from None
+    from ..security.statedir import StateDirError, prepare_state
+
+    own_pki = not (args.cert or args.key or args.ca)  # else the operator's files, checked too
+    try:  # before anything is created or read: no adoption of someone else's state (§3)
+        for note in prepare_state(home=home, data_dir=data_dir, cert=args.cert, key=args.key, ca=args.ca,
+                                  pki_dir=(args.pki or home / "pki") if own_pki else None):
+            say(f"trio-jobs: {note}")
+    except StateDirError as exc:
+        raise CliError(str(exc), EXIT_CONFIG) from None
     ctx, pki = _ssl_context(args, home)
-    policy = _policy(args)
+    policy = _policy(args, data_dir)
+    _check_launch_host()
     from ..worker.cgroups.base import CgroupError
     from ..worker.cgroups.detect import detect_driver
 
@@ -167,13 +213,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except CgroupError as exc:
         raise CliError(f"cgroups: {exc}", EXIT_CONFIG) from None
     if driver.name == "none":
-        print(
+        say(
             "trio-jobs: WARNING: no usable cgroups: jobs run WITHOUT cpu/memory/io/pids limits "
-            "(use --require-limits to refuse instead)",
-            file=sys.stderr,
+            "(use --require-limits to refuse instead)"
         )
     trio.run(_serve, args, ctx, policy, driver, home, data_dir, pki)
     return EXIT_OK
+
+
+async def _audit_log(args: argparse.Namespace, home: Path) -> AuditLog:
+    """``--audit-log``, else ``TRIO_JOBS_HOME/audit.jsonl`` (the home made if need be: with
+    ``--data-dir`` and ``--pki`` elsewhere nothing else creates it). Not opened yet."""
+    from ..audit import AUDIT_FILE_NAME, AuditLog
+
+    if args.audit_log:
+        return AuditLog(Path(args.audit_log), reads=args.audit_reads)
+    try:
+        await trio.Path(home).mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise CliError(f"cannot create {home} for the audit log: {exc.strerror}", EXIT_CONFIG) from None
+    return AuditLog(home / AUDIT_FILE_NAME, reads=args.audit_reads)
 
 
 async def _serve(
@@ -187,6 +246,7 @@ async def _serve(
 ) -> None:
     from ..rpc import ServerLimits
     from ..server import ServerConfig
+    from ..worker.retention import Retention
 
     config = ServerConfig(
         host=args.host,
@@ -195,9 +255,22 @@ async def _serve(
         ssl_context=ctx,
         policy=policy,
         cgroups=driver,
-        rpc_limits=ServerLimits(handshake_timeout=args.handshake_timeout, max_connections=args.max_connections),
+        rpc_limits=ServerLimits(
+            handshake_timeout=args.handshake_timeout,
+            max_connections=args.max_connections,
+            max_connections_per_source=args.max_connections_per_source,
+            max_handshakes_per_source=args.max_handshakes_per_source,
+            idle_timeout=args.idle_timeout,
+        ),
         max_streams_per_identity=args.max_streams_per_identity,
+        retention=Retention(
+            max_jobs=args.retain_jobs, max_output_bytes=args.retain_output, max_age=args.retain_for
+        ),
+        reload_from=_reload_sources(args, home),  # SIGHUP
+        notify_systemd=True,  # READY=1 etc. when systemd runs us (Type=notify)
+        audit=await _audit_log(args, home),
     )
+    from ..audit import AuditLogError
     from ..worker.errors import WorkerError
 
     async with trio.open_nursery() as nursery:
@@ -207,8 +280,10 @@ async def _serve(
             # Before the server runs, a worker error is the local setup (a damaged or locked
             # database, an unusable data directory): one line, no traceback.
             raise CliError(str(_first_leaf(group)), EXIT_CONFIG) from None
+        except* AuditLogError as group:  # (an OSError: before that clause)
+            raise CliError(str(_first_leaf(group)), EXIT_CONFIG) from None
         except* OSError as group:  # e.g. the port is taken
             raise CliError(f"cannot listen on {args.host}:{args.port}: {_first_leaf(group)}", EXIT_CONFIG) from None
-        print(_banner(info, home, data_dir, pki, driver.describe()), flush=True)
+        announce(_banner(info, home, data_dir, pki, driver.describe()))  # a closed stdout is no error
         nursery.start_soon(_announce_shutdown, info)
-    print("trio-jobs: server stopped", file=sys.stderr, flush=True)
+    say("trio-jobs: server stopped")

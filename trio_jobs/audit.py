@@ -271,7 +271,6 @@ class AuditLog:
             old, self._fd = self._fd, fd
             self._newline_owed = False  # a new file, or one a whole line is appended to
             os.close(old)
-        log.info("audit log reopened: %s", self.path)
 
     # -- writing --------------------------------------------------------------------------
 
@@ -379,7 +378,18 @@ def _failure(exc: BaseException, ctx: ServerContext) -> tuple[StatusCode, str]:
 
 def audited(methods: Iterable[Method], audit: AuditLog) -> list[Method]:
     """``methods`` with handlers that log each call to ``audit`` (see the module head)."""
-    return [replace(m, handler=(_audit_stream if m.server_streaming else _audit_unary)(m, audit)) for m in methods]
+    return [replace(m, handler=(_audit_stream if m.server_streaming else _audit_unary)(m, audit),
+                    refused=_audit_refused(m, audit)) for m in methods]
+
+
+def _audit_refused(method: Method, audit: AuditLog) -> Callable[[ServerContext, RpcError], None]:
+    """Calls the rpc layer refuses before the handler (a request that does not parse)."""
+    name = method.path.rsplit("/", 1)[-1]
+
+    def refused(ctx: ServerContext, exc: RpcError) -> None:
+        _record(audit, ctx, name, exc.code, exc.message, None)
+
+    return refused
 
 
 def _record(audit: AuditLog, ctx: ServerContext, method: str, code: StatusCode, message: str | None,

@@ -60,3 +60,11 @@ def test_grpcio_sends_strings_that_are_not_utf8(served: Host) -> None:
             SERVICE + "ListJobs", request_serializer=None, response_deserializer=pb.ListJobsResponse.FromString
         )(pb.ListJobsRequest().SerializeToString(), timeout=30)
         assert list(listing.jobs) == []
+    # Each refused call is in the audit log (DESIGN §7: every refused call of any method),
+    # although the rpc layer refused it before the service's handler ran.
+    import json
+
+    records = [json.loads(line) for line in (served.home / "audit.jsonl").read_text().splitlines()]
+    refused = [(r["method"], r["code"], r["identity"]) for r in records if r["code"] != "OK"]
+    assert refused == [(method, "INVALID_ARGUMENT", "alice") for method, *_ in CASES]
+    assert all(r["message"].startswith("the request is not a valid") for r in records if r["code"] != "OK")

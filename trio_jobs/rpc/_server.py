@@ -252,7 +252,12 @@ class _ServerConnection(Transport):
                     invocation_metadata=event.metadata,
                     deadline=None if deadline == math.inf else deadline,
                 )
-                request = await self._read_request(call.state, method)
+                try:
+                    request = await self._read_request(call.state, method)
+                except RpcError as exc:
+                    if method.refused is not None:
+                        method.refused(ctx, exc)
+                    raise
                 await self._invoke(method, request, ctx, call.state)
             if call.scope.cancelled_caught:
                 why = call.why

@@ -30,6 +30,9 @@ class Method:
     response_type: type[Message]
     handler: UnaryHandler | StreamHandler
     server_streaming: bool = False
+    # Told of a call the server refuses before the handler runs (its request does not parse,
+    # is too large, ...), e.g. to log it; must not block or raise.
+    refused: Callable[[ServerContext, RpcError], None] | None = None
 
 
 @final

@@ -267,55 +267,55 @@ async def test_group_limits_are_updated_and_v1_job_quotas_follow(driver: Driver)
     for job in (j1, j2, j3):
         await job.remove()
         assert all(d.is_dir() for d in gdirs)  # the group lives while it has a job
-    assert j4.try_remove_blocking()  # the last job: its group goes with it
-    assert not any(d.exists() for d in gdirs)
+    assert j4.try_remove_blocking()
+    assert all(d.is_dir() for d in gdirs)  # ... and after its last one, until remove_parent
 
 
-async def test_a_failed_start_removes_the_group_it_created(driver: Driver) -> None:
+async def test_a_failed_start_leaves_no_job_cgroup(driver: Driver) -> None:
     # A quota the kernel refuses (above its maximum), written after the group was made.
     with pytest.raises(CgroupError):
         await driver.create(_id(), Limits(cpu_millis=10**12), group="alice",
                             group_limits=Limits(pids_max=10))
     for parent in parent_dirs(driver):
-        assert [e.name for e in parent.iterdir() if e.is_dir()] == []
+        groups = [e for e in parent.iterdir() if e.is_dir()]
+        assert [g.name[0] for g in groups] in ([], ["g"])  # the group may stay, empty
+        for g in groups:
+            assert [e for e in g.iterdir() if e.is_dir()] == []
+    await driver.remove_parent()
+    assert not any(p.exists() for p in parent_dirs(driver))
 
 
 # -- clean-up ----------------------------------------------------------------------------------
 
 
-async def test_group_is_removed_with_its_last_job_or_by_remove_parent(
+async def test_group_outlives_its_jobs_and_goes_with_remove_parent(
     mechanics_driver: Driver,
 ) -> None:
+    """A group stays when its last job is gone (a user who runs one job at a time does not
+    pay for creating it again), is reused, and remove_parent() removes it, also when
+    something kept it busy for a while."""
     keys = _keys(mechanics_driver)
     j1 = await mechanics_driver.create(_id(), Limits(), group="alice")
-    j2 = await mechanics_driver.create(_id(), Limits(), group="alice")
     gdirs = sorted({group_dir(j1, c) for c in keys})
-    await j1.remove()
+    assert j1.try_remove_blocking()
+    assert not await trio.Path(j1.path).exists()  # the job itself is gone
     assert all(d.is_dir() for d in gdirs)
-    # Something else keeps the group busy (a cgroup we did not make): the last job's removal
-    # cannot take the group with it, and says so without waiting.
-    intruder = gdirs[0] / "intruder"
-    intruder.mkdir()
-    assert not j2.try_remove_blocking()
-    assert not await trio.Path(j2.path).exists()  # the job itself is gone
-    intruder.rmdir()
-    # The group is still usable (re-created where it was partly removed) ...
-    j3 = await mechanics_driver.create(_id(), Limits(), group="alice")
-    assert all(d.is_dir() for d in gdirs)
-    assert j3.try_remove_blocking()
-    assert not any(d.exists() for d in gdirs)
-    # ... and when the last job's removal could not take it, remove_parent() does.
-    j4 = await mechanics_driver.create(_id(), Limits(), group="bob")
-    bob = sorted({group_dir(j4, c) for c in keys})
+    j2 = await mechanics_driver.create(_id(), Limits(), group="alice")
+    assert sorted({group_dir(j2, c) for c in keys}) == gdirs  # the same group
+    # Something else keeps a group busy (a cgroup we did not make) until just before
+    # remove_parent(): the group is removed then all the same.
+    j3 = await mechanics_driver.create(_id(), Limits(), group="bob")
+    bob = sorted({group_dir(j3, c) for c in keys})
     intruder = bob[0] / "intruder"
     intruder.mkdir()
-    assert not j4.try_remove_blocking()
+    assert j3.try_remove_blocking()
+    assert j2.try_remove_blocking()
     intruder.rmdir()
     await mechanics_driver.remove_parent()
-    assert not any(d.exists() for d in bob)
+    assert not any(d.exists() for d in (*gdirs, *bob))
     assert not any(p.exists() for p in parent_dirs(mechanics_driver))
     assert j2.try_remove_blocking()  # idempotent, also after the group was removed
-    assert j4.try_remove_blocking()
+    assert j3.try_remove_blocking()
 
 
 async def test_prepare_after_a_crash_removes_nested_leftovers(

@@ -124,7 +124,8 @@ def launch(state: Launch, build: Callable[[], JobSpec], *, driver: CgroupDriver,
     cgroup = state.cgroup = driver.create_blocking(state.job_id, spec.limits, group=spec.group,
                                                    group_limits=spec.group_limits)
     spawned = state.spawned = spawn_blocking(prepared.program, tuple(spec.args), env=prepared.env,
-                                             cwd=prepared.cwd, run_as=spec.run_as)
+                                             base_env=prepared.base_env, cwd=prepared.cwd,
+                                             run_as=spec.run_as)
     cgroup.add_process_blocking(spawned.pid)
     spawned.release()
     status = running_status(state.job_id, spec, created_at)

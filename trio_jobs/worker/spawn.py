@@ -5,21 +5,26 @@ and program must not touch anything that runs with the server's privileges, nor 
 runs before the process is inside the job's cgroup. So the job process goes through a fixed
 chain, each step of which sees only what it must:
 
-1. ``setpriv`` (util-linux, :data:`SETPRIV`, a fixed root-owned path), run with the fixed
-   :data:`LAUNCH_ENV` (never the job's variables: ``LD_PRELOAD`` & co. cannot reach it),
+1. ``setpriv`` (util-linux, :data:`SETPRIV`, a fixed root-owned path), run with the job's
+   *base* environment (``validate.base_environment``: PATH, LANG, HOME, USER, LOGNAME, all
+   chosen by the server, nothing from the request: ``LD_PRELOAD`` & co. cannot reach it),
    drops to the job's user: real, effective and saved uid and gid, the supplementary groups,
    ``no_new_privs`` (setuid/setgid bits and file capabilities no longer grant anything) and
    empty bounding and inheritable capability sets. Then it executes
-2. ``/bin/sh -c WRAPPER`` -- as the job's user, still with :data:`LAUNCH_ENV` -- which blocks
+2. ``/bin/sh -c WRAPPER`` -- as the job's user, still with the base environment -- which blocks
    in ``read`` on its stdin, the read end of a "go" pipe, until the worker has moved its pid
    into the job's cgroup (:meth:`JobCgroup.add_process`) and written ``go``. If the worker
    never says go (placement failed, or it died), it reads EOF and exits 125 without running
    anything. Then, as the user, it enters the working directory (``cd -P``: so a directory the
-   user may not enter stays closed, whatever root could do), and executes
-3. ``/usr/bin/env -i -- NAME=VALUE... PROGRAM ARGS...``, which replaces the whole environment
-   with the job's (the clean one of ``validate.job_environment`` plus the request's) and
-   executes the program. The job's variables are arguments until this last exec: the first
-   and only code that runs with them is the user's program, as the user, inside its cgroup.
+   user may not enter stays closed, whatever root could do; the shell then exports ``PWD``),
+   and executes
+3. when the request set variables, ``/usr/bin/env -i -- PWD=... NAME=VALUE... PROGRAM
+   ARGS...``, which replaces the whole environment with the job's (the base one plus the
+   request's) and executes the program: the request's variables are arguments until this
+   last exec, so the first and only code that runs with them is the user's program, as the
+   user, inside its cgroup. When the request set none (the common case), the shell executes
+   the program itself: its environment is already the job's, and one exec (~0.5 ms of CPU
+   per job, measured as +10% on the start p50 of back-to-back starts on 2 CPUs) is saved.
 
 The pid stays the same across every exec, so the program and everything it forks start inside
 the cgroup (Python 3.11's ``subprocess`` has no ``CLONE_INTO_CGROUP``). A job that runs as
@@ -65,17 +70,18 @@ if TYPE_CHECKING:
 
     from .spec import RunAs
 
-WRAPPER: Final = (
-    'IFS= read -r go && [ "$go" = go ] || exit 125; cd -P -- "$1" || exit 126; shift; '
-    'exec /usr/bin/env -i -- "$@" </dev/null'
+_HOLD: Final = (
+    'IFS= read -r go && [ "$go" = go ] || exit 125; cd -P -- "$1" || exit 126; shift; unset OLDPWD; '
 )
-"""The held step (2. in the module doc). Arguments: the working directory, then env's."""
+WRAPPER: Final = _HOLD + 'exec "$@" </dev/null'
+"""The held step (2. in the module doc). Arguments: the working directory, the program, its
+arguments."""
+WRAPPER_ENV: Final = _HOLD + 'exec /usr/bin/env -i -- PWD="$PWD" "$@" </dev/null'
+"""The held step when the request set variables. Arguments: the working directory, then
+env's: NAME=VALUE..., the program, its arguments."""
 SHELL: Final = "/bin/sh"
-ENV: Final = "/usr/bin/env"
 SETPRIV: str | None = next((p for p in ("/usr/bin/setpriv", "/bin/setpriv") if os.access(p, os.X_OK)), None)
 """util-linux setpriv: drops to the job's user, no_new_privs, no capabilities (None: none)."""
-LAUNCH_ENV: Final = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-"""The only environment steps 1 and 2 ever see: fixed, nothing from the request."""
 PIPE_SIZE: Final = 1024 * 1024  # the default /proc/sys/fs/pipe-max-size
 
 
@@ -171,12 +177,16 @@ class Spawned:
             os.close(fd)
 
 
-def launch_argv(program: str, args: tuple[str, ...], *, env: dict[str, str], cwd: str,
-                run_as: RunAs | None) -> list[str]:
-    """The argv of the chain in the module doc (steps 1-3). Raises WorkerError when this host
-    cannot drop to ``run_as`` (no setpriv)."""
-    chain = [SHELL, "-c", WRAPPER, "trio-jobs-job", cwd, *(f"{k}={v}" for k, v in env.items()),
-             program, *args]
+def launch_argv(program: str, args: tuple[str, ...], *, env: dict[str, str], base_env: dict[str, str],
+                cwd: str, run_as: RunAs | None) -> list[str]:
+    """The argv of the chain in the module doc (steps 1-3) for a job whose environment is
+    ``env`` and whose launch runs with ``base_env``. Raises WorkerError when this host cannot
+    drop to ``run_as`` (no setpriv)."""
+    if env == base_env:
+        chain = [SHELL, "-c", WRAPPER, "trio-jobs-job", cwd, program, *args]
+    else:
+        chain = [SHELL, "-c", WRAPPER_ENV, "trio-jobs-job", cwd, *(f"{k}={v}" for k, v in env.items()),
+                 program, *args]
     euid = os.geteuid()
     if euid == 0 and (run_as is None or (run_as.uid, run_as.gid) == (0, 0)):
         return chain  # root's job: nothing to drop (see the module doc)
@@ -193,15 +203,15 @@ def launch_argv(program: str, args: tuple[str, ...], *, env: dict[str, str], cwd
             "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all", "--", *chain]
 
 
-def spawn_blocking(program: str, args: tuple[str, ...], *, env: dict[str, str], cwd: str,
-                   run_as: RunAs | None) -> Spawned:
+def spawn_blocking(program: str, args: tuple[str, ...], *, env: dict[str, str],
+                   base_env: dict[str, str], cwd: str, run_as: RunAs | None) -> Spawned:
     """Start the held chain. Raises InvalidJobSpec when the OS refuses (E2BIG), WorkerError
     when this host cannot run it.
 
     Blocking (a fork and exec: ~0.1 ms with CPython's vfork path), for the job start's worker
     thread; on any error nothing is left running and every fd is closed.
     """
-    argv = launch_argv(program, args, env=env, cwd=cwd, run_as=run_as)
+    argv = launch_argv(program, args, env=env, base_env=base_env, cwd=cwd, run_as=run_as)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     # A bigger pipe means fewer, larger reads and file writes (one thread hop each) for a
     # chatty job. Best effort: an unprivileged user may be held to the default 64 KiB.
@@ -213,7 +223,7 @@ def spawn_blocking(program: str, args: tuple[str, ...], *, env: dict[str, str], 
             before = boot_ticks()
             popen = subprocess.Popen(
                 argv, executable=argv[0], stdin=go_r, stdout=out_w, stderr=out_w,
-                env=LAUNCH_ENV, cwd="/", start_new_session=True, close_fds=True,
+                env=base_env, cwd="/", start_new_session=True, close_fds=True,
             )
             after = boot_ticks()
         finally:

@@ -50,7 +50,8 @@ class Prepared:
 
     program: str
     cwd: str
-    env: dict[str, str]
+    env: dict[str, str]  # the job's: base_env + the request's variables
+    base_env: dict[str, str]  # the server's part alone (what the launch chain runs with)
 
 
 Authorize = Callable[[ProgramFile], str]
@@ -82,16 +83,20 @@ def check_limits(limits: Limits) -> None:
             )
 
 
-def job_environment(spec: JobSpec) -> dict[str, str]:
-    """The clean environment (fixed PATH, LANG, PWD, the run-as user's HOME/USER/LOGNAME) +
-    spec.env. The server's own environment never leaks into a job.
-    """
+def base_environment(spec: JobSpec) -> dict[str, str]:
+    """The clean environment: fixed PATH and LANG, the run-as user's HOME/USER/LOGNAME.
+    Chosen by the server alone (no request data), so the launch chain may run with it; the
+    job's shell adds PWD. The server's own environment never leaks into a job."""
     name, home = _user_name_home(spec.run_as)
-    env = {"PATH": JOB_PATH, "LANG": "C.UTF-8", "HOME": home, "PWD": spec.working_dir}
+    env = {"PATH": JOB_PATH, "LANG": "C.UTF-8", "HOME": home}
     if name:
         env["USER"] = env["LOGNAME"] = name
-    env.update(spec.env)
     return env
+
+
+def job_environment(spec: JobSpec) -> dict[str, str]:
+    """:func:`base_environment` + spec.env (the request's variables win)."""
+    return {**base_environment(spec), **spec.env}
 
 
 def _user_name_home(run_as: RunAs | None) -> tuple[str, str]:
@@ -123,7 +128,8 @@ def prepare(spec: JobSpec, authorize: Authorize | None = None) -> Prepared:
         raise InvalidJobSpec("owner must be a non-empty string")
     _check_env(spec.env)
     check_limits(spec.limits)
-    env = job_environment(spec)
+    base_env = base_environment(spec)
+    env = {**base_env, **spec.env}
     total = sum(len(a) + 1 for a in (spec.command, *spec.args))
     total += sum(len(k) + len(v) + 2 for k, v in env.items())
     if total > MAX_TOTAL_BYTES:
@@ -140,7 +146,7 @@ def prepare(spec: JobSpec, authorize: Authorize | None = None) -> Prepared:
         # The job's environment is applied by `env -i NAME=VALUE... PROGRAM` (spawn.py), which
         # would take such a path for one more variable.
         raise InvalidJobSpec(f"cannot run {program!r}: a program path must not contain '='")
-    return Prepared(program=program, cwd=cwd, env=env)
+    return Prepared(program=program, cwd=cwd, env=env, base_env=base_env)
 
 
 def _check_working_dir(cwd: str) -> None:

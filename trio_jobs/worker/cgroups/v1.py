@@ -185,7 +185,7 @@ class V1JobCgroup(_cgfs.UsageFiles):
                 removed = _cgfs.try_rmdir(d) and removed
             if not removed:
                 return False
-        return self._membership.release_blocking()  # the group goes with its last job
+        return self._membership.release_blocking()  # counts the job out of its group
 
     async def remove(self) -> None:
         if self._exists():

@@ -169,7 +169,7 @@ class V2JobCgroup(_cgfs.UsageFiles):
                 return False
             if not _cgfs.try_rmdir(self._dir):
                 return False
-        return self._membership.release_blocking()  # the group goes with its last job
+        return self._membership.release_blocking()  # counts the job out of its group
 
     async def remove(self) -> None:
         if self._dir.exists():

@@ -174,6 +174,11 @@ def parse_server(server: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def _usable(channel: Channel) -> bool:
+    """Whether a new call may start on ``channel``: not lost, no GOAWAY received."""
+    return channel.lost is None and not channel.proto.closed and channel.proto.goaway_received is None
+
+
 def _single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     exc: BaseException = group
     while isinstance(exc, BaseExceptionGroup):
@@ -259,8 +264,16 @@ class JobsClient:
         return self._channel
 
     async def _unary(self, method: str, request: Message, response_type: type[_R], channel: Channel | None = None) -> _R:
+        channel = channel or self._connected()
+        if not _usable(channel):
+            # The server ended this connection before the call was sent: it closes idle
+            # connections (GOAWAY after its idle timeout) and connections of a server that
+            # restarts. Nothing was sent, so any call may go on a new connection; one is
+            # opened for this call (a client idle that long makes few calls).
+            async with self._open() as fresh:
+                return await self._unary(method, request, response_type, fresh)
         try:
-            return await (channel or self._connected()).unary(_SERVICE + method, request, response_type)
+            return await channel.unary(_SERVICE + method, request, response_type)
         except RpcError as exc:
             raise _translate(exc) from exc
         except (OSError, trio.BrokenResourceError) as exc:

@@ -105,3 +105,25 @@ def test_tail_resumes_after_dropped_connection(served: Host, tmp_path: Path) -> 
         assert proxy.connections >= 2
     finally:
         proxy.close()
+
+
+async def test_a_client_idle_past_the_servers_idle_timeout_still_answers(host: Host) -> None:
+    """The server closes a connection without streams after its idle timeout (GOAWAY); a
+    JobsClient left idle that long makes its next calls on a new connection, transparently."""
+    import trio
+
+    from trio_jobs.client import JobsClient, _usable
+
+    host.start_server("--idle-timeout", "1s")
+    pki = host.home / "pki"
+    async with JobsClient.connect(host.address, cert=pki / "alice.crt", key=pki / "alice.key",
+                                  ca=pki / "ca.crt") as jobs:
+        job = await jobs.start("echo", ["hi"])
+        channel = jobs._connected()
+        with trio.fail_after(30):
+            while _usable(channel):  # the server's GOAWAY arrives after about a second
+                await trio.sleep(0.05)
+        assert (await jobs.status(job.job_id)).job_id == job.job_id
+        assert [j.job_id for j in await jobs.list()] == [job.job_id]
+        again = await jobs.start("true")
+        assert again.job_id != job.job_id

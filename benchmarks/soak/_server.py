@@ -90,10 +90,16 @@ def cgroup_dirs(parent_name: str) -> list[Path]:
 
 
 def job_cgroups(parent_name: str) -> int:
-    """Job cgroups left under the parent (a v2 ``supervisor`` leaf is the server's own)."""
-    return sum(
-        1 for d in cgroup_dirs(parent_name) for c in d.iterdir() if c.is_dir() and c.name != "supervisor"
-    )
+    """Job cgroups left under the parent: directly below it, or in an identity's group
+    cgroup (``g...``, which stays until the server stops: docs/cgroups.md). A v2
+    ``supervisor`` leaf is the server's own."""
+    count = 0
+    for d in cgroup_dirs(parent_name):
+        for c in d.iterdir():
+            if not c.is_dir() or c.name == "supervisor":
+                continue
+            count += sum(1 for j in c.iterdir() if j.is_dir()) if c.name.startswith("g") else 1
+    return count
 
 
 def snapshot(pid: int, parent_name: str) -> Snapshot:

@@ -332,8 +332,11 @@ async def test_a_call_cut_by_its_deadline_is_logged(start_server: Callable[..., 
         async with rpc.connect(address, port, ssl_context=client_ctx(served.pki, "admin")) as channel:
             request = pb.StopJobRequest(job_id=job.job_id)
             request.grace_period.seconds = 30
-            with pytest.raises(rpc.RpcError) as caught:
-                await channel.unary("/trio_jobs.v1.JobService/StopJob", request, pb.StopJobResponse, timeout=0.3)
+            # grpc-timeout 0.3 s, but no client-side cancel before the server's deadline fires
+            # (a client cancel racing it would be logged CANCELLED, correctly, and flakily).
+            with pytest.raises(rpc.RpcError) as caught, trio.fail_after(30):
+                await channel._unary("/trio_jobs.v1.JobService/StopJob", request, pb.StopJobResponse,
+                                     grpc_timeout=0.3, metadata=())
         assert caught.value.code == StatusCode.DEADLINE_EXCEEDED
         await admin.stop(job.job_id, grace=0)
     first, second = of(served.audit.path, "StopJob")

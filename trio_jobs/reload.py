@@ -119,6 +119,9 @@ async def reload(
         if loaded.policy is not None:
             service.set_policy(loaded.policy)
             what.insert(0, f"policy {sources.policy} ({len(loaded.policy.identities)} identities)")
+            for user, names in loaded.policy.shared_users():  # as serve warns at start
+                log.warning("identities %s all run as user %r: their jobs can signal and trace "
+                            "each other (leave run_as unset for a user of each's own)", ", ".join(names), user)
         else:
             what.insert(0, "built-in policy unchanged")
         server.set_ssl_context(loaded.ssl_context)

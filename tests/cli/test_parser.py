@@ -74,6 +74,9 @@ def test_bad_env_pair() -> None:
         (["bogus"], "invalid choice"),
         ([], "required"),
         (["tail", "J", "--offset", "-4"], "offset"),
+        (["stop", "J", "--grace", "-1s"], "duration '-1s' is negative"),
+        (["stop", "J", "--grace=-1s"], "duration '-1s' is negative"),
+        (["stop", "--grace", "-1s", "J"], "duration '-1s' is negative"),
     ],
 )
 def test_usage_errors_are_one_line(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -118,3 +121,13 @@ def test_start_without_command(capsys: pytest.CaptureFixture[str]) -> None:
 def test_certs_delegates(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["certs", "init", "--dir", f"{tmp_path}/pki"]) == 0
     assert "created" in capsys.readouterr().out
+
+
+def test_a_negative_value_after_the_commands_double_dash_is_the_jobs() -> None:
+    """Only the CLI's own options are joined with a value that looks negative."""
+    from trio_jobs.cli.main import _join_signed_values
+
+    assert _join_signed_values(["stop", "J", "--grace", "-1s"]) == ["stop", "J", "--grace=-1s"]
+    job = ["start", "--", "sleep", "--grace", "-1"]
+    assert _join_signed_values(job) == job
+    assert _join_signed_values(["stop", "J", "--grace", "--json"]) == ["stop", "J", "--grace", "--json"]

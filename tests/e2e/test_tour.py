@@ -62,15 +62,20 @@ def test_tour(served: Host) -> None:
     status = json.loads(served.run("status", "--json", "--job", sleeper).stdout)
     assert status["state"] == "JOB_STATE_KILLED"
     assert status["stopped_by_user"] is True
-    # stopping an ended job is not an error
-    served.run("stop", sleeper, "--grace", "0")
+    # stopping an ended job is not an error; --json is the whole StopJobResponse (DESIGN §6)
+    again = json.loads(served.run("stop", sleeper, "--grace", "0", "--json").stdout)
+    assert again["force_ended"] is False
+    assert again["status"]["job_id"] == sleeper
+    assert again["status"]["state"] == "JOB_STATE_KILLED"
 
     # a program that ignores SIGTERM is killed after the grace period
     stubborn = served.start("sh", "-c", "trap '' TERM; echo ready; sleep 600")
     p = served.popen("tail", stubborn)
     assert p.stdout is not None
     assert p.stdout.readline() == b"ready\n"
-    served.run("stop", stubborn, "--grace", "500ms")
+    forced = json.loads(served.run("stop", stubborn, "--grace", "500ms", "--json").stdout)
+    assert forced["force_ended"] is True
+    assert forced["status"]["signal"] == 9
     p.communicate(timeout=60)
     assert p.returncode == 128 + 9
 
@@ -109,7 +114,7 @@ ERROR_CASES = [
     (["start", "--", "no-such-program-xyz"], 6, "not found"),
     (["start", "--cpus", "1000", "--", "true"], 6, "cap"),
     (["list", "--all"], 5, "admin"),
-    (["stop", "00000000-0000-4000-8000-000000000000", "--grace", "-1"], 2, "invalid duration"),
+    (["stop", "00000000-0000-4000-8000-000000000000", "--grace", "-1"], 2, "is negative"),
 ]
 
 

@@ -165,8 +165,10 @@ async def cmd_stop(args: argparse.Namespace) -> int:
     job_id = job_id_of(args)
     async with open_client(args) as client:
         outcome = await client.stop(job_id, grace=args.grace)
-    if args.json:
-        _print(to_json(outcome.job.proto))
+    if args.json:  # the whole StopJobResponse (DESIGN §6): status and force_ended
+        from ..v1 import jobs_pb2 as pb
+
+        _print(to_json(pb.StopJobResponse(status=outcome.job.proto, force_ended=outcome.force_ended)))
     else:
         from .output import describe_state
 

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 import traceback
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from . import units
 from .errors import EXIT_CODES_HELP, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, CliError
@@ -216,8 +216,31 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
+# Options whose value may look negative ("--grace -1s"): argparse would take "-1s" for an
+# option and say "expected one argument"; joined as "--grace=-1s", the value's own check
+# gives the clear message.
+_SIGNED_VALUE_OPTIONS: Final = frozenset({"--grace", "--offset", "--retain-for", "--idle-timeout",
+                                          "--handshake-timeout"})
+
+
+def _join_signed_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--":
+            return out + argv[i:]  # the job's own argv: untouched
+        if argv[i] in _SIGNED_VALUE_OPTIONS and i + 1 < len(argv) and argv[i + 1][:1] == "-" \
+                and argv[i + 1][1:2].isdigit():
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _join_signed_values(list(sys.argv[1:] if argv is None else argv))
     try:
         if argv[:1] == ["certs"]:
             from ..security.certs_cli import main as certs_main

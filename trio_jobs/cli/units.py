@@ -69,6 +69,8 @@ def parse_duration(text: str) -> float:
     """Seconds: ``5s`` -> 5.0, ``500ms`` -> 0.5, ``0`` -> 0.0. Raises ValueError."""
     m = _DURATION_RE.fullmatch(text.strip())
     if m is None:
+        if text.strip().startswith("-") and _DURATION_RE.fullmatch(text.strip()[1:]):
+            raise ValueError(f"duration {text!r} is negative: give 0 or more, e.g. 0 or 5s")
         raise ValueError(f"invalid duration {text!r}: use e.g. 5s, 500ms, 2m, 0 or 1.5 (seconds)")
     seconds = float(m.group(1)) * _SECONDS[m.group(2).lower()]
     if not math.isfinite(seconds) or seconds > 10**9:

@@ -230,7 +230,7 @@ def _disk_full_scenario(host: Host, data: Path, tmp_path: Path) -> None:
     assert _status(host, before)["state"] == "JOB_STATE_EXITED"
     assert host.run("tail", flood, "--no-follow").stdout == b"\0" * int(str(full["output_bytes"]))
     # a job that ends while the disk is full: its final status is true at once, stored later
-    assert json.loads(host.run("stop", sleeper, "--grace", "0", "--json").stdout)["state"] == "JOB_STATE_KILLED"
+    assert json.loads(host.run("stop", sleeper, "--grace", "0", "--json").stdout)["status"]["state"] == "JOB_STATE_KILLED"
     assert _status(host, sleeper)["state"] == "JOB_STATE_KILLED"
     attempt = host.run("start", "--", "echo", "while-full", check=False)
     print(f"\nstart on a full disk: exit {attempt.returncode}: {attempt.stderr.decode(errors='replace').strip()}")
@@ -248,7 +248,7 @@ def _disk_full_scenario(host: Host, data: Path, tmp_path: Path) -> None:
     after = host.start("echo", "after")
     assert host.run("tail", after).stdout == b"after\n"
     stopped = json.loads(host.run("stop", flood, "--grace", "0", "--json").stdout)
-    assert stopped["state"] == "JOB_STATE_KILLED"
+    assert (stopped["status"]["state"], stopped["force_ended"]) == ("JOB_STATE_KILLED", True)
     final = _status(host, flood)
     assert (final["state"], final["output_truncated"]) == ("JOB_STATE_KILLED", True)
     assert final["output_bytes"] == full["output_bytes"]

@@ -2,8 +2,8 @@
 
 Theory of operation. A start is a chain of small blocking steps: build the spec (the service
 resolves its user here), validate it (``prepare``: a few opens and stats as the job's user,
-and the policy's check of the opened program), create the output spool file, create the cgroup (mkdir + limit writes in each
-hierarchy), fork the held wrapper (``spawn_blocking``), move it into the cgroup, release it,
+and the policy's check of the opened program), create the output spool file, create the
+cgroup (mkdir + limit writes in each hierarchy), fork the held wrapper (``spawn_blocking``), move it into the cgroup, release it,
 insert the RUNNING record. Each step takes microseconds to a fraction of a millisecond, so a
 ``trio.to_thread`` round trip per step (0.05-0.3 ms each on a loaded 2-core host, where the
 loop thread and the worker thread must both be scheduled) used to cost more than the steps.

@@ -94,11 +94,6 @@ def base_environment(spec: JobSpec) -> dict[str, str]:
     return env
 
 
-def job_environment(spec: JobSpec) -> dict[str, str]:
-    """:func:`base_environment` + spec.env (the request's variables win)."""
-    return {**base_environment(spec), **spec.env}
-
-
 def _user_name_home(run_as: RunAs | None) -> tuple[str, str]:
     if run_as is not None:
         return run_as.name, run_as.home
@@ -150,24 +145,17 @@ def prepare(spec: JobSpec, authorize: Authorize | None = None) -> Prepared:
 
 
 def _check_working_dir(cwd: str) -> None:
-    """The job's user can enter ``cwd`` (call inside :func:`creds.as_user`)."""
+    """The job's user can enter ``cwd`` (call inside :func:`creds.as_user`). Looking up
+    ``cwd/.`` needs search (x) permission on every directory of the path and on ``cwd``
+    itself, as chdir does; ``O_PATH`` opens nothing else (no FIFO can block it)."""
     try:
-        fd = os.open(cwd, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        os.close(os.open(os.path.join(cwd, "."), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
     except NotADirectoryError:
         raise InvalidJobSpec(f"working_dir {cwd!r} is not a directory") from None
     except (OSError, ValueError):
         raise InvalidJobSpec(
             f"working_dir {cwd!r} does not exist or the job's user may not enter it"
         ) from None
-    try:
-        # Looking "." up needs search (x) permission on the directory itself, as chdir does.
-        os.close(os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd))
-    except OSError:
-        raise InvalidJobSpec(
-            f"working_dir {cwd!r} does not exist or the job's user may not enter it"
-        ) from None
-    finally:
-        os.close(fd)
 
 
 def _check_env(env: Mapping[str, str]) -> None:

@@ -19,7 +19,6 @@ The file is written atomically (a new file, fsync, rename), 0600; it is read onc
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import hashlib
 import json
@@ -29,7 +28,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, final
 
-from trio_jobs.security.errors import PolicyError
+from trio_jobs.security.errors import PkiError, PolicyError
+from trio_jobs.security.pki import write_file_atomic
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -125,19 +125,8 @@ class DynamicUsers:
     def _save(self, users: dict[str, int]) -> None:
         if self._path is None:
             return
-        tmp = self._path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
         data = json.dumps({"version": 1, "users": users}, indent=1, sort_keys=True).encode()
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self._path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise PolicyError(f"cannot save the dynamic users in {self._path}: {exc.strerror}") from None
+            write_file_atomic(self._path, data, mode=0o600, force=True)
+        except PkiError as exc:
+            raise PolicyError(f"cannot save the dynamic users: {exc}") from None

@@ -218,7 +218,7 @@ async def test_group_limit_binds_two_jobs_started_through_the_worker(
     worker: Worker, driver: Driver
 ) -> None:
     """JobSpec.group/group_limits reach the driver: a fork loop split over two jobs of one
-    group stops at the group's pids.max, and the group's cgroup goes with its last job."""
+    group stops at the group's pids.max, and the group's cgroup outlives them, empty."""
     def spec(count: int) -> JobSpec:
         script = "import os; print(os.getpid(), flush=True)\n" + FORK_N
         return JobSpec(command=PY, args=("-c", script, str(count)), owner="alice",

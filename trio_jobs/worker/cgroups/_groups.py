@@ -21,13 +21,13 @@ cgroup in a new group vs 0.70 ms in an existing one, and 0.31 vs 0.18 ms to remo
 
 Concurrency. Job cgroups are created in the start's worker thread (``create_blocking``) and
 removed on the event loop or in the end-of-job thread, so the table of live groups is
-guarded by a ``threading.Lock`` held only around dictionary updates, mkdir and rmdir (well
-under a millisecond: the event loop may take it). A group's limits are written under the
-group's own ``update_lock``, which only starts of jobs of that group take: a limit write
-that has to wait for the kernel (lowering a memory limit under usage reclaims memory) never
-holds up the event loop. A job counted into a group keeps the group from being removed until
-its own cgroup is gone, so the group's directories exist for as long as anyone writes into
-them.
+guarded by a ``threading.Lock`` held only around dictionary updates and a new group's mkdirs
+(well under a millisecond: the event loop, which only counts a job out, may take it). A
+group's limits are written under the group's own ``update_lock``, which only starts of jobs
+of that group take: a limit write that has to wait for the kernel (lowering a memory limit
+under usage reclaims memory) never holds up the event loop. :meth:`GroupTable.remove_idle`
+removes only groups that hold no job, so a group's directories exist for as long as anyone
+writes into them.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ class Group:
     update_lock: threading.Lock = field(default_factory=threading.Lock)
     # v1 only: each job's cpu directory -> the job's own cpu_millis, to re-cap the jobs'
     # quotas when the group's changes (v1 refuses a child quota above its parent's).
-    # Guarded by update_lock; entries of removed jobs are pruned when next used.
+    # Added under update_lock; a job's entry goes with its cgroup (Membership.release), so
+    # the dict holds only the group's live jobs although the group outlives them.
     cpu_members: dict[Path, int | None] = field(default_factory=dict)
 
     @property
@@ -125,18 +126,15 @@ class GroupTable:
             if group is not None:
                 group.jobs += 1
                 return group
-            group = make()
+            group = make()  # a new group: no limits written yet (applied is None)
             made: list[Path] = []
             try:
                 for d in group.distinct:
                     if _cgfs.make_dir(d, exist_ok=True):
                         made.append(d)
-                group.applied = None  # a new directory holds no limits yet
                 setup(group)
             except BaseException:
-                if group.jobs == 0:
-                    _cgfs.remove_new_dirs(made)
-                    self._groups.pop(name, None)
+                _cgfs.remove_new_dirs(made)  # not in the table yet: nothing else to undo
                 raise
             self._groups[name] = group
             group.jobs += 1
@@ -175,6 +173,7 @@ class Membership:
         self._table = table
         self._group = group
         self._released = False
+        self.cpu_member: Path | None = None  # v1: the job's key in the group's cpu_members
 
     def release_blocking(self) -> bool:
         """True when the group needs nothing more (see :meth:`GroupTable.release`)."""
@@ -182,6 +181,8 @@ class Membership:
             return True
         if not self._released:
             self._released = True
+            if self.cpu_member is not None:
+                self._group.cpu_members.pop(self.cpu_member, None)  # atomic: no lock needed
             return self._table.release(self._group)
         return True
 

@@ -69,8 +69,8 @@ class JobCgroup(Protocol):
         ...
 
     async def remove(self) -> None:
-        """Remove the cgroup (killing what is left first), and its group's cgroup when this
-        was the group's last job. Idempotent."""
+        """Remove the cgroup (killing what is left first); its group's cgroup stays until
+        the driver's ``remove_parent``. Idempotent."""
         ...
 
     def final_usage_blocking(self) -> tuple[Usage, bool]:
@@ -108,12 +108,12 @@ class CgroupDriver(Protocol):
         created on first use, whose ``group_limits`` (cpu_millis, memory_bytes, pids_max;
         ``None`` fields and ``group_limits=None`` mean no group limit) the kernel enforces on
         all the group's jobs together; a later job that brings other group limits updates
-        them. The group cgroup is removed with its last job. Cgroup names reveal neither the
-        job id nor the group.
+        them. The group cgroup outlives its jobs (``remove_parent`` removes it). Cgroup names
+        reveal neither the job id nor the group.
 
         Blocking, for the job start's worker thread (see ``worker/launch.py``): it creates
         and writes the new job's own directories, and its group's (under locks the event
-        loop holds only for an mkdir or rmdir), so it is safe next to the event loop's calls
+        loop holds only to count a job out of its group), so it is safe next to the event loop's calls
         on other jobs.
         """
         ...

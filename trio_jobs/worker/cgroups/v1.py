@@ -337,7 +337,7 @@ class V1Driver:
                 self._apply_group_limits(g, wanted)
                 return self._create_job((gname, name), job_id, limits, g, membership)
         except BaseException:
-            membership.abandon_blocking()  # no process was placed: rmdirs, no wait
+            membership.abandon_blocking()  # no process was placed: counts the job out
             raise
 
     async def create(self, job_id: str, limits: Limits, *, group: str | None = None,
@@ -362,6 +362,7 @@ class V1Driver:
             raise
         if group is not None:
             group.cpu_members[job.dir("cpu")] = limits.cpu_millis
+            membership.cpu_member = job.dir("cpu")  # removed from it with the job's cgroup
         return job
 
     def _setup_group(self, group: Group) -> None:
@@ -405,7 +406,7 @@ class V1Driver:
             except CgroupError:
                 if d.exists():
                     raise
-                del group.cpu_members[d]  # that job has ended
+                group.cpu_members.pop(d, None)  # that job has just ended
 
     def _configure(self, job: V1JobCgroup, limits: Limits, cpu_cap: int = _UNLIMITED) -> None:
         cpu = job.dir("cpu")

@@ -309,7 +309,7 @@ class V2Driver:
                 self._apply_group_limits(g, wanted)
                 return self._create_job((gname, name), job_id, limits, membership)
         except BaseException:
-            membership.abandon_blocking()  # no process was placed: rmdirs, no wait
+            membership.abandon_blocking()  # no process was placed: counts the job out
             raise
 
     async def create(self, job_id: str, limits: Limits, *, group: str | None = None,

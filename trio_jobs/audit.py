@@ -264,13 +264,17 @@ class AuditLog:
         Does nothing if the log is not open. Raises :class:`AuditLogError` (an ``OSError``)
         if the new file cannot be used; the old descriptor then stays in use, so no line is
         lost, and the caller says why."""
+        if self._fd is None:
+            return
+        # Opened before the lock: the event loop's writes take the lock, and must never
+        # wait on a file system's open (reopen runs in a thread).
+        fd = _open_file(self.path)
         with self._lock:
-            if self._fd is None:
-                return
-            fd = _open_file(self.path)
-            old, self._fd = self._fd, fd
-            self._newline_owed = False  # a new file, or one a whole line is appended to
-            os.close(old)
+            old = self._fd
+            if old is not None:
+                self._fd = fd
+                self._newline_owed = False  # a new file, or one a whole line is appended to
+        os.close(fd if old is None else old)  # closed meanwhile: the new one is not needed
 
     # -- writing --------------------------------------------------------------------------
 

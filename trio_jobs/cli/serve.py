@@ -221,18 +221,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _audit_log(args: argparse.Namespace, home: Path) -> AuditLog:
-    """``--audit-log``, else ``TRIO_JOBS_HOME/audit.jsonl`` (the home made if need be: with
-    ``--data-dir`` and ``--pki`` elsewhere nothing else creates it). Not opened yet."""
+def _audit_log(args: argparse.Namespace, home: Path) -> AuditLog:
+    """``--audit-log``, else ``TRIO_JOBS_HOME/audit.jsonl`` (``prepare_state`` has made and
+    checked the home). Not opened yet."""
     from ..audit import AUDIT_FILE_NAME, AuditLog
 
-    if args.audit_log:
-        return AuditLog(Path(args.audit_log), reads=args.audit_reads)
-    try:
-        await trio.Path(home).mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise CliError(f"cannot create {home} for the audit log: {exc.strerror}", EXIT_CONFIG) from None
-    return AuditLog(home / AUDIT_FILE_NAME, reads=args.audit_reads)
+    path = Path(args.audit_log) if args.audit_log else home / AUDIT_FILE_NAME
+    return AuditLog(path, reads=args.audit_reads)
 
 
 async def _serve(
@@ -268,7 +263,7 @@ async def _serve(
         ),
         reload_from=_reload_sources(args, home),  # SIGHUP
         notify_systemd=True,  # READY=1 etc. when systemd runs us (Type=notify)
-        audit=await _audit_log(args, home),
+        audit=_audit_log(args, home),
     )
     from ..audit import AuditLogError
     from ..worker.errors import WorkerError

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+from e2e.conftest import read_line
 
 from trio_jobs.worker import JobState, open_worker
 from trio_jobs.worker import finals as finals_module
@@ -199,13 +200,13 @@ def test_full_disk_then_sigkill_keeps_the_final_record(tiny_tmpfs: Path, tmp_pat
         try:
             assert child.stdout is not None
             assert child.stdin is not None
-            job_id = child.stdout.readline().decode().strip()
+            job_id = read_line(child.stdout, 60).decode().strip()  # bounded: never hangs
             assert len(job_id) == 36, err.read_text()
             filler = _fill(tiny_tmpfs)
             assert os.statvfs(tiny_tmpfs).f_bavail == 0
             child.stdin.write(b"go\n")
             child.stdin.flush()
-            line = child.stdout.readline().decode().split()
+            line = read_line(child.stdout, 60).decode().split()
             # the database really refused it (else this test would prove nothing), and the
             # record went to the reserved slots
             assert line == ["KILLED", "True", "1"], (line, err.read_text())

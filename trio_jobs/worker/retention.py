@@ -125,7 +125,6 @@ class Retainer:
         self._lock = trio.Lock()  # one pass at a time (background and enforce())
         self._wake = trio.Event()
         self._passed = trio.Event()  # set (and replaced) at the end of every pass
-        self.passes = 0  # passes completed since the worker opened (monitoring, tests)
         self.deleted = 0  # jobs deleted since the worker opened (monitoring, tests)
 
     def poke(self) -> None:
@@ -161,7 +160,6 @@ class Retainer:
             try:
                 return await self._enforce()
             finally:
-                self.passes += 1
                 self._passed.set()
                 self._passed = trio.Event()
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 import trio
 
 from .errors import WorkerClosed, WorkerError
-from .finals import END_COLUMNS, FILE_NAME, FinalJournal
+from .finals import END_COLUMNS, FILE_NAME, FinalJournal, end_row
 from .leftovers import START_CLOCK
 from .limits import Limits, Usage
 from .spec import JobState, JobStatus
@@ -126,13 +126,12 @@ T = TypeVar("T")
 
 
 def _to_row(s: JobStatus) -> tuple[Any, ...]:
-    return (
-        s.job_id, s.owner, s.command, json.dumps(list(s.args)), s.state.value, s.exit_code,
-        s.signal, int(s.stopped_by_user), int(s.oom_killed), int(s.stopped_by_shutdown),
-        s.created_at.isoformat(), s.ended_at.isoformat() if s.ended_at else None,
-        json.dumps(asdict(s.limits)), json.dumps(asdict(s.usage)), s.output_bytes,
-        int(s.output_truncated),
-    )
+    """The values of COLUMNS; the end columns exactly as a final record's slot holds them
+    (``finals.end_row``, one formatter for both)."""
+    values = dict(zip(END_COLUMNS, end_row(s), strict=True))
+    values.update(job_id=s.job_id, owner=s.owner, command=s.command, args=json.dumps(list(s.args)),
+                  created_at=s.created_at.isoformat(), limits=json.dumps(asdict(s.limits)))
+    return tuple(values[c] for c in COLUMNS)
 
 
 def _from_row(row: sqlite3.Row) -> JobStatus:

@@ -277,7 +277,7 @@ class Worker:
 
     @property
     def retention(self) -> Retainer:
-        """The retention of ended jobs (its limits, ``enforce()``, ``settled()``)."""
+        """The retention of ended jobs (its limits, ``enforce()``, ``next_pass()``)."""
         return self._retainer
 
     def add_deletion_listener(self, listener: Callable[[Sequence[str]], None]) -> None:

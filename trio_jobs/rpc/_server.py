@@ -89,7 +89,7 @@ class _ServerConnection(Transport):
         wire: Wire,
         peer_certificate: dict[str, Any] | None,
         peer_identity: str | None,
-        peer: str | None = None,
+        peer: str | None,
     ) -> None:
         limits = server.limits
         protocol = ServerProtocol(
@@ -478,16 +478,17 @@ class Server:
                 await trio.sleep(0.1)
                 continue
             # Refused here, before a task or any TLS work: a flood costs accept + close.
-            refusal = self._admit(stream)
-            if isinstance(refusal, str):
+            peer = _peer(stream)
+            admitted = self._admit(peer)
+            if isinstance(admitted, str):
                 await trio.aclose_forcefully(stream)
                 continue
             # Counted here, not in the connection task: that task only starts running
             # later, and connections accepted meanwhile would slip past the caps.
             self._active += 1
-            nursery.start_soon(self._serve_counted, stream, refusal)
+            nursery.start_soon(self._serve_counted, stream, peer, admitted)
 
-    def _admit(self, stream: trio.abc.Stream) -> Admission | str | None:
+    def _admit(self, peer: tuple[str, int] | None) -> Admission | str | None:
         """The connection's share of its source's counts (None: no IP source), or why it
         is refused (logged here, throttled)."""
         limits = self.limits
@@ -495,22 +496,22 @@ class Server:
             why = f"connection limit {limits.max_connections} reached"
             throttle = self._global_refusals
         else:
-            source = _source_of(stream)
-            if source is None:
+            if peer is None:
                 return None
-            admitted = self._sources.admit(source)
-            if isinstance(admitted, Admission):
-                return admitted
-            why, throttle = admitted, self._source_refusals
+            verdict = self._sources.admit(source_key(peer[0]))
+            if isinstance(verdict, Admission):
+                return verdict
+            why, throttle = verdict, self._source_refusals
         suppressed = throttle.due(trio.current_time())
         if suppressed is not None:
             more = f" ({suppressed} more refused since the last report)" if suppressed else ""
             log.warning("%s; closing a new connection%s", why, more)
         return why
 
-    async def _serve_counted(self, stream: trio.abc.Stream, admission: Admission | None) -> None:
+    async def _serve_counted(self, stream: trio.abc.Stream, peer: tuple[str, int] | None,
+                             admission: Admission | None) -> None:
         try:
-            await self._serve_connection(stream, admission)
+            await self._serve_connection(stream, peer, admission)
         finally:
             self._active -= 1
             if admission is not None:
@@ -523,17 +524,18 @@ class Server:
         Counts towards ``max_connections`` and its source's caps while it runs (refused
         by the accept loop; the caller of this method decided to serve it).
         """
-        source = _source_of(stream)
+        peer = _peer(stream)
         self._active += 1
-        await self._serve_counted(stream, None if source is None else self._sources.add(source))
+        admission = None if peer is None else self._sources.add(source_key(peer[0]))
+        await self._serve_counted(stream, peer, admission)
 
-    async def _serve_connection(self, stream: trio.abc.Stream, admission: Admission | None) -> None:
+    async def _serve_connection(self, stream: trio.abc.Stream, peer: tuple[str, int] | None,
+                                admission: Admission | None) -> None:
         if self.shutting_down:
             await trio.aclose_forcefully(stream)
             return
         # A socket gets the lean TLS of _wire.py; any other stream the same TLS over its
         # send_all/receive_some.
-        peer = peer_address(stream)  # now: a Wire takes a SocketStream's socket over
         wire = Wire(stream, self.ssl_context, server_side=True)
         try:
             try:
@@ -549,7 +551,7 @@ class Server:
                     identity = self.identify(cert)
                 except Exception:
                     log.exception("identify() failed; the peer has no identity")
-            conn = _ServerConnection(self, wire, cert, identity, peer)
+            conn = _ServerConnection(self, wire, cert, identity, _shown(peer))
             self._connections.add(conn)
             try:
                 await conn.run()
@@ -605,26 +607,11 @@ class Server:
             self._shutdown_done.set()
 
 
-def _source_of(stream: trio.abc.Stream) -> str | None:
-    """The source a connection is counted under (``_sources.source_key``); None when the
-    stream is not an IP socket (or TLS over one), or its peer is already gone (the
-    connection then fails at its first read)."""
-    while isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    if not isinstance(stream, trio.SocketStream):
-        return None
-    try:
-        peer = stream.socket.getpeername()
-    except OSError:
-        return None
-    if isinstance(peer, tuple) and peer and isinstance(peer[0], str):
-        return source_key(peer[0])
-    return None
-
-
-def peer_address(stream: trio.abc.Stream) -> str | None:
-    """The remote address of ``stream`` (a socket, or TLS over one) as ``ip:port``, IPv6
-    in brackets (``[::1]:port``); None for any other stream or a peer already gone."""
+def _peer(stream: trio.abc.Stream) -> tuple[str, int] | None:
+    """The remote (ip, port) of ``stream`` (a socket, or TLS over one), read once per
+    connection before a Wire takes the socket over: it gives the source a connection is
+    counted under (``_sources.source_key``) and the handlers' ``peer``. None for any other
+    stream, or a peer already gone (the connection then fails at its first read)."""
     while isinstance(stream, trio.SSLStream):
         stream = stream.transport_stream
     if not isinstance(stream, trio.SocketStream):
@@ -635,5 +622,12 @@ def peer_address(stream: trio.abc.Stream) -> str | None:
         return None
     if not (isinstance(addr, tuple) and len(addr) >= 2 and isinstance(addr[0], str)):
         return None
-    host, port = addr[0], addr[1]
+    return addr[0], addr[1]
+
+
+def _shown(peer: tuple[str, int] | None) -> str | None:
+    """``ip:port``, IPv6 in brackets (``[::1]:port``), for ``ServerContext.peer``."""
+    if peer is None:
+        return None
+    host, port = peer
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -96,6 +96,9 @@ class ServerConfig:
     # Who did what (trio_jobs/audit.py); made but not opened: serve() opens it first and
     # closes it last, SIGHUP reopens it. None: no audit log.
     audit: AuditLog | None = None
+    # Each identity's own Unix user (security/dynamic_users.py); None: read from
+    # data_dir/dynamic-users.json.
+    dynamic_users: DynamicUsers | None = None
     # How much history of ended jobs (records and output) to keep (DESIGN §7 "Retention").
     retention: Retention = DEFAULT_RETENTION
 
@@ -154,7 +157,8 @@ async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[ServerInfo
             config.data_dir, cgroups=config.cgroups, retention=config.retention
         ) as worker:
             service = JobService(worker, config.policy, max_streams_per_identity=config.max_streams_per_identity,
-                                 dynamic_users=DynamicUsers(config.data_dir / DYNAMIC_USERS_FILE))
+                                 dynamic_users=config.dynamic_users
+                                 or DynamicUsers(config.data_dir / DYNAMIC_USERS_FILE))
             shutting_down = False
 
             def healthy(_service_name: str) -> bool:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from ..audit import AuditLog
     from ..reload import ReloadSources
+    from ..security.dynamic_users import DynamicUsers
     from ..security.policy import Policy
     from ..server import ServerConfig, ServerInfo
     from ..worker.cgroups.base import CgroupDriver
@@ -80,14 +81,24 @@ def _reload_sources(args: argparse.Namespace, home: Path) -> ReloadSources:
     return ReloadSources(policy=Path(args.policy) if args.policy else None, cert=cert, key=key, ca=ca)
 
 
-def _policy(args: argparse.Namespace, data_dir: Path) -> Policy:
+def _dynamic_users(data_dir: Path) -> DynamicUsers:
+    """The identities' own users (security/dynamic_users.py), read once: the policy's check
+    allocates with it, and the server keeps using it."""
     from ..security.dynamic_users import FILE_NAME, DynamicUsers
+
+    try:
+        return DynamicUsers(data_dir / FILE_NAME)
+    except SecurityError as exc:
+        raise CliError(str(exc), EXIT_CONFIG) from None
+
+
+def _policy(args: argparse.Namespace, dynamic: DynamicUsers) -> Policy:
     from ..security.policy import Policy
 
     if not args.policy:
         policy = Policy.default()
         try:
-            policy.check_users(dynamic=DynamicUsers(data_dir / FILE_NAME))
+            policy.check_users(dynamic=dynamic)
         except SecurityError as exc:
             raise CliError(f"the built-in policy does not fit this host: {exc}; pass --policy F", EXIT_CONFIG) from None
         return policy
@@ -95,7 +106,7 @@ def _policy(args: argparse.Namespace, data_dir: Path) -> Policy:
         policy = Policy.load(Path(args.policy))
         # A run_as user that does not exist fails now, not at StartJob; dynamic users are
         # allocated now, so that their ids are known (and saved) before the first job.
-        policy.check_users(dynamic=DynamicUsers(data_dir / FILE_NAME))
+        policy.check_users(dynamic=dynamic)
     except (SecurityError, OSError) as exc:
         raise CliError(f"cannot load the policy {args.policy}: {exc}", EXIT_CONFIG) from None
     for user, names in policy.shared_users():
@@ -201,7 +212,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except StateDirError as exc:
         raise CliError(str(exc), EXIT_CONFIG) from None
     ctx, pki = _ssl_context(args, home)
-    policy = _policy(args, data_dir)
+    dynamic = _dynamic_users(data_dir)
+    policy = _policy(args, dynamic)
     _check_launch_host()
     from ..worker.cgroups.base import CgroupError
     from ..worker.cgroups.detect import detect_driver
@@ -217,7 +229,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "trio-jobs: WARNING: no usable cgroups: jobs run WITHOUT cpu/memory/io/pids limits "
             "(use --require-limits to refuse instead)"
         )
-    trio.run(_serve, args, ctx, policy, driver, home, data_dir, pki)
+    trio.run(_serve, args, ctx, policy, dynamic, driver, home, data_dir, pki)
     return EXIT_OK
 
 
@@ -234,6 +246,7 @@ async def _serve(
     args: argparse.Namespace,
     ctx: ssl.SSLContext,
     policy: Policy,
+    dynamic: DynamicUsers,
     driver: CgroupDriver,
     home: Path,
     data_dir: Path,
@@ -249,6 +262,7 @@ async def _serve(
         data_dir=data_dir,
         ssl_context=ctx,
         policy=policy,
+        dynamic_users=dynamic,
         cgroups=driver,
         rpc_limits=ServerLimits(
             handshake_timeout=args.handshake_timeout,

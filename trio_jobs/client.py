@@ -344,7 +344,9 @@ class JobsClient:
         are never repeated or skipped. Errors of ``sink`` propagate unchanged.
         """
         state = _TailState(offset=offset)
-        channel: Channel | None = self._connected()
+        connected = self._connected()
+        # A connection the server closed (idle timeout): a new one at once, no backoff.
+        channel: Channel | None = connected if _usable(connected) else None
         delay = 0.05
         give_up = trio.current_time() + self.reconnect_timeout
         while True:

@@ -41,7 +41,7 @@ from typing import Final
 
 import trio
 
-from benchmarks.e2e.harness import read_line
+from benchmarks.e2e.harness import read_line, remove_cgroup_dirs, status_bytes
 from trio_jobs.security.pki import init_dev_pki
 from trio_jobs.worker import JobState, JobStatus, Limits, Usage
 from trio_jobs.worker.store import JobStore
@@ -97,14 +97,6 @@ async def write_history(data: Path, jobs: int, big_jobs: int, big_arg_bytes: int
     return time.perf_counter() - t0
 
 
-def _hwm(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM for {pid}")
-
-
 def one_restart(home: Path, settle: float, server_tree: Path | None, pycache: Path) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_JOBS_")}
     env["TRIO_JOBS_HOME"] = str(home)
@@ -116,8 +108,8 @@ def one_restart(home: Path, settle: float, server_tree: Path | None, pycache: Pa
     if server_tree is not None:
         env["PYTHONPATH"] = str(server_tree)
         cwd = str(server_tree)
-    argv = [sys.executable, "-m", "trio_jobs.cli", "serve", "--port", "0",
-            "--cgroup-parent", f"trio-jobs-bench-{uuid.uuid4().hex[:12]}"]
+    parent = f"trio-jobs-bench-{uuid.uuid4().hex[:12]}"
+    argv = [sys.executable, "-m", "trio_jobs.cli", "serve", "--port", "0", "--cgroup-parent", parent]
     err_path = home / "serve.stderr"
     with err_path.open("wb") as err:
         t0 = time.perf_counter()
@@ -128,9 +120,9 @@ def one_restart(home: Path, settle: float, server_tree: Path | None, pycache: Pa
         listening = time.perf_counter() - t0
         if b"listening on" not in line:
             raise SystemExit(f"server did not start: {line!r}: {err_path.read_text()[-2000:]}")
-        hwm_listening = _hwm(proc.pid)
+        hwm_listening = status_bytes(proc.pid, "VmHWM")
         time.sleep(settle)
-        hwm_settled = _hwm(proc.pid)
+        hwm_settled = status_bytes(proc.pid, "VmHWM")
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -140,6 +132,7 @@ def one_restart(home: Path, settle: float, server_tree: Path | None, pycache: Pa
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+        remove_cgroup_dirs(parent)  # what a server that had to be killed left
     return {"listening_s": listening, "hwm_listening_mib": hwm_listening / MiB, "hwm_settled_mib": hwm_settled / MiB}
 
 

@@ -68,13 +68,18 @@ def read_line(stream: IO[bytes], timeout: float) -> bytes:
     return buf
 
 
-def rss_of(pid: int) -> int:
-    """Resident set size of a process in bytes."""
+def status_bytes(pid: int, field: str) -> int:
+    """A size field of ``/proc/PID/status`` (``VmRSS``, ``VmHWM``...) in bytes."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
+def rss_of(pid: int) -> int:
+    """Resident set size of a process in bytes."""
+    return status_bytes(pid, "VmRSS")
 
 
 def percentile(samples: Sequence[float], q: float) -> float:

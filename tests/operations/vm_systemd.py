@@ -84,6 +84,10 @@ cp "$S/trio-jobs.service" "$R/etc/systemd/system/trio-jobs.service"
 # Python is ~20x slower under TCG: give the first start (PKI creation) room. VM only.
 printf '[Service]\\nTimeoutStartSec=600\\n' >"$R/etc/systemd/system/trio-jobs.service.d/vm.conf"
 ln -sf {entry_point} "$R/opt/trio-jobs/bin/trio-jobs"
+# The checkout under test may live in /tmp (CI clones there), which systemd-tmpfiles empties
+# at boot (tmp.conf: "D /tmp"); keep it: create /tmp, never clean it. VM only.
+mkdir -p "$R/etc/tmpfiles.d"
+printf 'd /tmp 1777 root root -\n' >"$R/etc/tmpfiles.d/tmp.conf"
 cp "$S/trio-jobs-vm.target" "$S/trio-jobs-vm-check.service" "$R/etc/systemd/system/"
 """
 

@@ -191,8 +191,25 @@ print(len(b) // 1000000, flush=True)
 signal.pause()
 """
 
+# Grows to argv[1] MB in 4 MB steps, 10 ms apart, then says so: the group's limit is reached in
+# the middle of its growth, while the first job is the larger (the one the kernel picks).
+GROW_MB = """
+import signal, sys, time
+held = []
+while len(held) * 4 < int(sys.argv[1]):
+    held.append(b"\\x01" * (4 * 1000 * 1000))
+    time.sleep(0.01)
+print(len(held) * 4, flush=True)
+signal.pause()
+"""
 
-async def test_group_memory_limit_oom_kills_one_of_two_jobs(driver: Driver) -> None:
+
+async def _one_of_two(driver: Driver) -> tuple[bool, str]:
+    """Two jobs of one group whose memory together passes the group's limit: one attempt.
+
+    Returns whether exactly one was OOM-killed while the other went on to hold its 80 MB,
+    and what happened otherwise.
+    """
     own = Limits(memory_bytes=128 * MiB)  # each job alone fits (it holds ~80 MB + Python)
     group = Limits(memory_bytes=128 * MiB)  # both together do not
     first = await driver.create(_id(), own, group="alice", group_limits=group)
@@ -206,28 +223,29 @@ async def test_group_memory_limit_oom_kills_one_of_two_jobs(driver: Driver) -> N
     with trio.fail_after(60):
         p1 = await spawn_in(first, [PY, "-c", HOLD_MB, "80"], stdout=subprocess.PIPE)
         assert await read_lines(p1, 1) == ["80"]  # the first holds its 80 MB
-        p2 = await spawn_in(second, [PY, "-c", HOLD_MB, "80"], stdout=subprocess.PIPE)
-        ended = trio.Event()
-        codes: dict[str, int] = {}
+        p2 = await spawn_in(second, [PY, "-c", GROW_MB, "80"], stdout=subprocess.PIPE)
+        code1 = await p1.wait()  # the larger one is the kernel's pick
+        grown = await read_lines(p2, 1)  # the other then has the room to hold its 80 MB
+    outcome = f"first: {code1}, second: {grown} alive={alive(p2.pid)}"
+    assert code1 == -signal.SIGKILL, outcome
+    assert await first.oom_killed(), outcome
+    await _stop(second, p2)
+    await first.remove()
+    return grown == ["80"], outcome
 
-        async def wait(name: str, proc: trio.Process) -> None:
-            codes[name] = await proc.wait()
-            ended.set()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(wait, "first", p1)
-            nursery.start_soon(wait, "second", p2)
-            await ended.wait()  # the kernel killed one of them
-            nursery.cancel_scope.cancel()
-    assert len(codes) == 1, codes
-    ((victim_name, code),) = codes.items()
-    assert code == -signal.SIGKILL
-    victim, survivor = (first, second) if victim_name == "first" else (second, first)
-    survivor_proc = p2 if victim_name == "first" else p1
-    assert await victim.oom_killed()
-    assert alive(survivor_proc.pid)
-    await _stop(survivor, survivor_proc)
-    await victim.remove()
+async def test_group_memory_limit_oom_kills_one_of_two_jobs(driver: Driver) -> None:
+    # The kernel may rarely kill the second job as well: its OOM killer can mark the first
+    # victim reaped before all of its pages are uncharged (seen once in the v2 VM, 5 ms apart).
+    # That race is the kernel's; what we own is that the group's limit holds and kills one job
+    # of the group, not the group. So: up to three attempts, one of which must show it.
+    outcomes = []
+    for _ in range(3):
+        ok, outcome = await _one_of_two(driver)
+        if ok:
+            return
+        outcomes.append(outcome)
+    pytest.fail(f"the second job never survived the first one's OOM kill: {outcomes}")
 
 
 async def test_group_limits_are_updated_and_v1_job_quotas_follow(driver: Driver) -> None:

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+import pytest
 import trio
 
 from trio_jobs.worker.cgroups._layout import parse_proc_cgroup
 from trio_jobs.worker.cgroups.v1 import V1_CONTROLLERS, V1Driver, V1JobCgroup
 from trio_jobs.worker.cgroups.v2 import V2Driver, V2JobCgroup
+from trio_jobs.worker.limits import Limits
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Mapping
+
     from trio_jobs.worker.cgroups.base import JobCgroup
 
 # Leak tests run 200 jobs; inside the cgroup v2 VM (TCG, ~14x slower, 8-minute budget for
@@ -199,3 +204,92 @@ signal.pause()
 
 # FORK_LOOP with the number of forks in argv[1] (for splitting a fork loop over jobs).
 FORK_N: Final = FORK_LOOP.replace("range(300)", "range(int(sys.argv[1]))")
+
+
+# -- CPU caps measured over a window ------------------------------------------------------------
+
+# Four busy processes (processes, not Python threads, so the GIL cannot be what limits them).
+BUSY4: Final = "for i in 1 2 3 4; do (while :; do :; done) & done; echo started; wait"
+CPU_WINDOW: Final = 2.0  # wall seconds measured
+# The jobs measured in the same window, and the most CPU-s per wall-s a capped one may show:
+# 20% (half) and 30% (tenth) above the cap cover the quota granted at the window's edges.
+CPU_CASES: Final = {"half": Limits(cpu_millis=500), "tenth": Limits(cpu_millis=100), "none": Limits()}
+CPU_CAPS: Final = {"half": 0.6, "tenth": 0.13}
+CPU_STARVED: Final = 0.5  # below this sum the host gave us too little to compare the jobs
+
+
+@dataclass(frozen=True, kw_only=True)
+class CpuRate:
+    """A job's CPU-s per wall-s over a window, bracketed: each end's usage was read some time
+    between two clock readings, so the true rate is between ``low`` (the longest window the
+    readings allow) and ``high`` (the shortest). Slow readings (a loaded host, the TCG VM)
+    widen the bracket instead of biasing a point estimate."""
+
+    low: float
+    high: float
+    window: float
+
+    def __str__(self) -> str:
+        return f"{self.low:.3f}-{self.high:.3f} over {self.window:.2f} s"
+
+
+async def _cpu_window(read_usec: Callable[[str], Awaitable[int]]) -> dict[str, CpuRate]:
+    async def bracket(key: str) -> tuple[float, int, float]:
+        before = trio.current_time()
+        usec = await read_usec(key)
+        return before, usec, trio.current_time()
+
+    s0 = {k: await bracket(k) for k in CPU_CASES}
+    await trio.sleep(CPU_WINDOW)  # the measurement window itself, not a wait
+    s1 = {k: await bracket(k) for k in CPU_CASES}
+    out = {}
+    for k in CPU_CASES:
+        cpu = (s1[k][1] - s0[k][1]) / 1e6
+        longest, shortest = s1[k][2] - s0[k][0], s1[k][0] - s0[k][2]
+        out[k] = CpuRate(low=cpu / longest, high=cpu / shortest, window=shortest)
+    return out
+
+
+def cpu_starved(r: Mapping[str, CpuRate]) -> bool:
+    """The host gave our busy jobs too little CPU to compare them (they share whatever it
+    gives at that moment, so a busy host slows all three, not the comparison)."""
+    return sum(x.high for x in r.values()) < CPU_STARVED
+
+
+def cpu_misses(r: Mapping[str, CpuRate]) -> list[str]:
+    """What these rates prove wrong, whatever the load and however slow the readings. A
+    capped job above its bound even at its lowest rate broke its cap. The uncapped job,
+    measured in the same window (the baseline the caps are judged against), must get far
+    more than the tenth-CPU job: twice as much and 0.1 CPU more, even at its highest rate
+    against the tenth's lowest."""
+    misses = [f"{k} above {bound}" for k, bound in CPU_CAPS.items() if r[k].low > bound]
+    if not cpu_starved(r):
+        if r["none"].high < 2 * r["tenth"].low:
+            misses.append("none below 2 x tenth")
+        if r["none"].high <= r["tenth"].low + 0.1:
+            misses.append("none not 0.1 above tenth")
+    return misses
+
+
+async def cpu_rounds(read_usec: Callable[[str], Awaitable[int]]) -> list[dict[str, CpuRate]]:
+    """The CPU rate of every job of CPU_CASES (all busy) over the same window, and over a
+    second window (the same jobs) when the first misses or the host starved it.
+    ``read_usec(case)`` reads that job's CPU usage."""
+    rounds = [await _cpu_window(read_usec)]
+    if cpu_misses(rounds[0]) or cpu_starved(rounds[0]):
+        rounds.append(await _cpu_window(read_usec))
+    return rounds
+
+
+def cpu_verdict(rounds: list[dict[str, CpuRate]]) -> None:
+    """Fail when the last round is still wrong, skip when the host starved it, showing the
+    figures of every round either way."""
+    figures = "\n".join(
+        f"round {i}: " + "; ".join(f"{k} {x}" for k, x in r.items())
+        + f" -> {', '.join(cpu_misses(r)) or ('starved' if cpu_starved(r) else 'ok')}"
+        for i, r in enumerate(rounds, 1)
+    )
+    if cpu_misses(rounds[-1]):
+        pytest.fail(f"CPU-s per wall-s (caps: half 0.5, tenth 0.1; none uncapped):\n{figures}")
+    if cpu_starved(rounds[-1]):
+        pytest.skip(f"the host gave too little CPU to 12 busy processes:\n{figures}")

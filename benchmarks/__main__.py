@@ -3,8 +3,9 @@
 Suites: ``rpc`` (the gRPC layer against grpcio, grpclib and bare TLS), ``worker`` (the job
 worker in-process: follower memory and throughput, job start latency), ``tls`` (PKI creation
 and one mutual TLS 1.3 handshake) and ``e2e`` (the whole product: real servers and clients
-over mutual TLS, with charts) and ``restart`` (a real server's start time and peak memory with
-100,000 ended jobs of history against an empty one).
+over mutual TLS, with charts), ``restart`` (a real server's start time and peak memory with
+100,000 ended jobs of history against an empty one) and ``cli`` (one-shot ``trio-jobs``
+commands as whole processes against the smallest grpcio scripts).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import runpy
 import sys
 
 SUITES = {"rpc": "benchmarks.rpc", "worker": "benchmarks.bench_worker", "tls": "benchmarks.bench_tls", "e2e": "benchmarks.e2e",
-          "restart": "benchmarks.restart"}
+          "restart": "benchmarks.restart", "cli": "benchmarks.cli"}
 
 
 def main() -> int:

@@ -2,176 +2,85 @@
 
     async with JobsClient.connect("localhost:4567", cert=..., key=..., ca=...) as jobs:
         job = await jobs.start("echo", ["hello"])
-        final = await jobs.tail(job.job_id, sink)      # sink: async (bytes) -> None
-        print(final.exit_status)
+        async with jobs.follow(job.job_id) as output:  # JobOutput
+            async for data in output:                  # bytes, from offset 0
+                ...
+        print(output.final.exit_status)
 
 Results are small frozen dataclasses of this module (:class:`JobInfo`, :class:`JobLimits`,
 ...), not the worker's classes: a client must not need the server's code. Each carries the
 proto message it came from in ``.proto`` for callers who want the wire form (e.g. JSON).
 Errors are :class:`JobsError` with the gRPC status ``code`` and the server's message.
 
-Reconnection: :meth:`JobsClient.tail` survives a dropped connection -- it reconnects with
-backoff and resumes at the offset after the last byte it delivered, so the sink sees every
-byte exactly once. Other calls are single requests and report a dropped connection as
-``JobsError(UNAVAILABLE)``; retrying a StartJob blindly could start a job twice.
+Reconnection: :meth:`JobsClient.follow` (and :meth:`~JobsClient.tail`, its callback form)
+survives a dropped connection -- it reconnects as its :class:`Reconnect` policy says and
+resumes at the offset after the last byte it delivered, so the caller sees every byte
+exactly once; when the policy gives up, the error names the last failure. Closing the
+client ends its follows. Other calls are single requests and report a dropped connection
+as ``JobsError(UNAVAILABLE)``; retrying a StartJob blindly could start a job twice.
 """
 
 from __future__ import annotations
 
-import math
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Final, TypeVar, final
 
 import trio
-from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 
+from ._follow import FollowScopes, JobOutput, Reconnect, open_output
+from .calls import (
+    DEFAULT_SERVER,
+    FINAL_STATUS_KEY,
+    SERVICE,
+    JobInfo,
+    JobLimits,
+    JobsError,
+    JobUsage,
+    Plan,
+    StopOutcome,
+    list_plan,
+    parse_server,
+    start_plan,
+    status_plan,
+    stop_plan,
+    translate,
+)
 from .rpc import RpcError, StatusCode, connect
 from .v1 import jobs_pb2 as pb
 
 if TYPE_CHECKING:
     import ssl
+    from contextlib import AbstractAsyncContextManager
     from pathlib import Path
 
     from .rpc import Channel
 
-_SERVICE: Final = "/trio_jobs.v1.JobService/"
-# Trailing metadata of a followed StreamOutput (see trio_jobs.service).
-FINAL_STATUS_KEY: Final = "trio-jobs-final-status-bin"
+__all__ = [
+    "DEFAULT_SERVER",
+    "FINAL_STATUS_KEY",
+    "JobInfo",
+    "JobLimits",
+    "JobOutput",
+    "JobUsage",
+    "JobsClient",
+    "JobsError",
+    "Reconnect",
+    "Sink",
+    "StopOutcome",
+    "parse_server",
+]
+
+_SERVICE: Final = SERVICE
 _R = TypeVar("_R", bound=Message)
-DEFAULT_SERVER: Final = "localhost:4567"
+_T = TypeVar("_T")
 
-# Transport failures that make a tail reconnect (anything else is the server's answer).
+# Transport failures that make a follow reconnect (anything else is the server's answer).
 _RETRY_CODES: Final = frozenset({StatusCode.UNAVAILABLE, StatusCode.INTERNAL, StatusCode.UNKNOWN})
-_STATE_NAMES: Final = {
-    pb.JOB_STATE_UNSPECIFIED: "unknown",
-    pb.JOB_STATE_RUNNING: "running",
-    pb.JOB_STATE_EXITED: "exited",
-    pb.JOB_STATE_KILLED: "killed",
-    pb.JOB_STATE_LOST: "lost",
-}
-
-
-class JobsError(Exception):
-    """A call failed: ``code`` is the gRPC status, ``message`` says what to do."""
-
-    def __init__(self, code: StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True, kw_only=True)
-class JobLimits:
-    """Resource limits; ``None`` = the server's default (in requests) or unlimited (in results)."""
-
-    cpu_millis: int | None = None
-    memory_bytes: int | None = None
-    io_read_bps: int | None = None
-    io_write_bps: int | None = None
-    io_read_iops: int | None = None
-    io_write_iops: int | None = None
-    pids_max: int | None = None
-
-    def to_proto(self) -> pb.ResourceLimits:
-        msg = pb.ResourceLimits()
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None:
-                setattr(msg, f.name, value)
-        return msg
-
-    @classmethod
-    def from_proto(cls, msg: pb.ResourceLimits) -> JobLimits:
-        present = {field.name: value for field, value in msg.ListFields()}
-        return cls(**{f.name: present.get(f.name) for f in fields(cls)})
-
-
-@dataclass(frozen=True, kw_only=True)
-class JobUsage:
-    cpu_usec: int
-    memory_peak_bytes: int
-    io_read_bytes: int
-    io_write_bytes: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class JobInfo:
-    """A job's status. ``state`` is "running", "exited", "killed" or "lost"."""
-
-    job_id: str
-    owner: str
-    command: str
-    args: tuple[str, ...]
-    state: str
-    exit_code: int | None
-    signal: int | None
-    stopped_by_user: bool
-    oom_killed: bool
-    stopped_by_shutdown: bool
-    created_at: datetime
-    ended_at: datetime | None
-    limits: JobLimits
-    usage: JobUsage
-    output_bytes: int
-    output_truncated: bool
-    proto: pb.JobStatus
-
-    @property
-    def exit_status(self) -> int | None:
-        """A shell-style status: the exit code, or 128 + signal; None while running or lost."""
-        if self.exit_code is not None:
-            return self.exit_code
-        if self.signal is not None:
-            return 128 + self.signal
-        return None
-
-    @classmethod
-    def from_proto(cls, msg: pb.JobStatus) -> JobInfo:
-        u = msg.usage
-        return cls(
-            job_id=msg.job_id,
-            owner=msg.owner,
-            command=msg.command,
-            args=tuple(msg.args),
-            state=_STATE_NAMES.get(msg.state, "unknown"),
-            exit_code=msg.exit_code if msg.HasField("exit_code") else None,
-            signal=msg.signal if msg.HasField("signal") else None,
-            stopped_by_user=msg.stopped_by_user,
-            oom_killed=msg.oom_killed,
-            stopped_by_shutdown=msg.stopped_by_shutdown,
-            created_at=msg.created_at.ToDatetime(tzinfo=UTC),
-            ended_at=msg.ended_at.ToDatetime(tzinfo=UTC) if msg.HasField("ended_at") else None,
-            limits=JobLimits.from_proto(msg.limits),
-            usage=JobUsage(
-                cpu_usec=u.cpu_usec,
-                memory_peak_bytes=u.memory_peak_bytes,
-                io_read_bytes=u.io_read_bytes,
-                io_write_bytes=u.io_write_bytes,
-            ),
-            output_bytes=msg.output_bytes,
-            output_truncated=msg.output_truncated,
-            proto=msg,
-        )
-
-
-@dataclass(frozen=True, kw_only=True)
-class StopOutcome:
-    job: JobInfo
-    force_ended: bool  # True only when this stop is what ended the job
-
-
-def parse_server(server: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port). Raises ValueError."""
-    host, sep, port_text = server.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"invalid server address {server!r}: use HOST:PORT, e.g. localhost:4567")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port_text)
 
 
 def _usable(channel: Channel) -> bool:
@@ -188,8 +97,28 @@ def _single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | No
     return exc
 
 
-def _translate(exc: RpcError) -> JobsError:
-    return JobsError(exc.code, exc.message or exc.code.name)
+_translate = translate
+
+
+def _connect_failures(exc: BaseException) -> str:
+    """Why connecting failed, from the attempts' errors that ``trio.open_tcp_stream``
+    chains under its "all attempts to connect to HOST:PORT failed" ("Connection refused");
+    "" when there are none."""
+    cause = exc.__cause__
+    while cause is not None and not isinstance(cause, BaseExceptionGroup):
+        cause = cause.__cause__
+    if cause is None:
+        return ""
+    reasons: dict[str, None] = {}  # in order, once each
+    pending: list[BaseException] = [cause]
+    while pending:
+        failure = pending.pop()
+        if isinstance(failure, BaseExceptionGroup):
+            pending.extend(reversed(failure.exceptions))
+        elif isinstance(failure, OSError):
+            # trio's strerror repeats the address: the errno's own text is the reason
+            reasons[os.strerror(failure.errno) if failure.errno else str(failure)] = None
+    return ", ".join(reasons)
 
 
 Sink = Callable[[bytes], Awaitable[None]]
@@ -199,14 +128,24 @@ Sink = Callable[[bytes], Awaitable[None]]
 class JobsClient:
     """One connection to a trio-jobs server. Make it with :meth:`connect`."""
 
-    def __init__(self, *, server: str, ssl_context: ssl.SSLContext) -> None:
+    def __init__(self, *, server: str, ssl_context: ssl.SSLContext, reconnect: Reconnect | None = None) -> None:
         """Not connected yet: use :meth:`connect`."""
         parse_server(server)
         self._channel: Channel | None = None
         self._server = server
         self._ssl_context = ssl_context
-        #: how long tail keeps trying to reconnect without getting a byte or an answer
-        self.reconnect_timeout = 60.0
+        #: how :meth:`follow` and :meth:`tail` reconnect after a failure, unless told otherwise
+        self.reconnect = reconnect or Reconnect()
+        self._follows = FollowScopes()
+
+    @property
+    def reconnect_timeout(self) -> float:
+        """``reconnect.window``: seconds a follow keeps reconnecting without progress."""
+        return self.reconnect.window
+
+    @reconnect_timeout.setter
+    def reconnect_timeout(self, seconds: float) -> None:
+        self.reconnect = replace(self.reconnect, window=seconds)
 
     @classmethod
     @asynccontextmanager
@@ -218,21 +157,28 @@ class JobsClient:
         key: Path | None = None,
         ca: Path | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        reconnect: Reconnect | None = None,
     ) -> AsyncIterator[JobsClient]:
-        """Connect with mutual TLS: pass ``cert``/``key``/``ca`` paths or an ``ssl_context``."""
+        """Connect with mutual TLS: pass ``cert``/``key``/``ca`` paths or an ``ssl_context``.
+
+        ``reconnect``: the client's :attr:`reconnect` policy (default ``Reconnect()``: retry
+        for up to 60 s without progress). Leaving the block closes the connection and ends
+        the client's follows, in whatever task they run.
+        """
         if ssl_context is None:
             if cert is None or key is None or ca is None:
                 raise ValueError("JobsClient.connect needs cert, key and ca (or an ssl_context)")
             from .security.tls import client_ssl_context
 
             ssl_context = client_ssl_context(cert=cert, key=key, ca=ca)
-        client = cls(server=server, ssl_context=ssl_context)
+        client = cls(server=server, ssl_context=ssl_context, reconnect=reconnect)
         async with client._open() as channel:
             client._channel = channel
             try:
                 yield client
             finally:
                 client._channel = None
+                client._follows.close()  # no follow reconnects behind the caller's back
 
     @asynccontextmanager
     async def _open(self) -> AsyncIterator[Channel]:
@@ -254,7 +200,10 @@ class JobsClient:
                 raise _translate(leaf) from leaf
             raise leaf from None
         except RpcError as exc:
-            raise _translate(exc) from exc
+            reasons = _connect_failures(exc)  # trio says "all attempts ... failed"; the why
+            if not reasons:
+                raise _translate(exc) from exc
+            raise JobsError(exc.code, f"{exc.message} ({reasons})") from exc
         except OSError as exc:
             raise JobsError(StatusCode.UNAVAILABLE, f"cannot connect to {self._server}: {exc.strerror or exc}") from exc
 
@@ -279,6 +228,17 @@ class JobsClient:
         except (OSError, trio.BrokenResourceError) as exc:
             raise JobsError(StatusCode.UNAVAILABLE, f"connection to {self._server} lost: {exc}") from exc
 
+    async def _run(self, plan: Plan[_T]) -> _T:
+        """Run a call plan of :mod:`trio_jobs.calls` (the loop of :func:`calls.drive`)."""
+        call = next(plan)
+        while True:
+            response = await self._unary(call.method, call.request, call.response_type)
+            try:
+                call = plan.send(response)
+            except StopIteration as done:
+                result: _T = done.value
+                return result
+
     async def start(
         self,
         command: str,
@@ -289,121 +249,153 @@ class JobsClient:
         limits: JobLimits | None = None,
     ) -> JobInfo:
         """Start ``command args...`` (no shell). Returns the new job's status."""
-        request = pb.StartJobRequest(
-            command=command,
-            args=list(args),
-            env=dict(env or {}),
-            working_dir=working_dir,
-            limits=(limits or JobLimits()).to_proto(),
-        )
-        response = await self._unary("StartJob", request, pb.StartJobResponse)
-        return JobInfo.from_proto(response.status)
+        return await self._run(start_plan(command, args, env=env, working_dir=working_dir, limits=limits))
 
     async def stop(self, job_id: str, *, grace: float | None = None) -> StopOutcome:
         """Stop a job (SIGTERM, ``grace`` seconds, SIGKILL); None = the server's default."""
-        request = pb.StopJobRequest(job_id=job_id)
-        if grace is not None:
-            if not math.isfinite(grace) or grace < 0:
-                raise ValueError("grace must be a finite number of seconds >= 0")
-            request.grace_period.CopyFrom(Duration(seconds=int(grace), nanos=round((grace % 1) * 1e9) % 1_000_000_000))
-        response = await self._unary("StopJob", request, pb.StopJobResponse)
-        return StopOutcome(job=JobInfo.from_proto(response.status), force_ended=response.force_ended)
+        return await self._run(stop_plan(job_id, grace=grace))
 
     async def status(self, job_id: str) -> JobInfo:
-        return JobInfo.from_proto(await self._unary("GetJobStatus", pb.GetJobStatusRequest(job_id=job_id), pb.JobStatus))
+        return await self._run(status_plan(job_id))
 
     async def list_proto(self, *, all_users: bool = False, page_size: int = 0) -> pb.ListJobsResponse:
         """Every job (see :meth:`list`) in one ``ListJobsResponse``, however many pages the
         server answers in (``page_size``: jobs per call, 0 lets the server choose)."""
-        whole: pb.ListJobsResponse | None = None
-        token = ""
-        while True:
-            request = pb.ListJobsRequest(all_users=all_users, page_size=page_size, page_token=token)
-            page = await self._unary("ListJobs", request, pb.ListJobsResponse)
-            if whole is None:
-                whole = page  # the only page, mostly: no copy
-            else:
-                whole.jobs.extend(page.jobs)
-            if not page.next_page_token:
-                whole.ClearField("next_page_token")
-                return whole
-            if page.next_page_token == token or not page.jobs:
-                raise JobsError(StatusCode.INTERNAL, "the server's ListJobs pages do not advance")
-            token = page.next_page_token
+        return await self._run(list_plan(all_users=all_users, page_size=page_size))
 
     async def list(self, *, all_users: bool = False) -> list[JobInfo]:
         """Your jobs, oldest first; ``all_users`` (admins only) for everybody's."""
         return [JobInfo.from_proto(j) for j in (await self.list_proto(all_users=all_users)).jobs]
 
-    async def tail(self, job_id: str, sink: Sink, *, offset: int = 0, follow: bool = True) -> JobInfo:
+    def follow(
+        self, job_id: str, offset: int = 0, *, wait: bool = True, reconnect: Reconnect | None = None
+    ) -> AbstractAsyncContextManager[JobOutput]:
+        """The job's output from ``offset``, in chunks of bytes::
+
+            async with jobs.follow(job_id) as output:
+                async for data in output:
+                    ...
+            print(output.final.exit_status)
+
+        With ``wait`` (``tail -f``) the iteration ends once the job has ended and every byte
+        was delivered; without, at the end of the output there is now. ``output.final`` is
+        then the job's status. A dropped connection is retried as ``reconnect`` (default:
+        :attr:`reconnect`) says, resuming at the next byte: bytes are never repeated or
+        skipped. Leaving the block ends the call; so does leaving the client's ``async
+        with``, and the iteration then raises ``JobsError(CANCELLED)``.
+
+        An async context manager, not a bare async iterator: the call runs in a task that
+        the block owns (trio_jobs/_follow.py), so it ends when the block does however the
+        block is left, and nothing yields from inside a nursery (PEP 789).
+        """
+        self._connected()  # not connected (any more): say so now, not at the first chunk
+        output = JobOutput(job_id, offset)
+        return open_output(output, partial(self._pump, output, wait, reconnect or self.reconnect))
+
+    async def tail(
+        self, job_id: str, sink: Sink, *, offset: int = 0, follow: bool = True, reconnect: Reconnect | None = None
+    ) -> JobInfo:
         """Deliver the job's output from ``offset`` to ``sink``, then return its status.
 
-        With ``follow`` this returns once the job has ended and every byte was delivered.
-        A dropped connection is retried (backoff up to 2 s, giving up after
-        ``reconnect_timeout`` seconds without progress) and resumes at the next byte; bytes
-        are never repeated or skipped. Errors of ``sink`` propagate unchanged.
+        :meth:`follow` with a callback (``follow`` is its ``wait``): with ``follow`` this
+        returns once the job has ended and every byte was delivered; a dropped connection is
+        retried and resumes at the next byte. Errors of ``sink`` propagate unchanged.
         """
-        state = _TailState(offset=offset)
+        async with self.follow(job_id, offset, wait=follow, reconnect=reconnect) as output:
+            async for data in output:
+                await sink(data)
+        return output.final
+
+    async def _pump(
+        self, output: JobOutput, wait: bool, policy: Reconnect, send: trio.MemorySendChannel[bytes]
+    ) -> JobInfo:
+        """Send ``output``'s bytes to ``send`` across reconnects; the job's final status.
+        Runs in the follow's own task (trio_jobs/_follow.py); :meth:`connect` ending
+        cancels it."""
+        with self._follows.track():
+            return await self._follow_calls(output, wait, policy, send)
+        # only the client's close() cancels that scope
+        raise JobsError(
+            StatusCode.CANCELLED,
+            f"the client was closed (its 'async with JobsClient.connect(...)' ended) while following job {output.job_id}",
+        )
+
+    async def _follow_calls(
+        self, output: JobOutput, wait: bool, policy: Reconnect, send: trio.MemorySendChannel[bytes]
+    ) -> JobInfo:
+        progress = _Progress(offset=output.offset)
         connected = self._connected()
         # A connection the server closed (idle timeout): a new one at once, no backoff.
         channel: Channel | None = connected if _usable(connected) else None
-        delay = 0.05
-        give_up = trio.current_time() + self.reconnect_timeout
+        delay = policy.first_delay
+        since = trio.current_time()  # the last progress: a byte delivered, a call accepted
+        failures = 0  # since then
+        # Retries until ``policy.window`` after the last progress -- the last one at the
+        # window's end, its wait cut short -- then gives up with the last failure.
         while True:
-            progress_before = state.offset
+            before = progress.offset
             try:
                 if channel is not None:
-                    return await self._tail_on(channel, job_id, sink, state, follow)
+                    return await self._stream_on(channel, output.job_id, wait, progress, send)
                 async with self._open() as fresh:
-                    return await self._tail_on(fresh, job_id, sink, state, follow)
+                    return await self._stream_on(fresh, output.job_id, wait, progress, send)
             except JobsError as exc:
-                if state.sink_failed or exc.code not in _RETRY_CODES:
+                if exc.code not in _RETRY_CODES:
                     raise
-                if state.offset != progress_before or state.answered:
-                    give_up = trio.current_time() + self.reconnect_timeout
-                    delay = 0.05
-                    state.answered = False
-                if trio.current_time() + delay > give_up:
-                    raise JobsError(exc.code, f"{exc.message} (gave up reconnecting after {self.reconnect_timeout:g}s)") from exc
+                output.last_error = exc
+                now = trio.current_time()
+                if progress.offset != before or progress.answered:
+                    since, delay, failures = now, policy.first_delay, 0
+                    progress.answered = False
+                failures += 1
+                if now >= since + policy.window:
+                    raise JobsError(
+                        exc.code,
+                        f"gave up following job {output.job_id} at offset {progress.offset}: {failures} failed "
+                        f"attempt(s) in {now - since:.1f}s without progress (reconnect window {policy.window:g}s); "
+                        f"the last error: {exc.message}",
+                    ) from exc
             channel = None
-            await trio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            await trio.sleep(max(0.0, min(delay, since + policy.window - trio.current_time())))
+            delay = policy.next_delay(delay)
+            output.reconnects += 1
 
-    async def _tail_on(self, channel: Channel, job_id: str, sink: Sink, state: _TailState, follow: bool) -> JobInfo:
-        request = pb.StreamOutputRequest(job_id=job_id, offset=state.offset, follow=follow)
+    async def _stream_on(
+        self, channel: Channel, job_id: str, wait: bool, progress: _Progress, send: trio.MemorySendChannel[bytes]
+    ) -> JobInfo:
+        """One StreamOutput call from ``progress.offset``; the job's status at its end."""
+        request = pb.StreamOutputRequest(job_id=job_id, offset=progress.offset, follow=wait)
         try:
             async with channel.server_stream(_SERVICE + "StreamOutput", request, pb.OutputChunk) as stream:
-                state.answered = True
+                progress.answered = True
                 async for chunk in stream:
-                    data = chunk.data
-                    if chunk.offset > state.offset:
+                    if chunk.offset > progress.offset:
                         raise JobsError(
-                            StatusCode.DATA_LOSS, f"output jumped from offset {state.offset} to {chunk.offset}; try again"
+                            StatusCode.DATA_LOSS, f"output jumped from offset {progress.offset} to {chunk.offset}; try again"
                         )
-                    data = data[state.offset - chunk.offset :]  # resumed mid-chunk: drop what we have
+                    data = chunk.data[progress.offset - chunk.offset :]  # resumed mid-chunk: drop what we have
                     if data:
-                        try:
-                            await sink(data)
-                        except BaseException:
-                            state.sink_failed = True
-                            raise
-                        state.offset += len(data)
+                        # Returns once the caller took it (or raises Cancelled: the
+                        # receiving end outlives this task, so nothing else to translate).
+                        await send.send(data)
+                        progress.offset += len(data)
                 for key, value in stream.trailing_metadata:
                     if key == FINAL_STATUS_KEY and isinstance(value, bytes):
                         # the server sent the ended job's status with the trailers
                         return JobInfo.from_proto(pb.JobStatus.FromString(value))
+            # No final status with the trailers (not waiting; an older server): ask.
+            status = await channel.unary(_SERVICE + "GetJobStatus", pb.GetJobStatusRequest(job_id=job_id), pb.JobStatus)
         except RpcError as exc:
             raise _translate(exc) from exc
         except (OSError, trio.BrokenResourceError) as exc:
-            if state.sink_failed:
-                raise
             raise JobsError(StatusCode.UNAVAILABLE, f"connection to {self._server} lost: {exc}") from exc
-        return JobInfo.from_proto(await self._unary("GetJobStatus", pb.GetJobStatusRequest(job_id=job_id), pb.JobStatus, channel))
+        return JobInfo.from_proto(status)
 
 
 @dataclass(kw_only=True)
-class _TailState:
-    offset: int
-    answered: bool = False
-    sink_failed: bool = False
+class _Progress:
+    """Where a follow is, across its calls."""
+
+    offset: int  # after the last byte the caller took
+    answered: bool = False  # a call was accepted on a connection since the last failure
 

@@ -65,6 +65,17 @@ if TYPE_CHECKING:
     from .worker import Worker
     from .worker.cgroups.base import CgroupDriver
 
+__all__ = [
+    "DEFAULT_SHUTDOWN_TIMEOUT",
+    "FORCED_DRAIN_TIMEOUT",
+    "RELOAD_SIGNAL",
+    "SHUTDOWN_SIGNALS",
+    "ServerConfig",
+    "ServerHandle",
+    "ServerInfo",
+    "serve",
+]
+
 SHUTDOWN_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 RELOAD_SIGNAL: Final = signal.SIGHUP
 # The graceful phase: the default job grace period (5 s) plus time to reap and persist.

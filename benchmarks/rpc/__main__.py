@@ -1,12 +1,16 @@
-"""Run the rpc benchmark: ``python -m benchmarks.rpc [--quick] [--impls ours,grpcio] [--rounds N]``.
+"""Run the rpc benchmark: ``python -m benchmarks.rpc [--quick] [--impls ours,grpcio] [--rounds N] [--status on|off|only]``.
 
 For each peer the runner starts a server process, then a client process that measures the
 three figures against it, then stops the server; the runner itself does no I/O-bound work.
 The peers run in ``--rounds`` interleaved rounds (ours, grpcio, ..., then again) and each
 figure is the median over the rounds: this machine's speed drifts by up to 2x within
 minutes, which one run per peer mistakes for a difference between the peers.
-A full run writes its table into docs/benchmarks.md (between the rpc markers); ``--quick``
-is a smoke run of a few seconds that writes nothing. Exit status 1 if any peer failed.
+Each round ends with the status phase (benchmarks/rpc/status.py): the whole trio-jobs
+server's GetJobStatus of an ended job against grpcio's server's trivial unary call, with the
+grpcio client (``--status off`` skips it, ``--status only`` runs nothing else).
+A full run writes its tables into docs/benchmarks.md (between the rpc markers, and the
+status phase's between its own); ``--quick`` is a smoke run of a few seconds that writes
+nothing. Exit status 1 if any peer (or the status phase) failed.
 """
 
 from __future__ import annotations
@@ -24,8 +28,26 @@ import time
 from pathlib import Path
 from typing import Final
 
-from benchmarks.rpc.common import IMPLS, Result, Workload, generate_code, make_pki, median_result
-from benchmarks.rpc.report import render_doc_section, render_table, replace_doc_section
+from benchmarks.rpc.common import (
+    IMPLS,
+    Result,
+    StatusResult,
+    Workload,
+    generate_code,
+    make_pki,
+    median_result,
+    median_status,
+)
+from benchmarks.rpc.report import (
+    STATUS_BEGIN,
+    STATUS_END,
+    render_doc_section,
+    render_status_section,
+    render_status_table,
+    render_table,
+    replace_doc_section,
+)
+from benchmarks.rpc.status import run_status
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 DOC: Final = ROOT / "docs" / "benchmarks.md"
@@ -118,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="per client process")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, --quick 1)")
     parser.add_argument(
+        "--status",
+        choices=("on", "off", "only"),
+        default="on",
+        help="the status phase: GetJobStatus of an ended job against grpcio's trivial unary (default on)",
+    )
+    parser.add_argument(
         "--work",
         metavar="JSON",
         help='override workload fields, e.g. \'{"c64_calls": 64, "stream_count": 2}\' to profile '
@@ -127,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     if rounds < 1:
         parser.error("--rounds must be >= 1")
-    impls = [i for i in args.impls.split(",") if i]
+    impls = [i for i in args.impls.split(",") if i] if args.status != "only" else []
     unknown = sorted(set(impls) - set(IMPLS))
     if unknown:
         parser.error(f"unknown peers {unknown}; choose from {list(IMPLS)}")
@@ -140,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         args.no_doc = True
     runs: dict[str, list[Result]] = {impl: [] for impl in impls}
     failures: dict[str, str] = {}
+    status_runs: list[StatusResult] = []
+    status_failure: str | None = None
     started = time.time()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="trio-jobs-bench-") as tmp:
@@ -157,13 +187,38 @@ def main(argv: list[str] | None = None) -> int:
                 except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as exc:
                     failures[impl] = str(exc)
                     print(f"{impl} FAILED: {exc}", file=sys.stderr)
+            if args.status != "off" and status_failure is None:
+                print(f"round {n + 1}/{rounds}: status ...", file=sys.stderr, flush=True)
+                try:
+                    status_runs.append(run_status(pki, work, args.timeout, ROOT))
+                except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as exc:
+                    status_failure = str(exc)
+                    print(f"status FAILED: {exc}", file=sys.stderr)
     results = {impl: median_result(r) for impl, r in runs.items() if r and impl not in failures}
-    table = render_table(results, failures, rounds={i: r for i, r in runs.items() if i in results})
-    print(table)
+    table = render_table(results, failures, rounds={i: r for i, r in runs.items() if i in results}) if impls else ""
+    if impls:
+        print(table)
+    status_table = None
+    if status_runs and status_failure is None:
+        status_table = render_status_table(median_status(status_runs), status_runs)
+        print("\nGetJobStatus of an ended job, against grpcio's server:\n" + status_table)
+    elif status_failure is not None:
+        print(f"\nstatus phase failed: {status_failure}")
     if args.profile is not None and args.profile.exists():
         _print_profile(args.profile, 25)
     # A profiled run is slower than it should be: it never goes into the docs.
-    if not args.quick and not args.no_doc and args.profile is None and results:
+    writes_doc = not args.quick and not args.no_doc and args.profile is None
+    if writes_doc and status_table is not None:
+        replace_doc_section(
+            DOC,
+            render_status_section(status_table, work=work, load_before=load_before, load_after=os.getloadavg(),
+                                  command="python -m benchmarks.rpc" + (" --status only" if args.status == "only" else ""),
+                                  rounds=rounds),
+            begin=STATUS_BEGIN,
+            end=STATUS_END,
+        )
+        print(f"wrote the status section of {DOC}", file=sys.stderr)
+    if writes_doc and results:
         section = render_doc_section(
             table,
             work=work,
@@ -175,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         replace_doc_section(DOC, section)
         print(f"wrote {DOC}", file=sys.stderr)
-    return 1 if failures else 0
+    return 1 if failures or status_failure is not None else 0
 
 
 if __name__ == "__main__":

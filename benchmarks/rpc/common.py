@@ -42,6 +42,9 @@ class Workload:
     stream_size: int = 65536  # bytes of data per streamed message
     stream_count: int = 3200  # messages per streaming call (200 MiB)
     stream_rounds: int = 3  # streaming calls; the median rate is reported
+    status_warmup: int = 300  # the status phase (benchmarks/rpc/status.py): per server call
+    status_calls: int = 3000  # timed calls of each of the three
+    status_block: int = 50  # calls of one kind in a row before the next kind
 
     @classmethod
     def quick(cls) -> Workload:
@@ -51,6 +54,8 @@ class Workload:
             c64_calls=640,
             stream_count=64,
             stream_rounds=1,
+            status_warmup=20,
+            status_calls=200,
         )
 
     def to_json(self) -> str:
@@ -76,6 +81,31 @@ class Result:
     @classmethod
     def from_json(cls, text: str) -> Result:
         return cls(**json.loads(text))
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatusResult:
+    """The status phase's figures (microseconds), all measured with the grpcio client."""
+
+    status_p50_us: float  # our GetJobStatus of an ended job
+    status_p99_us: float
+    check_p50_us: float  # our grpc.health.v1.Health/Check
+    grpcio_p50_us: float  # grpcio's server, grpc.health.v1.Health/Check
+    grpcio_p99_us: float
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> StatusResult:
+        return cls(**json.loads(text))
+
+
+def median_status(runs: list[StatusResult]) -> StatusResult:
+    """Each figure's median over the rounds."""
+    return StatusResult(**{
+        f.name: statistics.median(getattr(r, f.name) for r in runs) for f in dataclasses.fields(StatusResult)
+    })
 
 
 def median_result(runs: list[Result]) -> Result:

@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from benchmarks.rpc.common import Result, Workload
+    from benchmarks.rpc.common import Result, StatusResult, Workload
 
 BEGIN: Final = "<!-- rpc-bench:begin (written by python -m benchmarks.rpc) -->"
 END: Final = "<!-- rpc-bench:end -->"
+STATUS_BEGIN: Final = "<!-- rpc-status-bench:begin (written by python -m benchmarks.rpc) -->"
+STATUS_END: Final = "<!-- rpc-status-bench:end -->"
+STATUS_TARGET: Final = "<=1.0"  # issue 19: GetJobStatus of an ended job <= grpcio's trivial unary
 NAMES: Final = {
     "ours": "trio_jobs.rpc",
     "grpcio": "grpcio (aio)",
@@ -83,6 +86,48 @@ def render_table(
     return "\n".join(lines)
 
 
+def render_status_table(result: StatusResult, rounds: list[StatusResult]) -> str:
+    """Markdown: the status phase's figures (medians over the rounds), the ratio against
+    the target, and each round's pair."""
+    lines = [
+        "| call (grpcio client, sync) | p50 (µs) | p99 (µs) |",
+        "|---|---:|---:|",
+        f"| trio-jobs GetJobStatus, ended job | {result.status_p50_us:,.0f} | {result.status_p99_us:,.0f} |",
+        f"| trio-jobs grpc.health.v1 Check | {result.check_p50_us:,.0f} | |",
+        f"| grpcio server (sync), grpc.health.v1 Check | {result.grpcio_p50_us:,.0f} | {result.grpcio_p99_us:,.0f} |",
+        "",
+        "| ratio | p50 |",
+        "|---|---|",
+        f"| GetJobStatus (ended) / grpcio's Check | "
+        f"{_cell(_ratio(result.status_p50_us, result.grpcio_p50_us), STATUS_TARGET)} |",
+        f"| GetJobStatus (ended) / our Check | {_cell(_ratio(result.status_p50_us, result.check_p50_us), None)} |",
+    ]
+    if len(rounds) > 1:
+        lines += ["", "| round | GetJobStatus / our Check / grpcio's Check, p50 |", "|---|---|"]
+        for n, r in enumerate(rounds, 1):
+            lines.append(f"| {n} | {r.status_p50_us:,.0f} / {r.check_p50_us:,.0f} / {r.grpcio_p50_us:,.0f} µs |")
+    return "\n".join(lines)
+
+
+def render_status_section(
+    table: str, *, work: Workload, load_before: tuple[float, float, float],
+    load_after: tuple[float, float, float], command: str, rounds: int,
+) -> str:
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join(
+        [
+            STATUS_BEGIN,
+            f"Run {when} with `{command}`: {rounds} round(s), each {work.status_calls} calls of each "
+            f"kind after {work.status_warmup} of each, alternated in blocks of {work.status_block}; "
+            f"medians over the rounds. Load average (1/5/15 min) before: "
+            f"{'/'.join(f'{x:.2f}' for x in load_before)}, after: {'/'.join(f'{x:.2f}' for x in load_after)}.",
+            "",
+            table,
+            STATUS_END,
+        ]
+    )
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -138,12 +183,12 @@ def render_doc_section(
     )
 
 
-def replace_doc_section(doc: Path, section: str) -> None:
+def replace_doc_section(doc: Path, section: str, *, begin: str = BEGIN, end: str = END) -> None:
     """Put ``section`` between the markers of ``doc`` (appended if the markers are missing)."""
     text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
         text = head + section + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, final
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, final
 
 from google.protobuf import message_factory
 
@@ -16,23 +16,20 @@ if TYPE_CHECKING:
     from google.protobuf.descriptor import ServiceDescriptor
     from google.protobuf.message import Message
 
-UnaryHandler = Callable[[Any, "ServerContext"], Awaitable[Any]]
-StreamHandler = Callable[[Any, "ServerContext", Callable[[Any], Awaitable[None]]], Awaitable[None]]
+    # PEP 696 defaults (in typing from 3.13; typing_extensions only for the type checker):
+    # a bare ``Method`` -- a server's ``list[Method]`` of mixed methods -- means
+    # ``Method[Any, Any]``, while a Method built from its message types is checked against
+    # them (``Method(request_type=A, response_type=B, handler=h)``: h must take an A and
+    # answer a B).
+    from typing_extensions import TypeVar
 
+    Req = TypeVar("Req", bound=Message, default=Any)
+    Resp = TypeVar("Resp", bound=Message, default=Any)
+else:
+    from typing import TypeVar
 
-@final
-@dataclass(frozen=True, kw_only=True)
-class Method:
-    """One RPC the server answers: ``path`` is ``/package.Service/Method``."""
-
-    path: str
-    request_type: type[Message]
-    response_type: type[Message]
-    handler: UnaryHandler | StreamHandler
-    server_streaming: bool = False
-    # Told of a call the server refuses before the handler runs (its request does not parse,
-    # is too large, ...), e.g. to log it; must not block or raise.
-    refused: Callable[[ServerContext, RpcError], None] | None = None
+    Req = TypeVar("Req", bound="Message")
+    Resp = TypeVar("Resp", bound="Message")
 
 
 @final
@@ -45,6 +42,34 @@ class Serialized:
     message object first."""
 
     data: bytes
+
+
+#: A unary handler: ``async def h(request: Req, ctx) -> Resp`` (or a :class:`Serialized`).
+UnaryHandler = Callable[[Req, "ServerContext"], Awaitable[Resp | Serialized]]
+#: What a streaming handler is given to send each message with.
+StreamSend = Callable[[Resp | Serialized], Awaitable[None]]
+#: A server-streaming handler: ``async def h(request: Req, ctx, send: StreamSend[Resp]) -> None``.
+StreamHandler = Callable[[Req, "ServerContext", StreamSend[Resp]], Awaitable[None]]
+
+
+@final
+@dataclass(frozen=True, kw_only=True)
+class Method(Generic[Req, Resp]):
+    """One RPC the server answers: ``path`` is ``/package.Service/Method``.
+
+    Generic in its request and response types, inferred from ``request_type`` and
+    ``response_type``, so that a type checker refuses a handler that takes or answers
+    (returns, or ``send``s) another message.
+    """
+
+    path: str
+    request_type: type[Req]
+    response_type: type[Resp]
+    handler: UnaryHandler[Req, Resp] | StreamHandler[Req, Resp]
+    server_streaming: bool = False
+    # Told of a call the server refuses before the handler runs (its request does not parse,
+    # is too large, ...), e.g. to log it; must not block or raise.
+    refused: Callable[[ServerContext, RpcError], None] | None = None
 
 
 @final
@@ -115,7 +140,7 @@ def service_from_descriptor(descriptor: ServiceDescriptor, impl: object) -> list
     Unary and server-streaming RPCs only; raises ValueError for a client-streaming
     method and TypeError when ``impl`` lacks one.
     """
-    methods = []
+    methods: list[Method] = []
     for m in descriptor.methods:
         if m.client_streaming:
             raise ValueError(f"{descriptor.full_name}.{m.name}: client streaming is not supported")

@@ -82,6 +82,7 @@ class Job:
         self._ending = False  # the cgroup is being read and removed for the final status
         self._created_at = created_at
         self.saved = False  # True once the final record is in the store
+        self.deleted = False  # True once retention deleted the record (the job had ended)
 
     # -- status -------------------------------------------------------------------------------
 

@@ -263,6 +263,7 @@ class Worker:
         self._unsaved: dict[str, JobStatus] = {}
         self._closed = False
         self._deletion_listeners: list[Callable[[Sequence[str]], None]] = []
+        self._end_listeners: list[Callable[[JobStatus], None]] = []
         # Deletes ended jobs beyond the limits; its task runs in the worker's nursery.
         self._retainer = Retainer(_store, _out_dir, _retention, clock=_clock,
                                   on_deleted=self._forget, after_pass=self._retry_unsaved)
@@ -285,9 +286,19 @@ class Worker:
         deleted jobs, e.g. to drop them from a cache. It must not raise."""
         self._deletion_listeners.append(listener)
 
+    def add_end_listener(self, listener: Callable[[JobStatus], None]) -> None:
+        """Call ``listener(status)`` (synchronously, on the loop) with the final status of
+        each job this worker started, once it has ended and left the worker's memory (from
+        then on :meth:`status` asks the store), e.g. to keep it in a cache. Not called for
+        a job that retention deleted before that moment. It must not raise."""
+        self._end_listeners.append(listener)
+
     def _forget(self, job_ids: list[str]) -> None:
         for job_id in job_ids:
             self._ended.discard(job_id)
+            job = self._jobs.get(job_id)
+            if job is not None:  # its record was stored and deleted while its task ends
+                job.deleted = True
         for listener in self._deletion_listeners:
             try:
                 listener(job_ids)
@@ -352,7 +363,16 @@ class Worker:
                 if not job.saved and job.final is not None:
                     self._unsaved[job.job_id] = job.final
             del self._jobs[job.job_id]
+            if job.final is not None and not job.deleted:
+                self._job_ended(job.final)
             self._retainer.poke()
+
+    def _job_ended(self, status: JobStatus) -> None:
+        for listener in self._end_listeners:
+            try:
+                listener(status)
+            except Exception:  # a listener's bug must not stop the worker
+                log.exception("an end listener failed")
 
     async def _save_unsaved(self) -> None:
         """Retry storing final statuses that failed earlier (stops at the first failure);

@@ -20,8 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_jobs.cli.escape import TerminalSafeFormatter, shell_join, terminal_safe
+from trio_jobs.cli.escape import shell_join, terminal_safe
 from trio_jobs.cli.output import list_table, status_table
+from trio_jobs.cli.serve_io import TerminalSafeFormatter
 from trio_jobs.client import JobInfo
 from trio_jobs.v1 import jobs_pb2 as pb
 

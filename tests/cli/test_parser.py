@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from trio_jobs.cli import commands
+from trio_jobs.cli import common
 from trio_jobs.cli.errors import EXIT_USAGE, CliError
 from trio_jobs.cli.main import build_parser, main
 
@@ -24,7 +24,7 @@ def test_start_flags_and_command() -> None:
         "--io-write-bps", "1G", "--io-read-iops", "10k", "--io-write-iops", "500",
         "-e", "A=1", "-e", "B=x=y", "--cwd", "/tmp", "-f", "--", "sh", "-c", "echo --memory",
     )
-    limits = commands.limits_of(args)
+    limits = common.limits_of(args)
     assert limits.cpu_millis == 1500
     assert limits.memory_bytes == 512 << 20
     assert limits.pids_max == 64
@@ -32,25 +32,25 @@ def test_start_flags_and_command() -> None:
     assert limits.io_write_bps == 1 << 30
     assert limits.io_read_iops == 10_000
     assert limits.io_write_iops == 500
-    assert commands.env_of(args.env) == {"A": "1", "B": "x=y"}
+    assert common.env_of(args.env) == {"A": "1", "B": "x=y"}
     assert args.cwd == "/tmp"
     assert args.follow
     assert [a for a in args.argv if a != "--"] == ["sh", "-c", "echo --memory"]
 
 
 def test_unset_limits_stay_unset() -> None:
-    limits = commands.limits_of(parse("start", "--", "true"))
+    limits = common.limits_of(parse("start", "--", "true"))
     assert limits.to_proto().ListFields() == []
 
 
 @pytest.mark.parametrize("argv", [["stop", "J"], ["stop", "--job", "J"], ["stop", "J", "--job", "J"]])
 def test_job_positional_or_option(argv: list[str]) -> None:
-    assert commands.job_id_of(parse(*argv)) == "J"
+    assert common.job_id_of(parse(*argv)) == "J"
 
 
 def test_two_different_jobs_is_a_usage_error() -> None:
     with pytest.raises(CliError) as info:
-        commands.job_id_of(parse("status", "A", "--job", "B"))
+        common.job_id_of(parse("status", "A", "--job", "B"))
     assert info.value.exit_code == EXIT_USAGE
 
 
@@ -63,7 +63,7 @@ def test_grace_forms() -> None:
 
 def test_bad_env_pair() -> None:
     with pytest.raises(CliError, match="NAME=VALUE"):
-        commands.env_of(["NOEQUALS"])
+        common.env_of(["NOEQUALS"])
 
 
 @pytest.mark.parametrize(

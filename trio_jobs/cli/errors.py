@@ -21,6 +21,7 @@ EXIT_INVALID: Final = 6  # the server rejected the request (bad program, limit a
 EXIT_QUOTA: Final = 7  # too many running jobs
 EXIT_CONFIG: Final = 8  # local setup: missing/invalid certificates, policy, data dir, platform
 EXIT_INTERRUPTED: Final = 130  # Ctrl-C (128 + SIGINT)
+EXIT_BROKEN_PIPE: Final = 141  # 128 + SIGPIPE: the reader of stdout went away (`... | head`)
 
 EXIT_CODES_HELP: Final = """\
 exit codes:

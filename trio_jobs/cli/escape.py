@@ -42,7 +42,6 @@ which can shift a column but cannot hide or fake anything.
 
 from __future__ import annotations
 
-import logging
 import re
 import shlex
 from typing import TYPE_CHECKING, Final
@@ -107,20 +106,6 @@ def shell_join(argv: Iterable[str]) -> str:
     return " ".join(words)
 
 
-class TerminalSafeFormatter(logging.Formatter):
-    """A log formatter for a terminal: the message is escaped onto one line; a traceback
-    keeps its line breaks, and each of its lines is escaped (an exception's message can
-    quote what a client sent)."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        return terminal_safe(super().formatMessage(record))
-
-    def formatException(self, ei: logging._SysExcInfoType) -> str:
-        return _lines_safe(super().formatException(ei))
-
-    def formatStack(self, stack_info: str) -> str:
-        return _lines_safe(super().formatStack(stack_info))
-
-
-def _lines_safe(text: str) -> str:
+def lines_safe(text: str) -> str:
+    """Each line of ``text`` escaped, the line breaks kept (a traceback)."""
     return "\n".join(terminal_safe(line) for line in text.split("\n"))

@@ -8,17 +8,24 @@ reported in one line as an internal error (set ``TRIO_JOBS_DEBUG=1`` for the tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-import traceback
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
 
 from . import units
-from .errors import EXIT_CODES_HELP, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, CliError
+from .errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_CODES_HELP,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    CliError,
+)
 from .escape import terminal_safe
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Callable, Sequence
 
 PROG = "trio-jobs"
 
@@ -33,8 +40,27 @@ environment:
 """
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's, with the terminal width read without importing shutil (argparse makes
+    a formatter for every add_argument; each import counts in a one-shot command)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        if width is None:
+            try:
+                columns = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size().columns
+            except (ValueError, OSError):
+                columns = 80
+            width = max(columns - 2, 20)
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line: ``trio-jobs: error: ...`` and exit 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         # argparse quotes the user's words raw ("unrecognized arguments: ...")
@@ -90,8 +116,24 @@ def _retention_age(text: str) -> float:
     return seconds
 
 
-def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
+class _Discard:
+    """Takes the arguments of a command that is not the one being run: only its name and
+    help are needed (in the command list), not its options."""
+
+    def add_argument(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def add_argument_group(self, *args: object, **kwargs: object) -> _Discard:
+        return self
+
+    def set_defaults(self, **kwargs: object) -> None:
+        pass
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``command``, only that command's options are added (the
+    others are listed by name: enough for ``--help`` and for a mistyped command)."""
+    fmt = _Formatter
     parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=EXIT_CODES_HELP, formatter_class=fmt)
     from .. import __version__
 
@@ -112,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--job", metavar="JOB", help="job id (same as the positional JOB)")
 
     def add(name: str, help_text: str, parents: Sequence[_Parser] = ()) -> argparse.ArgumentParser:
+        if command is not None and name != command:
+            sub.add_parser(name, help=help_text, add_help=False)
+            return cast("argparse.ArgumentParser", _Discard())
         p: argparse.ArgumentParser = sub.add_parser(
             name, help=help_text, description=help_text, parents=list(parents), epilog=EXIT_CODES_HELP, formatter_class=fmt
         )
@@ -187,27 +232,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_async(fn: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
-    import trio
-
-    return trio.run(fn, args)
-
-
 def dispatch(args: argparse.Namespace) -> int:
-    from . import commands
-
     if args.command == "serve":
         from .serve import cmd_serve
 
         return cmd_serve(args)
+    if args.command == "tail" or (args.command == "start" and args.follow):
+        import trio
+
+        from . import commands
+
+        follow = commands.cmd_tail if args.command == "tail" else commands.cmd_start_follow
+        return trio.run(follow, args)
+    # One request and its answer: no event loop (see oneshot.py).
+    from . import oneshot
+
     handlers = {
-        "start": commands.cmd_start,
-        "stop": commands.cmd_stop,
-        "status": commands.cmd_status,
-        "tail": commands.cmd_tail,
-        "list": commands.cmd_list,
+        "start": oneshot.cmd_start,
+        "stop": oneshot.cmd_stop,
+        "status": oneshot.cmd_status,
+        "list": oneshot.cmd_list,
     }
-    return _run_async(handlers[args.command], args)
+    return handlers[args.command](args)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -215,6 +261,8 @@ def _leaves(exc: BaseException) -> list[BaseException]:
         return [leaf for e in exc.exceptions for leaf in _leaves(e)]
     return [exc]
 
+
+_COMMANDS: Final = frozenset({"serve", "start", "stop", "status", "tail", "list"})
 
 # Options whose value may look negative ("--grace -1s"): argparse would take "-1s" for an
 # option and say "expected one argument"; joined as "--grace=-1s", the value's own check
@@ -246,12 +294,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ..security.certs_cli import main as certs_main
 
             return certs_main(argv[1:], prog=f"{PROG} certs")
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv[0] if argv[:1] and argv[0] in _COMMANDS else None).parse_args(argv)
         return dispatch(args)
     except BaseException as exc:
         if isinstance(exc, SystemExit):
             raise
         leaves = _leaves(exc)
+        if any(isinstance(e, BrokenPipeError) for e in leaves):
+            # stdout's reader went away (`trio-jobs list | head -1`): what a shell reports
+            # for SIGPIPE, and no second error when Python flushes stdout at exit.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
         if any(isinstance(e, KeyboardInterrupt) for e in leaves):
             sys.stderr.write(f"{PROG}: interrupted\n")
             return EXIT_INTERRUPTED
@@ -261,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.stderr.write(f"{PROG}: error: {terminal_safe(leaf.message)}\n")
                 return leaf.exit_code
         if os.environ.get("TRIO_JOBS_DEBUG"):
+            import traceback
+
             traceback.print_exception(exc)
         leaf = leaves[0]
         sys.stderr.write(

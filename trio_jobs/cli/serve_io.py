@@ -26,7 +26,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Final, TextIO
 
-from .escape import TerminalSafeFormatter, terminal_safe
+from .escape import lines_safe, terminal_safe
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -53,6 +53,21 @@ def connected_to_journal(stream: TextIO, environ: Mapping[str, str]) -> bool:
     except (OSError, ValueError):
         return False
     return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+class TerminalSafeFormatter(logging.Formatter):
+    """A log formatter for a terminal: the message is escaped onto one line; a traceback
+    keeps its line breaks, and each of its lines is escaped (an exception's message can
+    quote what a client sent)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return terminal_safe(super().formatMessage(record))
+
+    def formatException(self, ei: logging._SysExcInfoType) -> str:
+        return lines_safe(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return lines_safe(super().formatStack(stack_info))
 
 
 class _Formatter(TerminalSafeFormatter):

@@ -100,12 +100,14 @@ async def _open_store_and_jobs(
     default_grace: float, tail_size: int, retention: Retention, clock: Callable[[], datetime],
 ) -> AsyncIterator[Worker]:
     driver: CgroupDriver = cgroups if cgroups is not None else NoCgroupDriver()
-    try:
-        await driver.prepare()
-    except CgroupError as exc:
-        raise WorkerError(f"cannot prepare the cgroup driver {driver.name}: {exc}") from exc
+    # The store first: a damaged or locked database stops the start before the driver
+    # creates (and would leave) the jobs' parent cgroups.
     store = await JobStore.open(data_dir / DB_NAME)
     try:
+        try:
+            await driver.prepare()
+        except CgroupError as exc:
+            raise WorkerError(f"cannot prepare the cgroup driver {driver.name}: {exc}") from exc
         if driver.name == "none":  # a cgroup driver's prepare() killed them already
             await _kill_leftover_groups(store)
         await _recover(store, out_dir)

@@ -4,6 +4,17 @@ Each test gets its own ``TRIO_JOBS_HOME`` in tmp_path, a server on 127.0.0.1 por
 prints ``trio-jobs listening on HOST:PORT`` as its first stdout line, which is how we learn
 the port) and its own cgroup parent with a unique name, so concurrent test runs never touch
 each other's cgroups. Every wait is bounded; nothing sleeps to wait for something.
+
+Teardown is a check, not only a cleanup: a server that exits 0 has shut down cleanly and
+must have removed every job and group cgroup, and the parent cgroup it created
+(``server.py`` calls the driver's ``remove_parent`` after the jobs are stopped); a Host whose
+server never started must have none. What such a server left is removed and then reported
+as an error in the teardown of the test that ran it. Two exemptions, both by design: a
+server that was killed or failed may leave anything (its next start cleans up), and a
+parent that an earlier, killed server of the same Host created stays after a later clean
+stop (``remove_parent`` removes only the directories its own ``prepare`` created; see
+docs/cgroups.md), so only what is below it counts then. A server that does not exit within
+``SHUTDOWN_WAIT`` of the teardown's SIGTERM is killed and reported too.
 """
 
 from __future__ import annotations
@@ -11,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import selectors
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Final
@@ -29,6 +42,10 @@ if TYPE_CHECKING:
 CLI: Final = (sys.executable, "-m", "trio_jobs.cli")
 STARTUP_TIMEOUT: Final = 60.0
 COMMAND_TIMEOUT: Final = 60.0
+# The server bounds a graceful stop by 15 s (DEFAULT_SHUTDOWN_TIMEOUT) plus a short forced
+# drain; 60 s leaves room for a loaded 2-CPU host.
+SHUTDOWN_WAIT: Final = 60.0
+KILL_WAIT: Final = 10.0  # for SIGKILLed processes to exit before their cgroup is removed
 _LISTEN_RE: Final = re.compile(rb"trio-jobs listening on (\S+):(\d+)")
 
 
@@ -76,6 +93,7 @@ class Host:
             default_parent_for(home) if default_cgroup_parent else f"trio-jobs-e2e-{uuid.uuid4().hex[:12]}"
         )
         self.server: subprocess.Popen[bytes] | None = None
+        self.servers: list[subprocess.Popen[bytes]] = []  # every server started, kept
         self.address = ""
         self.banner = ""
         self._starts = 0
@@ -109,6 +127,7 @@ class Host:
         )
         stderr.close()
         self.server = proc
+        self.servers.append(proc)
         assert proc.stdout is not None
         try:
             first = read_line(proc.stdout, STARTUP_TIMEOUT)
@@ -167,19 +186,38 @@ class Host:
         return job_id
 
     def close(self) -> None:
+        """Stop the server (SIGTERM), remove the cgroups left under our parent, and raise
+        AssertionError if the stop or the cgroups show a failure (see the module head)."""
+        problems: list[str] = []
         if self.server is not None:
             try:
-                self.stop_server(signal.SIGTERM, timeout=30)
+                self.stop_server(signal.SIGTERM, timeout=SHUTDOWN_WAIT)
             except subprocess.TimeoutExpired:
                 self.kill_server()
-        _remove_cgroup_dirs(self.cgroup_parent)
+                problems.append(f"the server did not exit within {SHUTDOWN_WAIT:g} s of SIGTERM")
+        codes = [p.poll() for p in self.servers]
+        parents, below = _remove_cgroup_dirs(self.cgroup_parent)
+        if not codes or codes[-1] == 0:
+            what = "a server that exited 0" if codes else "a Host whose server never started"
+            parent_predates = any(code != 0 for code in codes[:-1])
+            left = below if parent_predates else parents + below
+            if left:
+                problems.append(
+                    f"{what} left {len(left)} cgroup(s) (removed now): {', '.join(left)}"
+                )
+        if problems:
+            raise AssertionError("; ".join(problems))
 
 
-def _remove_cgroup_dirs(name: str) -> None:
-    """Remove directories named ``name`` that a killed test server may have left (ours only)."""
+def _remove_cgroup_dirs(name: str) -> tuple[list[str], list[str]]:
+    """Remove the directories named ``name`` (and everything below) in every hierarchy we
+    are in: ours only. Returns what was found, as the ``name`` directories and those below
+    them; one that could not be removed says why."""
+    parents: set[str] = set()
+    below: set[str] = set()
     root = Path("/sys/fs/cgroup")
     if not root.is_dir():
-        return
+        return [], []
     for proc_line in Path("/proc/self/cgroup").read_text().splitlines():
         _, controllers, own = proc_line.split(":", 2)
         for sub in [root / c for c in (controllers.split(",") if controllers else [""])] + [root / controllers]:
@@ -187,18 +225,45 @@ def _remove_cgroup_dirs(name: str) -> None:
             if base.is_dir():
                 for child in sorted(base.rglob("*"), key=lambda p: len(p.parts), reverse=True):
                     if child.is_dir():
-                        _kill_and_rmdir(child)
-                _kill_and_rmdir(base)
+                        below.add(_kill_and_rmdir(child))
+                parents.add(_kill_and_rmdir(base))
+    return sorted(parents), sorted(below)
 
 
-def _kill_and_rmdir(d: Path) -> None:
+def _kill_and_rmdir(d: Path) -> str:
     try:
-        for pid in (d / "cgroup.procs").read_text().split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+        _kill_and_wait([int(pid) for pid in (d / "cgroup.procs").read_text().split()])
         d.rmdir()
-    except OSError:
-        pass
+    except OSError as exc:
+        return f"{d} (not removed: {exc.strerror})"
+    return str(d)
+
+
+def _kill_and_wait(pids: list[int]) -> None:
+    """SIGKILL the processes and wait until they have exited (at most KILL_WAIT): until then
+    their cgroup cannot be removed (EBUSY), in this hierarchy and, on v1, in those removed
+    next. A pidfd becomes readable when its process exits, so this waits on an event."""
+    fds: list[int] = []
+    try:
+        for pid in pids:
+            try:
+                fds.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fds[-1], signal.SIGKILL)
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        pending = set(fds)
+        deadline = time.monotonic() + KILL_WAIT
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for fd, _ in poller.poll(left * 1000):
+                pending.discard(fd)
+                poller.unregister(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import TYPE_CHECKING
 
@@ -31,11 +32,10 @@ def two_hosts(tmp_path: Path) -> Iterator[tuple[Host, Host]]:
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
         hosts.append(Host(tmp_path / name / "home", tmp_path / name, default_cgroup_parent=True))
-    try:
-        yield hosts[0], hosts[1]
-    finally:
+    with contextlib.ExitStack() as closing:  # every host is closed, even if one reports
         for h in hosts:
-            h.close()
+            closing.callback(h.close)
+        yield hosts[0], hosts[1]
 
 
 def test_second_server_leaves_first_servers_jobs_alone(two_hosts: tuple[Host, Host]) -> None:

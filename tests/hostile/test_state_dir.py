@@ -84,8 +84,9 @@ def make_host(tmp_path: Path) -> Iterator[Callable[[Path], Host]]:
     try:
         yield make
     finally:
-        for h in made:
-            h.close()
+        with contextlib.ExitStack() as closing:  # every host is closed, even if one reports
+            for h in made:
+                closing.callback(h.close)
 
 
 def serve_refused(host: Host, *words: str) -> str:

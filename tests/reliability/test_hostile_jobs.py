@@ -3,9 +3,12 @@
 One real ``trio-jobs serve`` (with cgroups where the host has them) serves every test of this
 module. Alice runs the hostile job; Bob, another user, times 100 ``status`` calls on his own
 job through an in-process ``JobsClient`` -- once before (the baseline: the server otherwise
-idle) and once while the hostile job runs. The bound is 50 ms for the p99, or twice the
-baseline p99 when the machine is so loaded that even the idle server is slower than 25 ms (so
-the test still says "the hostile job did not hurt others", never flakes on a busy CI box).
+idle, measured in each test) and once while the hostile job runs. The bound
+(``reliability/_latency.py``) is 50 ms for the p99, or twice the baseline p99 when the machine
+is so loaded that even the idle server is slower than 25 ms; a miss is measured once more
+while the hostile job still runs, and the test fails only if both windows miss, with the
+figures of both (so the test still says "the hostile job did not hurt others", and a
+scheduler stall of a busy CI box is not taken for a regression).
 Figures are printed (``pytest -s``); docs/reliability.md records a run.
 """
 
@@ -24,6 +27,7 @@ from e2e.conftest import Host
 
 from trio_jobs.client import JobInfo, JobLimits, JobsClient, StopOutcome
 
+from ._latency import Attempt, assert_p99_within_bound
 from .conftest import connect, p99, status_latencies
 
 if TYPE_CHECKING:
@@ -33,7 +37,6 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.cgroups
 
-P99_BOUND = 0.050
 CALLS = 100
 MiB = 1 << 20
 
@@ -62,17 +65,15 @@ class Users:
         self.baseline: list[float] = []
 
     async def measure(self, label: str) -> float:
-        """Bob's status p99 now; asserts the bound (see the module docstring)."""
-        during = await status_latencies(self.bob, self.bob_job, CALLS)
-        base, now = p99(self.baseline), p99(during)
-        bound = P99_BOUND if base < P99_BOUND / 2 else 2 * base
-        print(
-            f"\n{label}: other user's status over {CALLS} calls: idle p99 {base * 1000:.1f} ms, "
-            f"under attack p50 {sorted(during)[len(during) // 2] * 1000:.1f} ms, "
-            f"p99 {now * 1000:.1f} ms, max {max(during) * 1000:.1f} ms (bound {bound * 1000:.0f} ms)"
-        )
-        assert now < bound, f"{label}: p99 {now * 1000:.1f} ms >= {bound * 1000:.0f} ms"
-        return now
+        """Bob's status p99 now, against this test's baseline; asserts the bound (see the
+        module docstring) and returns the p99 of the window that met it."""
+
+        async def attempt(_number: int) -> Attempt:
+            during = await status_latencies(self.bob, self.bob_job, CALLS)
+            return Attempt(baseline=self.baseline, during=during)
+
+        attempts = await assert_p99_within_bound(label, attempt)
+        return p99(attempts[-1].during)
 
 
 @pytest.fixture
@@ -273,12 +274,12 @@ async def test_output_flood_past_the_cap(inproc: InProc) -> None:
             while not (status := await alice.status(flood.job_id)).output_truncated:
                 pass  # each try is a round trip; the next append past the cap flips it
         assert (status.state, status.output_bytes) == ("running", inproc.cap)
-        during = await status_latencies(bob, own.job_id, CALLS)
-        print(
-            f"\noutput flood past the cap (in-process server): other user's status p99 idle "
-            f"{p99(baseline) * 1000:.1f} ms, during {p99(during) * 1000:.1f} ms"
-        )
-        assert p99(during) < max(P99_BOUND, 2 * p99(baseline))
+
+        async def attempt(_number: int) -> Attempt:
+            during = await status_latencies(bob, own.job_id, CALLS)
+            return Attempt(baseline=baseline, during=during)
+
+        await assert_p99_within_bound("output flood past the cap (in-process server)", attempt)
         stopped = await alice.stop(flood.job_id, grace=1)
         assert (stopped.job.state, stopped.job.output_bytes, stopped.job.output_truncated) == ("killed", inproc.cap, True)
         await bob.stop(own.job_id, grace=0)

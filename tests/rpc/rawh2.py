@@ -290,11 +290,13 @@ class RawH2:
         *,
         stream_id: int | None = None,
         max_frames: int = 100_000,
+        seen: list[Received] | None = None,
     ) -> CallResult:
         """Run one gRPC call correctly: ACK SETTINGS and PINGs, return flow-control credit.
 
-        Frames of other streams are ignored. Returns when the stream ends (END_STREAM or
-        RST_STREAM); raises :class:`RawH2Error` if the connection closes first.
+        Frames of other streams are ignored (``seen``, if given, gets every frame received,
+        of any stream, e.g. to check that no GOAWAY came). Returns when the stream ends
+        (END_STREAM or RST_STREAM); raises :class:`RawH2Error` if the connection closes first.
         """
         sid = self.new_stream_id() if stream_id is None else stream_id
         body = b"".join(grpc_message(m) for m in messages)
@@ -312,6 +314,8 @@ class RawH2:
             got = await self.next_frame()
             if got is None:
                 raise RawH2Error(f"connection closed during the call on stream {sid}")
+            if seen is not None:
+                seen.append(got)
             frame = got.frame
             if isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
                 await self.send(SettingsFrame(0, flags=["ACK"]))

@@ -3,13 +3,17 @@
 The same conversation between our ClientProtocol and ServerProtocol runs twice: with the
 fast paths, and with them replaced by h2's ``send_headers``/``send_data``. Every byte
 each side writes, every event each side sees and h2's flow-control and stream state at
-the end must be identical.
+the end must be identical. Spies on both runs prove which path each one took: the fast run
+sends every HEADERS and DATA frame through the fast paths and never calls h2's
+``send_headers``/``send_data``; the slow run never reaches a fast path.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter
+from typing import TYPE_CHECKING, Any
 
+import h2.connection
 import pytest
 
 from trio_jobs.rpc import StatusCode, _protocol
@@ -17,6 +21,9 @@ from trio_jobs.rpc import _events as ev
 from trio_jobs.rpc._client_protocol import ClientProtocol
 from trio_jobs.rpc._framing import encode_message
 from trio_jobs.rpc._server_protocol import ServerProtocol
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -158,8 +165,41 @@ def _run() -> tuple[Any, ...]:
     return (c.wire, c.client_events, c.server_events, c.snapshots)
 
 
+def _spy(m: pytest.MonkeyPatch, owner: object, name: str, calls: Counter[str]) -> None:
+    """Replace ``owner.name`` by a wrapper that counts its calls (``name``) and, for the
+    fast paths that may decline, the calls it accepted (``name:True``)."""
+    real: Callable[..., Any] = getattr(owner, name)
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls[name] += 1
+        result = real(*args, **kwargs)
+        if result is True:
+            calls[f"{name}:True"] += 1
+        return result
+
+    m.setattr(owner, name, spy)
+
+
+def _spy_h2(m: pytest.MonkeyPatch, calls: Counter[str]) -> None:
+    for name in ("send_headers", "send_data"):
+        _spy(m, h2.connection.H2Connection, name, calls)
+
+
+# The HEADERS frames `_run` sends: 6 requests the client starts, and on the server 6
+# response headers or trailers in the three unary calls, then Trailers-Only for `two`,
+# response headers and trailers for `one`, response headers for `three`.
+CLIENT_STARTS = 6
+SERVER_HEADERS = 10
+
+
 def test_fast_paths_write_what_h2_writes(monkeypatch: pytest.MonkeyPatch) -> None:
-    fast = _run()
+    fast_calls: Counter[str] = Counter()
+    with monkeypatch.context() as m:
+        _spy_h2(m, fast_calls)
+        for name in ("send_headers_fast", "start_stream_fast", "send_data_fast"):
+            _spy(m, _protocol, name, fast_calls)
+        fast = _run()
+    slow_calls: Counter[str] = Counter()
     with monkeypatch.context() as m:
         m.setattr(_protocol, "send_headers_fast", lambda *a: False)
         m.setattr(_protocol, "start_stream_fast", lambda *a: False)
@@ -168,7 +208,17 @@ def test_fast_paths_write_what_h2_writes(monkeypatch: pytest.MonkeyPatch) -> Non
             "send_data_fast",
             lambda conn, stream, data, end: conn.send_data(stream.stream_id, data, end_stream=end),
         )
+        _spy_h2(m, slow_calls)
         slow = _run()
+    # The fast run took the fast paths for every frame, h2's send calls never ...
+    assert fast_calls["start_stream_fast:True"] == CLIENT_STARTS, fast_calls
+    assert fast_calls["send_headers_fast:True"] == SERVER_HEADERS, fast_calls
+    # (the 200 KiB message alone takes 13 frames of at most 16 KiB, the 9 small ones 9 more)
+    assert fast_calls["send_data_fast"] >= 13 + 9, fast_calls
+    assert fast_calls["send_headers"] == fast_calls["send_data"] == 0, fast_calls
+    # ... and the slow run sent the same frames through h2 alone.
+    assert slow_calls["send_headers"] == CLIENT_STARTS + SERVER_HEADERS, slow_calls
+    assert slow_calls["send_data"] == fast_calls["send_data_fast"], (slow_calls, fast_calls)
     assert fast[0] == slow[0]  # every byte on the wire, in order
     assert fast[1:3] == slow[1:3]  # every event on both sides
     assert fast[3] == slow[3]  # h2's windows and stream states along the way

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from hpack import Decoder, Encoder, HPACKError, NeverIndexedHeaderTuple
@@ -46,16 +46,40 @@ def test_memo_coders_match_hpack(steps: list[list[Any] | int]) -> None:
         assert [(bytes(n), bytes(v)) for n, v in expected] == [(h[0], h[1]) for h in step]
 
 
-def test_repeated_blocks_are_memoised_and_memo_is_bounded() -> None:
+def _hpack_refuses(m: pytest.MonkeyPatch) -> None:
+    """Make hpack's own coding raise: what the memo coders return then came from the memo."""
+
+    def refuse(*args: object, **kwargs: object) -> NoReturn:
+        raise AssertionError("hpack was called: not a memo hit")
+
+    m.setattr(Encoder, "encode", refuse)
+    m.setattr(Decoder, "decode", refuse)
+
+
+def test_repeated_blocks_are_memoised_and_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A memo hit returns what an independent coder computes: hpack's own Encoder and
+    Decoder, fed the same sequence, are the reference (never the memo itself)."""
     enc, dec = MemoEncoder(), MemoDecoder(65536)
+    plain_enc, plain_dec = Encoder(), Decoder(65536)
     headers = [(b":status", b"200"), (b"content-type", b"application/grpc")]
     first = enc.encode(headers)  # adds content-type to the table: not memoised
-    dec.decode(first, raw=True)
-    again = enc.encode(headers)  # only reads the table now
-    assert enc._memo
+    assert first == plain_enc.encode(headers)
+    assert not enc._memo
+    assert dec.decode(first, raw=True) == plain_dec.decode(first, raw=True)
+    assert not dec._memo
+    again = enc.encode(headers)  # only reads the table now: memoised
     assert again != first
-    assert dec.decode(again, raw=True) == dec.decode(again, raw=True)
-    assert len(dec._memo) == 1
+    assert again == plain_enc.encode(headers)
+    expected = plain_dec.decode(again, raw=True)
+    assert [(bytes(n), bytes(v)) for n, v in expected] == headers
+    assert dec.decode(again, raw=True) == expected  # a miss, which fills the memo
+    assert len(enc._memo) == len(dec._memo) == 1
+    # the same block once more from each coder: hpack's answer, without hpack
+    plain_again, expected_again = plain_enc.encode(headers), plain_dec.decode(again, raw=True)
+    with monkeypatch.context() as m:
+        _hpack_refuses(m)
+        assert enc.encode(headers) == plain_again
+        assert dec.decode(again, raw=True) == expected_again
     for i in range(3 * MEMO_ENTRIES):  # never-indexed literals: memoisable, all different
         block = Encoder().encode([(b"x-n", b"%d" % i, True)])
         dec.decode(block, raw=True)

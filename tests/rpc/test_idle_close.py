@@ -239,9 +239,34 @@ async def test_shutdown_during_an_idle_close_is_bounded(
         with trio.fail_after(10):
             await server.shutdown(drain_timeout=1)
         assert trio.current_time() - t0 <= 1 + 2.01  # drain deadline + cleanup at most
-    goaways = [f for f in frames if isinstance(f, GoAwayFrame)]
-    ids = [g.last_stream_id for g in goaways]
-    assert ids == sorted(ids, reverse=True), "a later GOAWAY raised the last stream id"
+    # Only the first closer sends GOAWAYs (``graceful_close``): the shutdown sends none of
+    # its own, not even a second two-phase GOAWAY(2^31-1), and the idle close never got the
+    # ack it waits for before its final one. (No stream was opened, so no later GOAWAY could
+    # raise the last stream id here: the next test covers that.)
+    goaways = [(f.error_code, f.last_stream_id) for f in frames if isinstance(f, GoAwayFrame)]
+    assert goaways == [(NO_ERROR, MAX_STREAM_ID)]
+
+
+async def test_shutdown_after_close_connection_never_raises_the_last_stream_id(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # close_connection sends GOAWAY(3) at once and drains the running call on stream 1; a
+    # shutdown's own two-phase close would send GOAWAY(2^31-1) after it, raising the last
+    # stream id (RFC 9113 6.8 forbids it). It must only bring the drain deadline forward.
+    server = make_server(drain_timeout=30)
+    async with connected(server) as (raw, watch, gone):
+        await raw.send(*request(1, raw, UNARY, EchoRequest(payload=b"slow", sleep=5)))
+        await trio.testing.wait_all_tasks_blocked()
+        await raw.send(*request(3, raw, DENY, EchoRequest()))
+        await trio.sleep(1)
+        assert [f.last_stream_id for _, f in watch.goaways()] == [3]
+        with trio.fail_after(10):
+            await server.shutdown(drain_timeout=1)
+        await gone.wait()
+    assert [(f.error_code, f.last_stream_id) for _, f in watch.goaways()] == [(NO_ERROR, 3)]
+    ends = {f.stream_id: t for t, f in watch.frames if "END_STREAM" in f.flags}
+    assert ends[1] == pytest.approx(1 + 1, abs=0.01)  # cut at the shutdown's deadline
+    assert watch.closed_at == pytest.approx(1 + 1, abs=0.01)
 
 
 async def test_a_connection_the_client_closes_ends_at_once(

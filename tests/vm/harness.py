@@ -5,7 +5,8 @@ kernel) boots the cached Debian 6.1 `vmlinux` through PVH with an initramfs buil
 each run: busybox, the modules, and `init.sh` as /init. Two 9p shares: the host root
 (read-only; the guest overlays it with a tmpfs so it can write) and a per-run results
 directory (writable) through which the host hands in `job.sh` and gets back `output.txt`,
-`status` and `ready_uptime`. A sparse raw file is the guest's virtio disk /dev/vda (254:0),
+`status`, `ready_uptime` and `junit.xml` (the guest pytest's report: which tests passed,
+failed or were skipped, and why). A sparse raw file is the guest's virtio disk /dev/vda (254:0),
 formatted ext2 and mounted at /mnt/scratch, so io.max has a real block device to limit.
 
 The guest's pytest uses this interpreter (`sys.executable`, the venv's real binary: a pyenv
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -56,6 +58,17 @@ GUEST_ENV: Final = {
 # test read gigabytes into memory; the end is what explains a failure.
 MAX_CONSOLE: Final = 64 * 1024
 MAX_OUTPUT: Final = 1024 * 1024
+MAX_JUNIT: Final = 8 * 1024 * 1024  # a report larger than this is dropped (parse_junit fails)
+# The results share as the guest's pytest sees it (init.sh mounts it at $R/mnt/vm-results).
+GUEST_RESULTS: Final = "/mnt/vm-results"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuestTest:
+    """One test of the guest's pytest, from its junit report."""
+
+    outcome: str  # "passed", "skipped", "failed" or "error"
+    message: str = ""  # the skip reason, or the failure's message
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +79,7 @@ class GuestRun:
     console: str  # the serial console: kernel and init messages
     ready_seconds: float | None  # guest uptime when pytest was started (boot time)
     wall_seconds: float  # qemu start to exit
+    junit: str = ""  # the guest pytest's junit XML report ("" if it wrote none)
 
     @property
     def ok(self) -> bool:
@@ -80,6 +94,29 @@ class GuestRun:
             f"----- guest pytest output -----\n{self.output}\n"
             f"----- guest console (tail) -----\n{self.console}"
         )
+
+
+def parse_junit(text: str) -> dict[str, GuestTest]:
+    """The tests of a junit XML report by ``module.path::name`` (``tests.vm.test_x::test_y``);
+    raises ValueError if it is not one. A test reported twice (e.g. passed, then an error at
+    teardown) keeps its worst outcome."""
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise ValueError(f"not a junit report: {exc}") from exc
+    rank = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
+    tests: dict[str, GuestTest] = {}
+    for case in root.iter("testcase"):
+        key = f"{case.get('classname', '')}::{case.get('name', '')}"
+        outcome, message = "passed", ""
+        for tag, meaning in (("skipped", "skipped"), ("failure", "failed"), ("error", "error")):
+            child = case.find(tag)
+            if child is not None and rank[meaning] > rank[outcome]:
+                outcome, message = meaning, child.get("message", "")
+        old = tests.get(key)
+        if old is None or rank[outcome] > rank[old.outcome]:
+            tests[key] = GuestTest(outcome=outcome, message=message)
+    return tests
 
 
 def default_pytest_args(repo: Path = REPO) -> list[str]:
@@ -205,8 +242,9 @@ def _run(
         with scratch.open("wb") as f:
             f.truncate(SCRATCH_BYTES)  # sparse: costs no disk until written
         console = tmp / "console.log"
+        junit_arg = f"--junitxml={GUEST_RESULTS}/junit.xml"
         (results / "job.sh").write_text(
-            job_script(repo=repo, python=python, pytest_args=pytest_args)
+            job_script(repo=repo, python=python, pytest_args=[*pytest_args, junit_arg])
         )
         cmd = qemu_command(assets, initrd=initrd, results=results, scratch=scratch, console=console)
         failure: str | None = None
@@ -240,6 +278,7 @@ def _run(
             console=console_text,
             ready_seconds=float(ready) if _is_float(ready) else None,
             wall_seconds=wall,
+            junit=_read_whole(results / "junit.xml", MAX_JUNIT),
         )
     finally:
         if keep:
@@ -270,6 +309,16 @@ def _read_tail(path: Path, limit: int) -> str:
         return ""
     prefix = f"[... {size - limit} bytes cut ...]\n" if size > limit else ""
     return prefix + data.decode(errors="replace")
+
+
+def _read_whole(path: Path, limit: int) -> str:
+    """The file's text, or "" if it is missing or larger than ``limit`` bytes."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        return ""
+    return "" if len(data) > limit else data.decode(errors="replace")
 
 
 def _is_float(text: str) -> bool:

@@ -21,6 +21,7 @@ from vm.harness import (
     default_timeout,
     job_script,
     main,
+    parse_junit,
     qemu_command,
     run_guest_pytest,
     run_lock,
@@ -187,6 +188,40 @@ def test_guest_status_and_output_come_back(tmp_path: Path) -> None:
     assert (run.status, run.failure, run.ok) == (1, None, False)
     assert run.ready_seconds == 1.25
     assert "1 failed" in run.report()
+
+
+def test_guest_junit_report_comes_back(tmp_path: Path) -> None:
+    """The guest pytest is told to write its junit report into the results share (the
+    guest's /mnt/vm-results), and the host gets it back with the run."""
+    qemu = _fake_qemu(
+        tmp_path,
+        'grep -q -- "--junitxml=/mnt/vm-results/junit.xml" "$R/job.sh" || exit 9\n'
+        'echo "<testsuites/>" > "$R/junit.xml"; echo 0 > "$R/status"\n',
+    )
+    run = run_guest_pytest(_fake_assets(tmp_path, qemu), ["-q"], timeout=60)
+    assert (run.status, run.failure) == (0, None)
+    assert run.junit.strip() == "<testsuites/>"
+
+
+def test_parse_junit_keeps_each_tests_worst_outcome() -> None:
+    tests = parse_junit(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.a" name="test_ok"/>'
+        '<testcase classname="tests.a" name="test_skip"><skipped message="why"/></testcase>'
+        '<testcase classname="tests.a" name="test_bad"><failure message="boom"/></testcase>'
+        '<testcase classname="tests.a" name="test_td"/>'
+        '<testcase classname="tests.a" name="test_td"><error message="teardown"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    got = {k: (t.outcome, t.message) for k, t in tests.items()}
+    assert got == {
+        "tests.a::test_ok": ("passed", ""),
+        "tests.a::test_skip": ("skipped", "why"),
+        "tests.a::test_bad": ("failed", "boom"),
+        "tests.a::test_td": ("error", "teardown"),
+    }
+    with pytest.raises(ValueError, match="not a junit report"):
+        parse_junit("")
 
 
 def test_init_failure_is_reported(tmp_path: Path) -> None:

@@ -2,7 +2,10 @@
 
 A smoke test only: it never asserts a speed (teammates and CI load the machine), only that
 every scenario ran against real servers and printed a positive measured figure and ceiling
-for each row, and that the quick run writes nothing into docs/.
+for each row, that a figure with only an absolute target shows no ratio, and that the quick
+run writes nothing into docs/. The fan-out rows also prove the live gate held: the scenario
+raises (and the run fails) unless every follower had the job's marker line before the job
+was released, and the job had written nothing else by then.
 """
 
 from __future__ import annotations
@@ -22,17 +25,27 @@ from trio_jobs.cli.sink import PIPE_SIZE, StdoutWriter
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = r"[\d,]+(?:\.\d+)?"
 ROWS = (
-    "job start p50, no cgroups",
-    "job start p99, no cgroups",
+    "job start p50, no cgroups (to exec)",
+    "job start p99, no cgroups (to exec)",
+    "job start to its end, p50, no cgroups (to exit)",
     "jobs started/s, no cgroups (8 callers)",
     "tail of 32 MiB over mTLS",
+    "tail of the ended 32 MiB job over mTLS",
     "job wall time with one follower",
     "job wall time beside one spinning process, no follower",
-    "fan-out 1 followers, aggregate",
-    "fan-out 10 followers, aggregate",
-    "server RSS per running job (50 sleeping)",
+    "fan-out 1 followers, live, aggregate",
+    "fan-out 10 followers, live, aggregate",
+    "fan-out 1 followers, replay of the ended job, aggregate",
+    "fan-out 10 followers, replay of the ended job, aggregate",
+    "job start p50, 200 jobs in history",
     "bob's status p99 while alice floods",
     "bob's follower: line delay p99 during the flood",
+)
+# Figures with only an absolute target: no ceiling, no ratio (never one against the target).
+ABSOLUTE = (
+    "server RSS growth, 10 followers, live",
+    "server RSS growth, 10 followers, replay",
+    "server RSS per running job (50 sleeping)",
 )
 
 
@@ -55,7 +68,16 @@ def test_e2e_benchmark_quick_run() -> None:
         )
         assert row is not None, f"no figures for {name!r}:\n{done.stdout}"
         assert all(float(x.replace(",", "")) > 0 for x in row.groups()), row.group(0)
+    for name in ABSOLUTE:
+        row = re.search(
+            rf"^\| {re.escape(name)} \| ({NUMBER}) \S+ \| none: an absolute target \| -- \| < ",
+            done.stdout,
+            re.MULTILINE,
+        )
+        assert row is not None, f"no figure for {name!r}:\n{done.stdout}"
+        assert float(row.group(1).replace(",", "")) > 0, row.group(0)
     assert re.search(rf"^\| list p99, ({NUMBER}) jobs in history \|", done.stdout, re.MULTILINE), done.stdout
+    assert re.search(r"^Targets: \d+ of \d+ met", done.stdout, re.MULTILINE), done.stdout
     assert "wrote" not in done.stderr, "--quick must not write docs/benchmarks.md or charts"
 
 

@@ -1,8 +1,7 @@
 """The ceilings each figure is compared with, measured in the same run.
 
-- spawn: ``posix_spawn`` + ``waitpid`` of ``/bin/true`` from Python, nothing else.
-- cgroup writes: what a job's cgroups cost the kernel: per hierarchy the driver uses, mkdir a
-  directory, write the limit files a job gets, rmdir it (no process is moved).
+- job start (:class:`StartCeiling`): ``posix_spawn`` of ``/bin/true`` from Python, timed to
+  its exec, with cgroups after a mkdir and the limit writes in each hierarchy the driver uses.
 - bare TLS: ``trio.SSLStream`` bulk transfer between two processes over loopback with the
   same mutual-TLS 1.3 contexts (the benchmark PKI), no HTTP/2, gRPC or protobuf: a sender
   process writes the bytes in 64 KiB writes, this process receives and times them.
@@ -25,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import fcntl
 import os
@@ -34,7 +34,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, final
 
 import trio
 
@@ -58,54 +58,123 @@ LIMIT_FILES: Final = {
 DRIVER_HIERARCHIES: Final = ("cpu", "cpuacct", "memory", "blkio", "pids", "freezer")
 
 
-def spawn_true(count: int) -> list[float]:
-    """Seconds per bare posix_spawn + waitpid of /bin/true."""
-    samples = []
-    env = {"PATH": "/usr/bin:/bin"}
-    for _ in range(count):
-        t0 = time.perf_counter()
-        pid = os.posix_spawn("/bin/true", ["/bin/true"], env)
-        os.waitpid(pid, 0)
-        samples.append(time.perf_counter() - t0)
-    return samples
+TRUE: Final = "/bin/true"
+SPAWN_ENV: Final = {"PATH": "/usr/bin:/bin"}
 
 
-def cgroup_writes(count: int) -> tuple[list[float], int]:
-    """Seconds per job-cgroup create + limit writes + remove, and how many hierarchies.
+@final
+class StartCeiling:
+    """The job-start ceiling, measured in the same rounds as the StartJob figures
+    (``scenarios.job_start``), in this process's own cgroup.
 
-    Works in a directory of our own under this process's cgroup, removed at the end.
-    ``([], 0)`` when there are no writable cgroups.
+    Like for like, *to exec*: ``os.posix_spawn`` returns once the child has executed
+    ``/bin/true`` (glibc's ``posix_spawn`` clones with ``CLONE_VFORK``: the parent resumes
+    at the child's exec), and ``StartJob`` answers once the job's process has executed its
+    wrapper and been released (``worker/spawn.py``): one process created and executed once,
+    in both. Neither includes the program's own run, its exit or its reaping, which come
+    after the sample here, as the server handles a job's end after its answer. The other
+    like-for-like pair, *to exit*, is measured in the same samples (:meth:`latencies`).
+
+    With cgroups (a writable hierarchy the driver uses, see ``DRIVER_HIERARCHIES``), each
+    sample also makes one job directory in every such hierarchy and writes the limit files
+    a job gets, before the spawn: one span, so the p99 is the p99 of those sums. No process
+    is moved into them (the server also moves its held wrapper: one more write per
+    hierarchy), so the ceiling is below the server's minimum, not equal to it.
     """
-    name = f"trio-jobs-bench-ceiling-{uuid.uuid4().hex[:8]}"
-    bases = [b for b in own_cgroup_dirs(name) if _hierarchy_used(b)]
-    made: list[Path] = []
-    try:
-        for base in bases:
-            try:
-                base.mkdir()
-            except OSError:
-                continue
-            made.append(base)
+
+    def __init__(self, *, cgroups: bool) -> None:
+        self._bases: list[Path] = []
+        self._files: dict[Path, list[tuple[str, str]]] = {}  # the limit files each hierarchy has
+        self._next = 0
+        if not cgroups:
+            return
+        name = f"trio-jobs-bench-ceiling-{uuid.uuid4().hex[:8]}"
+        try:
+            for base in own_cgroup_dirs(name):
+                if not _hierarchy_used(base):
+                    continue
+                try:
+                    base.mkdir()
+                except OSError:
+                    continue
+                self._bases.append(base)
+                probe = base / "probe"
+                probe.mkdir()
+                self._files[base] = [(f, v) for f, v in LIMIT_FILES.items() if (probe / f).exists()]
+                probe.rmdir()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def hierarchies(self) -> int:
+        """How many cgroup directories a sample makes (0: no cgroups)."""
+        return len(self._bases)
+
+    def _start(self) -> tuple[int, list[Path]]:
+        dirs = []
+        for base in self._bases:
+            job = base / f"job-{self._next}"
+            job.mkdir()
+            dirs.append(job)
+            for fname, value in self._files[base]:
+                (job / fname).write_text(value)
+        self._next += 1
+        return os.posix_spawn(TRUE, [TRUE], SPAWN_ENV), dirs
+
+    @staticmethod
+    def _remove(dirs: list[Path]) -> None:
+        for job in dirs:
+            job.rmdir()
+
+    def latencies(self, count: int) -> list[tuple[float, float]]:
+        """Seconds per start, one at a time: (to exec, to exit). *To exit* goes on to
+        ``waitpid`` and the removal of the cgroup directories (the server removes a job's
+        cgroup before it publishes the job's end), for the figure that includes the
+        program's run on both sides."""
         samples = []
-        for i in range(count if made else 0):
+        for _ in range(count):
             t0 = time.perf_counter()
-            for base in made:
-                job = base / f"job-{i}"
-                job.mkdir()
-                for fname, value in LIMIT_FILES.items():
-                    path = job / fname
-                    if path.exists():
-                        path.write_text(value)
-                job.rmdir()
-            samples.append(time.perf_counter() - t0)
-        return samples, len(made)
-    finally:
-        for base in made:  # also after an error half-way: job dirs first (empty cgroups)
-            for child in base.glob("job-*"):
-                with contextlib.suppress(OSError):
-                    child.rmdir()
+            pid, dirs = self._start()
+            t1 = time.perf_counter()
+            os.waitpid(pid, 0)
+            self._remove(dirs)
+            samples.append((t1 - t0, time.perf_counter() - t0))
+        return samples
+
+    def rate(self, count: int) -> float:
+        """Starts per second, back to back in one loop, timed to the last start's exec; the
+        children that have exited meanwhile are reaped (and their directories removed)
+        between starts, inside the timed span, as the server handles ends while it starts."""
+        pending: collections.deque[tuple[int, list[Path]]] = collections.deque()
+        t0 = time.perf_counter()
+        try:
+            for _ in range(count):
+                pending.append(self._start())
+                while pending and os.waitpid(pending[0][0], os.WNOHANG)[0]:
+                    self._remove(pending.popleft()[1])
+            return count / (time.perf_counter() - t0)
+        finally:
+            for pid, dirs in pending:
+                os.waitpid(pid, 0)
+                self._remove(dirs)
+
+    def close(self) -> None:
+        """Remove our directories (job directories first: a cgroup must be empty of children)."""
+        for base in self._bases:
+            for child in base.glob("*"):
+                if child.is_dir():
+                    with contextlib.suppress(OSError):
+                        child.rmdir()
             with contextlib.suppress(OSError):
                 base.rmdir()
+        self._bases.clear()
+
+    def __enter__(self) -> StartCeiling:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _hierarchy_used(base: Path) -> bool:

@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import ssl
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -25,18 +26,23 @@ CHARTS: Final = ("e2e-start.png", "e2e-throughput.png", "e2e-latency.png")
 
 @dataclass(frozen=True, kw_only=True)
 class Row:
-    """One figure next to its ceiling (or baseline). ``higher``: bigger is better."""
+    """One figure next to its ceiling (or baseline), both measured in the same run.
+
+    ``ceiling=None``: a figure with only an absolute target (a memory bound): it has no
+    ratio, rather than one against the target's number."""
 
     figure: str
     value: float
     unit: str
-    ceiling: float
-    ceiling_name: str
+    ceiling: float | None = None
+    ceiling_name: str = ""
     target: str = ""
     ok: bool | None = None  # None: no target
 
     @property
-    def ratio(self) -> float:
+    def ratio(self) -> float | None:
+        if self.ceiling is None:
+            return None
         return self.value / self.ceiling if self.ceiling else float("nan")
 
 
@@ -55,11 +61,34 @@ def table(rows: Sequence[Row]) -> str:
     ]
     for r in rows:
         verdict = "" if r.ok is None else (" (meets)" if r.ok else " (misses)")
-        lines.append(
-            f"| {r.figure} | {_num(r.value)} {r.unit} | {_num(r.ceiling)} {r.unit} ({r.ceiling_name}) "
-            f"| {r.ratio:.2f}x | {r.target}{verdict} |"
-        )
+        ceiling = "none: an absolute target" if r.ceiling is None else f"{_num(r.ceiling)} {r.unit} ({r.ceiling_name})"
+        ratio = "--" if r.ratio is None else f"{r.ratio:.2f}x"
+        lines.append(f"| {r.figure} | {_num(r.value)} {r.unit} | {ceiling} | {ratio} | {r.target}{verdict} |")
     return "\n".join(lines)
+
+
+def targets(rows: Sequence[Row]) -> str:
+    """One line on the targets, written with the table, so that prose need not restate it."""
+    judged = [r for r in rows if r.ok is not None]
+    missed = [r.figure.strip() for r in judged if not r.ok]
+    return f"Targets: {len(judged) - len(missed)} of {len(judged)} met" + (
+        f"; missed: {'; '.join(missed)}." if missed else "."
+    )
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip()
+
+
+def commit_stamp() -> str:
+    """The commit measured, and whether the code measured differed from it."""
+    head = _git("rev-parse", "--short", "HEAD") or "an unknown commit"
+    dirty = [line for line in _git("status", "--porcelain", "--", "trio_jobs", "benchmarks", "pyproject.toml").splitlines() if line]
+    return f"commit {head}" + (f" plus {len(dirty)} uncommitted file(s) in trio_jobs/, benchmarks/ or pyproject.toml" if dirty else "")
 
 
 def machine() -> list[str]:
@@ -80,17 +109,19 @@ def machine() -> list[str]:
     ]
 
 
-def results_block(*, when: str, command: str, seconds: float, load: tuple[str, str], workload: str,
+def results_block(*, when: str, stamp: str, command: str, seconds: float, load: tuple[str, str], workload: str,
                   rows: Sequence[Row], charts: bool, profile: str) -> str:
     parts = [
         RESULTS_BEGIN,
-        f"Run {when} with `{command}` ({seconds:.0f} s).",
+        f"Run {when} of {stamp}, with `{command}` ({seconds:.0f} s).",
         "",
         *machine(),
         f"- Load average (1/5/15 min) before: {load[0]}, after: {load[1]}",
         f"- Workload: {workload}",
         "",
         table(rows),
+        "",
+        targets(rows),
         "",
     ]
     if charts:
@@ -130,26 +161,31 @@ def charts(figures: dict[str, dict[str, float]], fanout_counts: Sequence[int]) -
     # 1. job start latency vs ceilings
     fig, ax = plt.subplots(figsize=(7, 3.6))
     labels = ["no cgroups", "cgroups"]
-    starts = [figures["start_none"], figures["start_cg"]]
-    ceilings = [ceil["spawn_p50_ms"], ceil["spawn_p50_ms"] + ceil["cgroup_p50_ms"]]
+    starts = [figures["start_none"], figures.get("start_cg", figures["start_none"])]
     xs = range(len(labels))
-    ax.bar([x - 0.27 for x in xs], [s["p50_ms"] for s in starts], 0.27, label="StartJob p50")
-    ax.bar(list(xs), [s["p99_ms"] for s in starts], 0.27, label="StartJob p99")
-    ax.bar([x + 0.27 for x in xs], ceilings, 0.27, label="ceiling (spawn + cgroup writes)")
+    bars = (("p50_ms", "StartJob p50"), ("ceiling_p50_ms", "ceiling p50"),
+            ("p99_ms", "StartJob p99"), ("ceiling_p99_ms", "ceiling p99"))  # fmt: skip
+    for i, (key, label) in enumerate(bars):
+        ax.bar([x + (i - 1.5) * 0.2 for x in xs], [s[key] for s in starts], 0.2, label=label)
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("ms")
-    ax.set_title("Job start: StartJob call -> process running")
+    ax.set_title("Job start, to exec (ceiling: [cgroup dirs +] posix_spawn of /bin/true)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(IMG / CHARTS[0], dpi=100)
     plt.close(fig)
     # 2. throughput
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    names = ["bare TLS\n(ceiling)", "tail x1"] + [f"fan-out x{n}\n(aggregate)" for n in fanout_counts]
-    values = [ceil["tls_mbps"], figures["stream"]["mbps"]] + [figures[f"fanout-{n}"]["mbps"] for n in fanout_counts]
-    ax.bar(names, values, color=["grey"] + ["tab:blue"] * (len(values) - 1))
+    names = ["bare TLS\n(ceiling)", "tail x1"]
+    values = [ceil["tls_mbps"], figures["stream"]["mbps"]]
+    colors = ["grey", "tab:blue"]
+    for n in fanout_counts:
+        names += [f"x{n}\nlive", f"x{n}\nreplay"]
+        values += [figures[f"fanout-{n}"]["live_mbps"], figures[f"fanout-{n}"]["replay_mbps"]]
+        colors += ["tab:blue", "tab:orange"]
+    ax.bar(names, values, color=colors)
     ax.set_ylabel("MB/s")
-    ax.set_title("Output streaming over mutual TLS on loopback")
+    ax.set_title("Output streaming over mutual TLS on loopback (fan-out: aggregate)")
     fig.tight_layout()
     fig.savefig(IMG / CHARTS[1], dpi=100)
     plt.close(fig)
@@ -187,32 +223,65 @@ which the CLI cannot, to measure job start with and without cgroups on the same 
 development PKI, and clients over mutual TLS 1.3 on 127.0.0.1: this driver process
 (`JobsClient`), the real `trio-jobs tail` CLI for the single follower and for alice's flood,
 and a process of N `JobsClient.tail` followers (one connection each) for the fan-out. Every
-figure is compared in the same run with its ceiling or baseline:
+ratio is against a ceiling or baseline measured in the same rounds as the figure:
 
-- **Job start**: a `StartJob` of `/bin/true` timed from the call to the answer (the worker
-  answers once the process has been released into its program), one at a time, then 8
-  concurrent callers on one connection for jobs/s. Ceiling: `os.posix_spawn` + `waitpid` of
-  `/bin/true`, plus (with cgroups) mkdir + the limit writes + rmdir of one directory in each
-  hierarchy the driver uses, measured in a cgroup of our own.
+- **Job start**: `StartJob` of `/bin/true`, one at a time, then 8 concurrent callers on one
+  connection for jobs/s, in 5 rounds; the ceiling runs in the same rounds (first in one
+  round, second in the next) in the driver's own cgroup. Like for like, two ways. *To
+  exec*: the call to its answer (the worker answers once the job's process has executed its
+  wrapper and been released, `worker/spawn.py`; the program's own run comes after) against
+  `os.posix_spawn` of `/bin/true` alone, which returns once the child has executed (glibc
+  clones with `CLONE_VFORK`; an exec failure is reported by the call itself), and with
+  cgroups the mkdir and limit writes of one directory in each hierarchy the driver uses
+  before it, timed as one span (so its p99 is the p99 of those sums; no process is moved
+  into them, so it is below the server's minimum). *To exit*: the call until the job's end
+  reaches the client (a follower's stream ends) against the same spawn plus `waitpid` and
+  the directories' `rmdir` (the server removes a job's cgroup before it publishes its end);
+  both include the program's run. Each start waits for the previous job's end, untimed, on
+  both sides. The jobs/s ceiling: the same spawns back to back in one loop, reaping the
+  children that have exited between spawns.
 - **Streaming**: `head -c 1G /dev/zero`, one `trio-jobs tail` into a pipe; MB/s from its
-  first to its last byte. Ceiling: bare `trio.SSLStream` between two processes with the same
-  TLS contexts, 64 KiB writes. The job's own wall time (the server's `ended_at -
-  created_at`) with and without a follower shows whether a follower slows the job.
-- **Fan-out**: 1, 10, 100 followers of one 32 MiB job: aggregate MB/s (all bytes / first
-  byte to last end) and the server's peak RSS growth (VmRSS sampled every 20 ms).
+  first to its last byte, while the job runs and again once it has ended. Ceiling: bare
+  `trio.SSLStream` between two processes with the same TLS contexts, 64 KiB writes; the live
+  tail is also compared with the job's own output rate. The job's own wall time (the
+  server's `ended_at - created_at`) alone, with that follower, and with a follower that
+  stops reading shows whether followers slow the job; the same job beside one process that
+  only spins on a CPU (no follower) shows what any other busy process does to it on this
+  machine. Five interleaved rounds, medians, with bare TLS and the ideal live chain (below)
+  measured in each round. Before each of these jobs (and the fan-out's) the driver runs
+  `sync`, untimed: the spool files go through the page cache, and once earlier 1 GiB jobs
+  have left ~2 GB dirty the kernel throttles every writer to the disk's writeback rate (see
+  "Still missed" below), which would make each figure depend on the scenarios before it.
+- **Fan-out**: 1, 10, 100 followers of one 32 MiB job, *live*: the job prints a marker line
+  and blocks reading a FIFO; the followers' process reports once every follower has
+  received the marker (each is then attached to the job's output stream on the server); the
+  driver checks that the job is still running and has written only the marker, and only
+  then releases it. (Without the gate the followers' process, ~0.2 s of imports, started
+  after the job's 32 MiB had passed its pipe in ~20 ms: "fan-out" was a replay.) Then
+  *replay*: as many followers of the same job, now ended. For each: aggregate MB/s (all
+  payload bytes / first byte to last end) against 1 follower of the same kind, and the
+  server's peak RSS growth (VmRSS sampled every 20 ms).
 - **Scale**: 1,000 `sleep` jobs at once (admin's quota raised by the benchmark policy):
   server RSS growth per job. History: 10,000 ended `/bin/true` jobs, written by the same
   `Worker` the server runs, in the benchmark's process, into the data directory the server
   then opens (twice as fast as 10,000 `StartJob` calls, which were quadratic until commit
-  319f012, see below); then `list` (all 10,000 in one answer), `status` and `StartJob`
-  latency, against the same calls on a server with 10 jobs.
+  319f012, see below). That server and one with 10 ended jobs run side by side; both are
+  warmed (one untimed call of each kind), then `list` (all 10,000 in one answer) and
+  `status` calls, then `StartJob` (each job's end awaited, untimed, as in the job start
+  figure), alternate between them in 5 rounds.
 - **Isolation**: alice runs `head -c 1G /dev/zero` and follows it with `trio-jobs tail`;
   meanwhile bob calls `status` back to back and follows his own job, which writes the
   wall-clock time into a line every 20 ms: the follower's figure is each line's delivery
   delay (arrival minus the time in it). Baselines: the same before the flood.
 
+Memory figures (RSS growth with 100 followers, RSS per running job) have an absolute target
+and nothing of the same run to divide by: the table gives them no ratio.
+
 **Reading the numbers.** 2 CPUs, shared with teammates' test runs: the server, the client
 and the job compete for them, so compare ratios within one run; the load average is recorded.
+The results block below is written whole by the full run: its first line names the commit
+measured (and whether the working tree differed from it), and its "Targets" line is
+computed from the table.
 
 {{results}}
 {END}"""

@@ -11,9 +11,11 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import statistics
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 
     from trio_jobs.client import JobInfo, JobsClient
 
+    from .ceilings import StartCeiling
     from .harness import BenchServer
 
 Figures = dict[str, float]
@@ -82,24 +85,68 @@ async def _starts(client: JobsClient, count: int, concurrency: int, argv: tuple[
     return ids
 
 
-async def job_start(server: BenchServer, *, sequential: int, burst: int, concurrency: int) -> Figures:
-    """StartJob of /bin/true: latency one at a time, and jobs/s with concurrent callers.
-
-    Each timed start waits (untimed) for the job before it to end, as the ceiling's
-    spawn+wait does: otherwise a start also pays for the previous job's end, which the
-    server handles at the same moment (a queueing figure, which jobs/s covers)."""
-    async with server.client() as client:
-        await _starts(client, 5, 1, ("/bin/true",))  # warm-up
-        samples = []
-        for _ in range(sequential):
-            t0 = time.perf_counter()
-            job = await client.start("/bin/true")
-            samples.append(time.perf_counter() - t0)
-            await client.tail(job.job_id, _discard)  # returns once the job has ended
+async def _waited_starts(client: JobsClient, count: int) -> list[tuple[float, float]]:
+    """StartJob of /bin/true, one at a time, each job's end awaited before the next start
+    (a follower's stream, which returns at the end), as the ceiling reaps each child
+    before its next spawn: otherwise a start also pays for the previous job's end, which
+    the server handles at the same moment (a queueing figure, which jobs/s covers).
+    Seconds per start: (to the answer, to the end as this client sees it)."""
+    samples = []
+    for _ in range(count):
         t0 = time.perf_counter()
-        await _starts(client, burst, concurrency, ("/bin/true",))
-        rate = burst / (time.perf_counter() - t0)
-    return {"p50_ms": percentile(samples, 50) * 1e3, "p99_ms": percentile(samples, 99) * 1e3, "jobs_s": rate}
+        job = await client.start("/bin/true")
+        t1 = time.perf_counter()
+        await client.tail(job.job_id, _discard)  # returns once the job has ended
+        samples.append((t1 - t0, time.perf_counter() - t0))
+    return samples
+
+
+async def job_start(
+    server: BenchServer, ceiling: StartCeiling, *, sequential: int, burst: int, concurrency: int, rounds: int
+) -> Figures:
+    """StartJob of /bin/true: latency one at a time, and jobs/s with concurrent callers; the
+    ceiling's latency and rate (``ceilings.StartCeiling``) measured in the same rounds,
+    alternately first and second. Like for like: the answer against the spawn's return
+    (both *to exec*), and the job's end as the client sees it against ``waitpid`` (both *to
+    exit*, the program's run included). Percentiles of all samples, medians of the
+    per-round rates."""
+    per_seq, per_burst = max(1, sequential // rounds), max(concurrency, burst // rounds)
+    samples: list[tuple[float, float]] = []
+    ceiling_samples: list[tuple[float, float]] = []
+    rates: list[float] = []
+    ceiling_rates: list[float] = []
+    async with server.client() as client:
+        await _waited_starts(client, 5)  # warm-up
+        await trio.to_thread.run_sync(ceiling.latencies, 5)
+
+        async def ours() -> None:
+            samples.extend(await _waited_starts(client, per_seq))
+            t0 = time.perf_counter()
+            ids = await _starts(client, per_burst, concurrency, ("/bin/true",))
+            rates.append(per_burst / (time.perf_counter() - t0))
+            for job_id in ids:  # untimed: the burst's jobs end before the next measurement
+                await client.tail(job_id, _discard)
+
+        async def theirs() -> None:
+            ceiling_samples.extend(await trio.to_thread.run_sync(ceiling.latencies, per_seq))
+            ceiling_rates.append(await trio.to_thread.run_sync(ceiling.rate, per_burst))
+
+        for r in range(rounds):
+            for step in (ours, theirs) if r % 2 == 0 else (theirs, ours):
+                await step()
+    to_answer, to_end = [s[0] for s in samples], [s[1] for s in samples]
+    to_exec, to_exit = [s[0] for s in ceiling_samples], [s[1] for s in ceiling_samples]
+    return {
+        "p50_ms": percentile(to_answer, 50) * 1e3,
+        "p99_ms": percentile(to_answer, 99) * 1e3,
+        "end_p50_ms": percentile(to_end, 50) * 1e3,
+        "jobs_s": statistics.median(rates),
+        "ceiling_p50_ms": percentile(to_exec, 50) * 1e3,
+        "ceiling_p99_ms": percentile(to_exec, 99) * 1e3,
+        "ceiling_exit_p50_ms": percentile(to_exit, 50) * 1e3,
+        "ceiling_jobs_s": statistics.median(ceiling_rates),
+        "hierarchies": ceiling.hierarchies,
+    }
 
 
 def run_cli_tail(server: BenchServer, job_id: str, identity: str = "admin") -> Figures:
@@ -225,29 +272,97 @@ async def _sample_rss(server: BenchServer, peak: list[int], done: trio.Event) ->
             await done.wait()
 
 
-async def fanout(server: BenchServer, size: int, count: int) -> Figures:
-    """``count`` followers (one process, one connection each) of a job writing ``size`` bytes."""
-    async with server.client() as client:
-        await settle_disk()
-        before = server.rss()
-        peak = [before]
-        done = trio.Event()
-        job = await client.start("head", ["-c", str(size), "/dev/zero"])
-        argv = [
-            PYTHON, "-m", "benchmarks.e2e.followers", "--server", server.address, "--pki", str(server.pki),
-            "--identities", ",".join(FOLLOWER_IDENTITIES),
-            "--job", job.job_id, "--count", str(count), "--expect", str(size),
-        ]  # fmt: skip
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_sample_rss, server, peak, done)
-            with trio.fail_after(900):
-                proc = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
-            done.set()
-    if proc.returncode != 0:
-        raise RuntimeError(f"followers failed: {proc.stderr.decode(errors='replace')[-1000:]}")
-    got = json.loads(proc.stdout)
+async def fanout(server: BenchServer, workdir: Path, size: int, count: int) -> Figures:
+    """``count`` followers (one process, one connection each) of a job writing ``size``
+    bytes: ``live``, every follower attached before the job's first byte of payload, then
+    ``replay``, as many followers of the same job once it has ended.
+
+    The gate: the job writes :data:`MARKER`, then blocks reading a FIFO. The followers'
+    process prints ``attached`` once every follower has received the marker (its stream is
+    then open on the server and has sent it bytes); only then, after checking that the job
+    is still running and has written the marker and nothing else, the driver writes the
+    FIFO, and the job ``exec``s ``head -c SIZE /dev/zero``. The followers' process starts
+    in ~0.2 s (its imports), the 32 MiB pass the pipe in ~20 ms: without the gate a
+    "live" fan-out is a replay of an ended job.
+    """
+    fifo = workdir / f"fanout-go-{uuid.uuid4().hex[:8]}"
+    os.mkfifo(fifo, 0o600)
+    # Held open for reading and writing (Linux): the job's open never blocks, and the line we
+    # write stays in the FIFO until the job reads it, whenever it gets there.
+    go = os.open(fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    script = f"echo {MARKER.decode().strip()}; read go < {shlex.quote(str(fifo))}; exec head -c {size} /dev/zero"
+    try:
+        async with server.client() as client:
+            await settle_disk()
+            job = await client.start("sh", ["-c", script])
+
+            async def release() -> None:
+                held = await client.status(job.job_id)
+                if held.state != "running" or held.output_bytes != len(MARKER):
+                    raise RuntimeError(f"the fan-out job was not held at its marker: {held}")
+                os.write(go, b"go\n")
+
+            live = await _followers(server, workdir, job.job_id, count, size, release)
+            final = await client.status(job.job_id)
+            if final.state != "exited" or final.exit_code != 0 or final.output_bytes != len(MARKER) + size:
+                raise RuntimeError(f"the fan-out job did not write its {size} bytes: {final}")
+            replay = await _followers(server, workdir, job.job_id, count, size, None)
+    finally:
+        os.close(go)
+        fifo.unlink()
+    return {f"{phase}_{key}": value for phase, figs in (("live", live), ("replay", replay)) for key, value in figs.items()}
+
+
+MARKER: Final = b"following\n"
+"""The fan-out job's first line, before it waits to be released."""
+
+
+async def _followers(
+    server: BenchServer, workdir: Path, job_id: str, count: int, size: int,
+    release: Callable[[], Awaitable[None]] | None,
+) -> Figures:  # fmt: skip
+    """Run the followers' process on ``job_id``; ``release`` (if given) once all are attached.
+    Aggregate MB/s of payload (all followers' bytes / first byte to the last follower's end)
+    and the server's peak RSS growth meanwhile."""
+    argv = [
+        PYTHON, "-m", "benchmarks.e2e.followers", "--server", server.address, "--pki", str(server.pki),
+        "--identities", ",".join(FOLLOWER_IDENTITIES), "--job", job_id, "--count", str(count),
+        "--marker-bytes", str(len(MARKER)), "--expect", str(size),
+    ]  # fmt: skip
+    before = server.rss()
+    peak = [before]
+    done = trio.Event()
+    errors = workdir / "followers.stderr"
+    lines: list[bytes] = []
+    with errors.open("wb") as err:
+        proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=err)
+    assert proc.stdout is not None
+    try:
+        with trio.fail_after(900):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_sample_rss, server, peak, done)
+                pending = b""
+                while chunk := await proc.stdout.receive_some(4096):
+                    *new, pending = (pending + chunk).split(b"\n")
+                    for line in new:
+                        lines.append(line)
+                        if line == b"attached" and release is not None:
+                            await release()
+                await proc.wait()
+                done.set()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            with trio.move_on_after(30, shield=True):
+                await proc.wait()
+        await proc.stdout.aclose()
+    if proc.returncode != 0 or not lines or not lines[-1].startswith(b"{"):
+        raise RuntimeError(f"followers failed ({proc.returncode}): {errors.read_text(errors='replace')[-1000:]}")
+    if release is not None and b"attached" not in lines:
+        raise RuntimeError("the followers ended without all being attached")
+    got = json.loads(lines[-1])
     if got["complete"] != count:
-        raise RuntimeError(f"only {got['complete']} of {count} followers got all {size} bytes")
+        raise RuntimeError(f"only {got['complete']} of {count} followers got the marker and all {size} bytes")
     return {"mbps": got["bytes"] / (got["last"] - got["first"]) / 1e6, "rss_growth_mib": (peak[0] - before) / 2**20}
 
 
@@ -316,35 +431,52 @@ async def prefill_history(home: Path, jobs: int, concurrency: int) -> float:
     return jobs / (time.perf_counter() - t0)
 
 
-async def history(server: BenchServer, calls: int) -> Figures:
-    """``list``, ``status`` and StartJob latency on a server with a big history."""
-    async with server.client() as client:
-        listed = (await client.list_proto()).jobs
-        ids = [j.job_id for j in listed]
-        list_many = await _latencies(client.list_proto, calls)
-        status_many = await _latencies(lambda: client.status(random.choice(ids)), calls * 5)
-        starts = await _latencies(lambda: client.start("/bin/true"), calls)
+async def history(many: BenchServer, few: BenchServer, calls: int, rounds: int) -> Figures:
+    """``list``, ``status`` and StartJob latency on a server with a big history (``many``)
+    against the same calls on a server with 10 ended jobs (``few``), in the same rounds,
+    alternately first and second, both warm: before the timed calls, one untimed call of
+    each kind on each server (the big history's first ``list`` fills its cache of ended
+    jobs). The starts are timed as in ``job_start`` (each job's end awaited, untimed), after
+    every ``list``, so that the 10-job server lists 10 jobs."""
+    per = max(1, calls // rounds)
+    samples: dict[str, list[float]] = {}
+    async with many.client() as big, few.client() as small:
+        few_ids = []
+        for _ in range(10):
+            job = await small.start("/bin/true")
+            await small.tail(job.job_id, _discard)
+            few_ids.append(job.job_id)
+        many_ids = [j.job_id for j in (await big.list_proto()).jobs]
+        servers = {"many": (big, many_ids), "few": (small, few_ids)}
+        for client, ids in servers.values():  # warm-up
+            await client.list_proto()
+            await client.status(ids[0])
+        for r in range(rounds):
+            for name in ("many", "few") if r % 2 == 0 else ("few", "many"):
+                client, ids = servers[name]
+                samples.setdefault(f"list_{name}", []).extend(await _latencies(client.list_proto, per))
+                samples.setdefault(f"status_{name}", []).extend(await _status_calls(client, ids, per * 5))
+        for client, _ids in servers.values():  # warm-up
+            await _waited_starts(client, 1)
+        for r in range(rounds):
+            for name in ("many", "few") if r % 2 == 0 else ("few", "many"):
+                starts = await _waited_starts(servers[name][0], per)
+                samples.setdefault(f"start_{name}", []).extend(answer for answer, _end in starts)
     return {
-        "jobs": len(listed),
-        "list_p50_ms": percentile(list_many, 50) * 1e3,
-        "list_p99_ms": percentile(list_many, 99) * 1e3,
-        "status_p99_ms": percentile(status_many, 99) * 1e3,
-        "start_p50_ms": percentile(starts, 50) * 1e3,
+        "jobs": len(many_ids),
+        "list_p50_ms": percentile(samples["list_many"], 50) * 1e3,
+        "list_p99_ms": percentile(samples["list_many"], 99) * 1e3,
+        "status_p99_ms": percentile(samples["status_many"], 99) * 1e3,
+        "start_p50_ms": percentile(samples["start_many"], 50) * 1e3,
+        "list_few_p99_ms": percentile(samples["list_few"], 99) * 1e3,
+        "status_few_p99_ms": percentile(samples["status_few"], 99) * 1e3,
+        "start_few_p50_ms": percentile(samples["start_few"], 50) * 1e3,
     }
 
 
-async def few_jobs(server: BenchServer, calls: int) -> Figures:
-    """The same ``list``, ``status`` (and StartJob) calls with 10 jobs: the baseline of ``history``."""
-    async with server.client() as client:
-        few = await _starts(client, 10, 1, ("/bin/true",))
-        list_few = await _latencies(client.list_proto, calls)
-        status_few = await _latencies(lambda: client.status(random.choice(few)), calls * 5)
-        starts_few = await _latencies(lambda: client.start("/bin/true"), calls)  # after the list: 10 jobs there
-    return {
-        "list_few_p99_ms": percentile(list_few, 99) * 1e3,
-        "status_few_p99_ms": percentile(status_few, 99) * 1e3,
-        "start_few_p50_ms": percentile(starts_few, 50) * 1e3,
-    }
+async def _status_calls(client: JobsClient, ids: list[str], count: int) -> list[float]:
+    """Seconds per ``status`` of a job drawn at random from ``ids``."""
+    return await _latencies(lambda: client.status(random.choice(ids)), count)
 
 
 async def isolation(server: BenchServer, size: int, calls: int) -> Figures:

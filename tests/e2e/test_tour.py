@@ -11,8 +11,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 from .conftest import read_until
+from .gate import MARKER, Gate
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .conftest import Host
 
 pytestmark = pytest.mark.slow
@@ -27,21 +30,25 @@ def test_zero_config_banner_and_pki(served: Host) -> None:
         assert (served.home / "pki" / f"{name}.key").stat().st_mode & 0o077 == 0
 
 
-def test_tour(served: Host) -> None:
+def test_tour(served: Host, tmp_path: Path) -> None:
     # start prints the job id alone; tail replays from the first byte and exits like the job
     job = served.start("echo", "hello")
     tail = served.run("tail", job)
     assert tail.stdout == b"hello\n"
     assert served.run("tail", "--job", job).stdout == b"hello\n"
 
-    # several followers of a running job all get the same bytes, and the job's exit status
-    script = "for i in $(seq 1 200); do echo line $i; done; echo oops >&2; exit 3"
-    job2 = served.start("sh", "-c", script)
-    followers = [served.popen("tail", job2) for _ in range(3)]
-    outputs = [p.communicate(timeout=60) for p in followers]
-    expected = b"".join(b"line %d\n" % i for i in range(1, 201)) + b"oops\n"
-    assert [o for o, _ in outputs] == [expected] * 3
+    # several followers of a running job all get the same bytes, and the job's exit status;
+    # the job is held after its first line until all three have it (tests/e2e/gate.py)
+    with Gate(tmp_path / "go") as gate:
+        script = gate.script("for i in $(seq 1 200); do echo line $i; done; echo oops >&2; exit 3")
+        job2 = served.start("sh", "-c", script)
+        followers = [served.popen("tail", job2) for _ in range(3)]
+        gate.release_when_attached(served, job2, followers)
+        outputs = [p.communicate(timeout=60) for p in followers]
+    rest = b"".join(b"line %d\n" % i for i in range(1, 201)) + b"oops\n"
+    assert [o for o, _ in outputs] == [rest] * 3
     assert [p.returncode for p in followers] == [3, 3, 3]
+    expected = MARKER + rest
 
     # status: a table, and the proto3 JSON mapping with the proto's field names
     table = served.run("status", job2).stdout.decode()

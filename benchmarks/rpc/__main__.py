@@ -23,7 +23,6 @@ import pstats
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Final
@@ -37,6 +36,8 @@ from benchmarks.rpc.common import (
     make_pki,
     median_result,
     median_status,
+    start_ready_server,
+    stop_server,
 )
 from benchmarks.rpc.report import (
     STATUS_BEGIN,
@@ -51,7 +52,6 @@ from benchmarks.rpc.status import run_status
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 DOC: Final = ROOT / "docs" / "benchmarks.md"
-START_TIMEOUT: Final = 60.0  # seconds for a server to print READY (imports, key loading)
 
 
 def _worker(*args: str) -> list[str]:
@@ -62,35 +62,13 @@ def _start_server(
     impl: str, pki: Path, gen: Path, profile: Path | None
 ) -> tuple[subprocess.Popen[bytes], int]:
     extra = ["--profile", str(profile)] if profile is not None else []
-    proc = subprocess.Popen(
-        _worker("server", impl, "--pki", str(pki), "--gen", str(gen), *extra),
-        stdout=subprocess.PIPE,
-        cwd=ROOT,
+    return start_ready_server(
+        _worker("server", impl, "--pki", str(pki), "--gen", str(gen), *extra), ROOT, impl
     )
-    # A server that hangs before READY is killed, which ends the readline below.
-    watchdog = threading.Timer(START_TIMEOUT, proc.kill)
-    watchdog.start()
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
-    finally:
-        watchdog.cancel()
-    if not line.startswith("READY "):
-        _stop(proc)
-        raise RuntimeError(f"{impl} server did not start (exit {proc.returncode}): {line!r}")
-    return proc, int(line.split()[1])
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
+    stop_server(proc, timeout=15)
 
 
 def run_peer(

@@ -7,7 +7,9 @@ import importlib
 import json
 import os
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -242,3 +244,36 @@ async def measure(
     qps = await measure_concurrent(unary, gather, work)
     mbps = await measure_stream(stream, work)
     return Result(unary_p50_us=p50, unary_p99_us=p99, c64_qps=qps, stream_mbps=mbps)
+
+
+SERVER_START_TIMEOUT: Final = 60.0  # seconds for a server to print READY (imports, key loading)
+
+
+def start_ready_server(argv: list[str], cwd: Path, what: str) -> tuple[subprocess.Popen[bytes], int]:
+    """Run a benchmark server process and wait for its ``READY <port>`` line."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=cwd)
+    # A server that hangs before READY is killed, which ends the readline below.
+    watchdog = threading.Timer(SERVER_START_TIMEOUT, proc.kill)
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+    finally:
+        watchdog.cancel()
+    if not line.startswith("READY "):
+        stop_server(proc)
+        raise RuntimeError(f"{what} server did not start (exit {proc.returncode}): {line!r}")
+    return proc, int(line.split()[1])
+
+
+def stop_server(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; close its stdout."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()

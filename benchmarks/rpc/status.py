@@ -46,6 +46,8 @@ from benchmarks.rpc.common import (
     pem,
     percentile,
     server_context,
+    start_ready_server,
+    stop_server,
 )
 
 if TYPE_CHECKING:
@@ -53,7 +55,6 @@ if TYPE_CHECKING:
 
 JOBS: Final = "/trio_jobs.v1.JobService"
 HEALTH_CHECK: Final = "/grpc.health.v1.Health/Check"
-START_TIMEOUT: Final = 60.0
 JOB_END_TIMEOUT: Final = 30.0
 
 
@@ -225,30 +226,10 @@ def _command(*args: str) -> list[str]:
 
 
 def _start(args: list[str], cwd: Path) -> tuple[subprocess.Popen[bytes], int]:
-    proc = subprocess.Popen(_command(*args), stdout=subprocess.PIPE, cwd=cwd)
-    watchdog = threading.Timer(START_TIMEOUT, proc.kill)  # a hung start ends the readline
-    watchdog.start()
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
-    finally:
-        watchdog.cancel()
-    if not line.startswith("READY "):
-        _stop(proc)
-        raise RuntimeError(f"status phase: {args[0]} server did not start (exit {proc.returncode}): {line!r}")
-    return proc, int(line.split()[1])
+    return start_ready_server(_command(*args), cwd, f"status phase: {args[0]}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
+_stop = stop_server
 
 
 def run_status(pki: Path, work: Workload, timeout: float, cwd: Path) -> StatusResult:

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, final
 
 import trio
 
+from .rpc._nursery import background_nursery
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
     from typing import TypeAlias
@@ -165,29 +167,11 @@ async def open_output(output: JobOutput, pump: Pump) -> AsyncIterator[JobOutput]
     # Unbuffered: a chunk counts as delivered only once the caller took it.
     send, receive = trio.open_memory_channel[bytes](0)
     output._receive = receive
-    # The body runs inside the pump's nursery, but what it raises reaches the caller as it
-    # is (``except JobsError``, a sink's BrokenPipeError, plain Cancelled), not wrapped in
-    # an exception group: caught here, the pump cancelled, and re-raised outside the
-    # nursery (as trio_jobs/rpc/_client.py's _run_channel does).
-    body_error: BaseException | None = None
+    # What the body raises reaches the caller as it is (``except JobsError``, a sink's
+    # BrokenPipeError, plain Cancelled), not wrapped in an exception group.
     try:
-        async with trio.open_nursery() as nursery:
+        async with background_nursery() as nursery:
             nursery.start_soon(output._run, pump, send)
-            try:
-                yield output
-            except BaseException as exc:  # re-raised below, outside the nursery
-                body_error = exc
-            finally:
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # Only Cancelled of an outer scope (the pump's share of it) is dropped: the body's
-        # own exception says the same.
-        if body_error is None or group.split(trio.Cancelled)[1] is not None:
-            raise
+            yield output
     finally:
         receive.close()
-    if body_error is not None:
-        try:
-            raise body_error
-        finally:
-            body_error = None  # no reference cycle through the traceback

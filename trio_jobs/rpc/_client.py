@@ -20,6 +20,7 @@ from h2.errors import ErrorCodes
 from . import _events as ev
 from ._client_protocol import ClientProtocol
 from ._headers import MetadataError
+from ._nursery import background_nursery
 from ._options import ChannelOptions
 from ._protocol import StreamGone
 from ._status import Metadata, RpcError, StatusCode, status_from_rst_stream
@@ -312,38 +313,15 @@ async def _run_channel(
     wire: Wire, authority: str, options: ChannelOptions
 ) -> AsyncIterator[Channel]:
     channel = Channel(wire, authority=authority, options=options)
-    # The body runs inside the nursery of the reader and writer, but its exception must
-    # reach the caller as it is (``except RpcError``, plain Cancelled/KeyboardInterrupt),
-    # not wrapped in an ExceptionGroup: it is caught here, the nursery is cancelled and
-    # exits cleanly (the reader and writer end on cancellation without raising), and the
-    # very same exception object is re-raised outside it (trio's advice for context
-    # managers that own a nursery). A failure of the reader or writer themselves (a bug)
-    # still surfaces as a group. When an outer cancel scope was cancelled, the reader and
-    # writer end with Cancelled too (the nursery's own scope does not catch what an outer
-    # scope caused): that group says nothing the body's own exception does not.
-    body_error: BaseException | None = None
     try:
-        async with trio.open_nursery() as nursery:
+        async with background_nursery() as nursery:  # the body's exception comes out as it is
             await nursery.start(channel.writer)
             channel.proto.initiate()
             await channel.flush()
             nursery.start_soon(channel.reader)
-            try:
-                yield channel
-            except BaseException as exc:  # re-raised below, outside the nursery
-                body_error = exc
-            finally:
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        if body_error is None or group.split(trio.Cancelled)[1] is not None:
-            raise
+            yield channel
     finally:
         await channel.aclose()
-    if body_error is not None:
-        try:
-            raise body_error
-        finally:
-            body_error = None  # no reference cycle through the traceback
 
 
 @asynccontextmanager

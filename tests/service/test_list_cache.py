@@ -52,7 +52,7 @@ async def start(service: JobService, identity: str, *argv: str) -> str:
 
 async def listed(service: JobService, identity: str, *, all_users: bool = False) -> pb.ListJobsResponse:
     answer = await service.ListJobs(pb.ListJobsRequest(all_users=all_users), ctx(identity))
-    return pb.ListJobsResponse.FromString(answer.data)
+    return pb.ListJobsResponse.FromString(answer.encoded())
 
 
 async def reference(worker: Worker, owner: str | None) -> pb.ListJobsResponse:
@@ -166,7 +166,7 @@ async def test_jobs_not_cached_are_converted_a_batch_at_a_time(
 ) -> None:
     """What one ListJobs holds at once is bounded: statuses of jobs whose part is not cached
     are read ``LIST_CONVERT_BATCH`` at a time (and the answer is the same)."""
-    monkeypatch.setattr("trio_jobs.service.LIST_CONVERT_BATCH", 2)
+    monkeypatch.setattr("trio_jobs.service.paging.LIST_CONVERT_BATCH", 2)
     async with open_worker(tmp_path / "data") as worker:
         service = JobService(worker, Policy.from_toml(POLICY), list_cache_budget=0)
         for job_id in [await start(service, "alice", "/bin/true") for _ in range(5)]:

@@ -11,12 +11,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from trio_jobs import service as service_module
 from trio_jobs.client import JobsClient
 from trio_jobs.rpc import RpcError, StatusCode
 from trio_jobs.security.policy import Policy
-from trio_jobs.server import ServerConfig, serve
-from trio_jobs.service import JobService
+from trio_jobs.server import NO_CGROUPS, ServerConfig, serve
+from trio_jobs.service import JobService, paging
 from trio_jobs.v1 import jobs_pb2 as pb
 from trio_jobs.worker import open_worker
 
@@ -32,7 +31,7 @@ if TYPE_CHECKING:
 async def page(service: JobService, who: str, size: int = 0, token: str = "", *, all_users: bool = False
                ) -> pb.ListJobsResponse:
     request = pb.ListJobsRequest(all_users=all_users, page_size=size, page_token=token)
-    return pb.ListJobsResponse.FromString((await service.ListJobs(request, ctx(who))).data)
+    return pb.ListJobsResponse.FromString((await service.ListJobs(request, ctx(who))).encoded())
 
 
 async def all_pages(service: JobService, who: str, size: int = 0, *, all_users: bool = False
@@ -87,13 +86,13 @@ async def test_an_answer_never_exceeds_the_page_byte_limit(tmp_path: Path, monke
         whole = await reference(worker, "alice")
         biggest = max(len(pb.ListJobsResponse(jobs=[j]).SerializeToString()) for j in whole.jobs)
         limit = 2 * biggest
-        monkeypatch.setattr(service_module, "LIST_PAGE_BYTES", limit)
+        monkeypatch.setattr(paging, "LIST_PAGE_BYTES", limit)
         pages = await all_pages(service, "alice")
         assert len(pages) > 2
         assert all(p.ByteSize() <= limit for p in pages)
         assert [j for p in pages for j in p.jobs] == list(whole.jobs)
         # one job bigger than the limit still comes, alone on its page
-        monkeypatch.setattr(service_module, "LIST_PAGE_BYTES", 10)
+        monkeypatch.setattr(paging, "LIST_PAGE_BYTES", 10)
         pages = await all_pages(service, "alice")
         assert [len(p.jobs) for p in pages] == [1] * 6
 
@@ -123,10 +122,11 @@ async def test_client_list_follows_the_pages(
     dev_pki: Path, tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = ServerConfig(host="127.0.0.1", port=0, data_dir=tmp_path / "data", ssl_context=server_ctx(dev_pki),
-                          policy=Policy.from_toml(POLICY), handle_signals=False, shutdown_timeout=10.0)
+                          policy=Policy.from_toml(POLICY), cgroups=NO_CGROUPS, handle_signals=False,
+                          shutdown_timeout=10.0)
     info = await nursery.start(serve, config)
     host, port = info.addresses[0]
-    monkeypatch.setattr(service_module, "LIST_PAGE_BYTES", 1)  # one job per page
+    monkeypatch.setattr(paging, "LIST_PAGE_BYTES", 1)  # one job per page
     async with JobsClient.connect(f"{host}:{port}", ssl_context=client_ctx(dev_pki, "alice")) as jobs:
         started = [(await jobs.start("/bin/echo", [str(i)])).job_id for i in range(5)]
         assert [j.job_id for j in await jobs.list()] == started
@@ -140,7 +140,7 @@ async def test_a_page_reads_only_its_own_slice_of_the_history(tmp_path: Path, mo
         ids = [await start(service, "alice", "/bin/true") for _ in range(20)]
         for job_id in ids:
             await wait_ended(worker, job_id)
-        monkeypatch.setattr(service_module, "LIST_SLICE", 3)
+        monkeypatch.setattr(paging, "LIST_SLICE", 3)
         read: list[int] = []
         real = worker.job_page
 
@@ -157,5 +157,5 @@ async def test_a_page_reads_only_its_own_slice_of_the_history(tmp_path: Path, mo
         assert [j.job_id for j in (await page(service, "alice", 0)).jobs] == ids  # slices of 3
         assert max(read) <= 4
         assert [j.job_id for j in (await page(service, "alice", 5, first.next_page_token)).jobs] == ids[2:7]
-        beyond = base64.urlsafe_b64encode(f"{service_module.PAGE_TOKEN_VERSION}:999999".encode()).decode()
+        beyond = base64.urlsafe_b64encode(f"{paging.PAGE_TOKEN_VERSION}:999999".encode()).decode()
         assert await page(service, "alice", 0, beyond) == pb.ListJobsResponse()

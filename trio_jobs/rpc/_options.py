@@ -1,4 +1,11 @@
-"""Tunables of the server and the client, with the defaults documented in architecture.md."""
+"""Tunables of the server and the client, with the defaults documented in architecture.md.
+
+What both ends of a connection set alike (message size caps, the HTTP/2 settings they
+advertise, receive windows, read size) is defined once, in :class:`_ConnectionSettings`;
+:class:`ServerLimits` and :class:`ChannelOptions` add their own, and each gives
+``max_header_list_size`` its own default (8 KiB on the server, 16 KiB on the client). Both
+keep their keyword names and defaults; only the common fields come first in ``repr``.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +17,33 @@ MiB: Final = 1024 * KiB
 
 
 @dataclass(frozen=True, kw_only=True)
-class ServerLimits:
-    max_concurrent_streams: int = 100
-    """SETTINGS_MAX_CONCURRENT_STREAMS per connection (h2 enforces it)."""
-    max_header_list_size: int = 8 * KiB
-    """SETTINGS_MAX_HEADER_LIST_SIZE; a larger header block closes the connection."""
+class _ConnectionSettings:
+    """The settings of one end of a connection, server or client (see the subclasses)."""
+
     max_receive_message: int = 4 * MiB
-    """Larger request messages get RESOURCE_EXHAUSTED; they are never buffered."""
+    """A larger message received fails its call with RESOURCE_EXHAUSTED; it is never
+    buffered."""
     max_send_message: int = 4 * MiB
-    """A handler sending a larger message fails with RESOURCE_EXHAUSTED."""
+    """Sending a larger message (a handler's response, a client's request) fails with
+    RESOURCE_EXHAUSTED."""
+    max_concurrent_streams: int = 100
+    """SETTINGS_MAX_CONCURRENT_STREAMS we advertise: streams the peer may open at once on
+    one connection (h2 enforces it). Only clients open streams, so a client's value changes
+    nothing."""
+    max_header_list_size: int
+    """SETTINGS_MAX_HEADER_LIST_SIZE we advertise; a larger header block closes the
+    connection. No default here: each subclass has its own."""
+    stream_window: int = 1 * MiB
+    connection_window: int = 4 * MiB
+    max_frame_size: int = 1 * MiB
+    """Our receive-side HTTP/2 settings: large windows/frames keep h2's per-frame cost low."""
+    read_size: int = 256 * KiB
+    """Bytes read from the transport per receive call."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerLimits(_ConnectionSettings):
+    max_header_list_size: int = 8 * KiB
     handshake_timeout: float = 10.0
     """Seconds for TCP accept -> TLS handshake done -> ALPN checked."""
     max_connections: int = 1000
@@ -57,24 +82,10 @@ class ServerLimits:
     """Default deadline for in-flight calls in :meth:`Server.shutdown`."""
     shutdown_ping_timeout: float = 2.0
     """How long graceful shutdown waits for the PING ack between its two GOAWAYs."""
-    stream_window: int = 1 * MiB
-    connection_window: int = 4 * MiB
-    max_frame_size: int = 1 * MiB
-    """Our receive-side HTTP/2 settings: large windows/frames keep h2's per-frame cost low."""
-    read_size: int = 256 * KiB
-    """Bytes read from the transport per receive call."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class ChannelOptions:
-    max_receive_message: int = 4 * MiB
-    max_send_message: int = 4 * MiB
-    max_concurrent_streams: int = 100
-    """Advertised to the server (it only matters for server-initiated streams: none)."""
+class ChannelOptions(_ConnectionSettings):
     max_header_list_size: int = 16 * KiB
-    stream_window: int = 1 * MiB
-    connection_window: int = 4 * MiB
-    max_frame_size: int = 1 * MiB
-    read_size: int = 256 * KiB
     connect_timeout: float = 20.0
     """Seconds for TCP connect + TLS handshake + ALPN check."""

@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 
     from trio_jobs.security.dynamic_users import DynamicUsers
 
+# The limit names, in the order of worker.Limits: security/ may not import the worker
+# (DESIGN §1), so it keeps its own copy; tests/service/test_shared_names.py holds it equal to
+# the service's (derived from Limits).
 LIMIT_FIELDS: Final = (
     "cpu_millis",
     "memory_bytes",

@@ -4,11 +4,17 @@
 - ``server_ssl_context``: a fresh server ``ssl.SSLContext`` for that PKI (per test).
 - ``client_ssl_context_for``: ``name -> ssl.SSLContext`` for a client identity of that PKI.
 - ``server_ctx(pki)`` / ``client_ctx(pki, name)``: the same, as plain functions.
+- ``rpc_mode``: every test under tests/rpc, tests/e2e and tests/interop runs in each of the
+  four rpc modes (DESIGN §5: transport lean|ssl-stream x fast paths on|off), set as the
+  environment variables the server, the clients and the CLI processes read. A module marked
+  ``sans_io`` (protocol objects, no transport) runs with fast paths on and off only; one
+  marked ``one_rpc_mode`` (it sets the modes it compares itself, or uses no protocol) once.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 import pytest
 
@@ -18,7 +24,47 @@ from trio_jobs.security.pki import init_dev_pki
 if TYPE_CHECKING:
     import ssl
     from collections.abc import Callable
-    from pathlib import Path
+
+RPC_MODES: Final = {
+    "lean-fast": ("lean", "1"),
+    "lean-pure": ("lean", "0"),
+    "sslstream-fast": ("ssl-stream", "1"),
+    "sslstream-pure": ("ssl-stream", "0"),
+}
+"""Test id -> (TRIO_JOBS_RPC_TRANSPORT, TRIO_JOBS_RPC_FAST_PATHS)."""
+_MODE_DIRS: Final = frozenset({"rpc", "e2e", "interop"})
+_TESTS: Final = Path(__file__).parent
+
+
+def _runs_in_every_mode(path: Path) -> bool:
+    parts = path.relative_to(_TESTS).parts
+    return len(parts) > 1 and parts[0] in _MODE_DIRS
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sans_io: rpc protocol objects only (fast paths on/off)")
+    config.addinivalue_line("markers", "one_rpc_mode: sets its rpc modes itself (runs once)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "rpc_mode" not in metafunc.fixturenames or not _runs_in_every_mode(metafunc.definition.path):
+        return
+    sans_io = metafunc.definition.get_closest_marker("sans_io") is not None
+    ids = [m for m in RPC_MODES if not (sans_io and m.startswith("sslstream"))]
+    if metafunc.definition.get_closest_marker("one_rpc_mode") is not None:
+        ids = ids[:1]
+    metafunc.parametrize("rpc_mode", ids, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def rpc_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The rpc mode of this test run (see the module docstring); None outside those dirs."""
+    name: str | None = getattr(request, "param", None)
+    if name is not None:
+        transport, fast = RPC_MODES[name]
+        monkeypatch.setenv("TRIO_JOBS_RPC_TRANSPORT", transport)
+        monkeypatch.setenv("TRIO_JOBS_RPC_FAST_PATHS", fast)
+    return name
 
 
 def server_ctx(pki: Path) -> ssl.SSLContext:

@@ -34,7 +34,8 @@ from typing import IO, TYPE_CHECKING, Final
 
 import pytest
 
-from trio_jobs.cli.serve import default_cgroup_parent as default_parent_for
+from trio_jobs.rpc._mode import RpcMode
+from trio_jobs.worker.cgroups.detect import default_cgroup_parent as default_parent_for
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -99,7 +100,12 @@ class Host:
         self._starts = 0
 
     def env(self, identity: str | None = None, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_JOBS_")}
+        # (the rpc mode of the run -- tests/conftest.py's rpc_mode -- goes to every process)
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("TRIO_JOBS_") or k.startswith("TRIO_JOBS_RPC_")
+        }
         env["TRIO_JOBS_HOME"] = str(self.home)
         if self.address:
             env["TRIO_JOBS_SERVER"] = self.address
@@ -141,6 +147,9 @@ class Host:
         self.address = f"{m.group(1).decode()}:{m.group(2).decode()}"
         rest = read_until(proc.stdout, b"at once)\n", STARTUP_TIMEOUT)
         self.banner = (first + rest).decode()
+        # The server runs in the rpc mode of this run (the banner says which, DESIGN §5).
+        mode = RpcMode.from_environ(self.env()).describe()
+        assert f"rpc: {mode}\n" in self.banner, (mode, self.banner)
         return self.address
 
     def server_stderr(self) -> str:

@@ -17,6 +17,8 @@ from trio_jobs.rpc._headers import (
     parse_timeout,
 )
 
+pytestmark = pytest.mark.sans_io  # protocol objects only: the transport does not apply
+
 
 def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts})

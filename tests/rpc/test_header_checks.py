@@ -22,6 +22,8 @@ from trio_jobs.rpc._framing import encode_message
 
 from .test_protocol_core import REQ, Peer
 
+pytestmark = pytest.mark.sans_io  # protocol objects only: the transport does not apply
+
 MiB = 1024 * 1024
 
 BAD_REQUESTS = [

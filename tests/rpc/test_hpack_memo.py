@@ -9,7 +9,9 @@ from hpack import Decoder, Encoder, HPACKError, NeverIndexedHeaderTuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_jobs.rpc._hpack import MEMO_ENTRIES, MemoDecoder, MemoEncoder
+from trio_jobs.rpc._h2.hpack import MEMO_ENTRIES, MemoDecoder, MemoEncoder
+
+pytestmark = pytest.mark.one_rpc_mode  # compares the rpc modes itself (or uses no protocol): one run
 
 # A small alphabet so that blocks repeat (memo hits) and the table churns (evictions).
 _NAMES = st.sampled_from([b"content-type", b"grpc-status", b"x-a", b"x-b", b":status"])

@@ -21,11 +21,14 @@ from trio_jobs.rpc import StatusCode
 from trio_jobs.rpc import _events as ev
 from trio_jobs.rpc._client_protocol import ClientProtocol
 from trio_jobs.rpc._framing import encode_message
-from trio_jobs.rpc._h2glue import _GoAwayTolerantStateMachine
-from trio_jobs.rpc._protocol import CLOSED_STREAMS_KEPT, StreamGone
+from trio_jobs.rpc._h2.fast import _GoAwayTolerantStateMachine
+from trio_jobs.rpc._h2.session import CLOSED_STREAMS_KEPT
+from trio_jobs.rpc._protocol import StreamGone
 from trio_jobs.rpc._server_protocol import ServerProtocol
 
 from .rawh2 import GRPC_REQUEST, PREFACE
+
+pytestmark = pytest.mark.sans_io  # protocol objects only: the transport does not apply
 
 MiB = 1024 * 1024
 REQ = list(GRPC_REQUEST)
@@ -507,10 +510,10 @@ def test_100k_sequential_calls_leave_no_window_or_stream_state() -> None:
     assert completed == 100_000
     for proto in (server, client):
         assert proto.open_streams == 0
-        assert len(proto._h2.streams) <= 2  # h2 drops closed streams lazily
-        assert len(proto._h2._closed_streams) <= CLOSED_STREAMS_KEPT  # a bounded memory of them
-        assert proto._h2._inbound_flow_control_window_manager.current_window_size > 2 * MiB
-        assert proto._h2.outbound_flow_control_window > 2 * MiB
+        assert len(proto._h2.conn.streams) <= 2  # h2 drops closed streams lazily
+        assert len(proto._h2.conn._closed_streams) <= CLOSED_STREAMS_KEPT  # a bounded memory of them
+        assert proto._h2.conn._inbound_flow_control_window_manager.current_window_size > 2 * MiB
+        assert proto._h2.conn.outbound_flow_control_window > 2 * MiB
         assert not proto.closed
 
 

@@ -26,14 +26,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trio_jobs.rpc import _events as ev
-from trio_jobs.rpc import _protocol
 from trio_jobs.rpc._client_protocol import ClientProtocol
-from trio_jobs.rpc._frames import FrameBuffer
 from trio_jobs.rpc._framing import encode_message
-from trio_jobs.rpc._h2glue import receive_data_fast
+from trio_jobs.rpc._h2 import fast_session
+from trio_jobs.rpc._h2.fast import receive_data_fast
+from trio_jobs.rpc._h2.frames import FrameBuffer
 from trio_jobs.rpc._server_protocol import ServerProtocol
 
 from .rawh2 import GRPC_REQUEST, PREFACE
+
+pytestmark = pytest.mark.one_rpc_mode  # compares the rpc modes itself (or uses no protocol): one run
 
 KiB = 1024
 MAX_FRAME = 16 * KiB
@@ -186,16 +188,17 @@ SETTINGS: Final[dict[str, Any]] = {
 """What both sides of the differential tests are built with (small windows and frames)."""
 
 
-def _server() -> ServerProtocol:
+def _server(fast_paths: bool = True) -> ServerProtocol:
     p = ServerProtocol(
-        **SETTINGS, ping_min_interval=10.0, max_ping_strikes=2, reset_rate=10.0, reset_burst=20
+        **SETTINGS, ping_min_interval=10.0, max_ping_strikes=2, reset_rate=10.0, reset_burst=20,
+        fast_paths=fast_paths,
     )
     p.initiate()
     return p
 
 
-def _client() -> ClientProtocol:
-    p = ClientProtocol(**SETTINGS)
+def _client(fast_paths: bool = True) -> ClientProtocol:
+    p = ClientProtocol(**SETTINGS, fast_paths=fast_paths)
     p.initiate()
     for _ in range(3):  # streams 1, 3, 5
         p.start_request("/pkg.Svc/M", authority="localhost")
@@ -288,7 +291,7 @@ def _run(proto: Any, pieces: list[bytes], acks: list[bool]) -> tuple[Any, ...]:
                 break
             got = proto.receive_data(b"")
         wire += proto.data_to_send()
-    conn = proto._h2
+    conn = proto._h2.conn
     state = (
         conn._inbound_flow_control_window_manager.current_window_size,
         conn.state_machine.state,
@@ -317,25 +320,31 @@ def test_fast_data_path_does_what_h2_does(server: bool, data: st.DataObject) -> 
     make = _server if server else _client
 
     fast = _run(make(), pieces, acks)
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(_protocol, "data_fast_stream", lambda *a: None)
-        m.setattr(_protocol, "headers_fast_stream", lambda *a: None)
-        m.setattr(_protocol, "request_fast_ok", lambda *a: False)
+    with pytest.MonkeyPatch.context() as m:  # the fast session, every frame through h2
+        m.setattr(fast_session, "data_fast_stream", lambda *a: None)
+        m.setattr(fast_session, "headers_fast_stream", lambda *a: None)
+        m.setattr(fast_session, "request_fast_ok", lambda *a: False)
         slow = _run(make(), pieces, acks)
+    pure = _run(make(False), pieces, acks)  # the pure session: h2's public API only
+    _same_verdict(fast, slow)
+    _same_verdict(fast, pure)
 
+
+def _same_verdict(fast: tuple[Any, ...], slow: tuple[Any, ...]) -> None:
     fast_failure, slow_failure = _failed(fast), _failed(slow)
     if fast_failure is None and slow_failure is None:
         assert fast == slow
     else:
-        # A connection error: h2 drops the events of the whole read it fails in, we keep
-        # those of the frames before (there were fewer frames in h2's read). The verdict
-        # is the same.
+        # A connection error: h2 drops the events of the whole read it fails in; a session
+        # that hands it fewer frames per read keeps those of the frames before. The
+        # verdict is the same, and the events before it agree as far as both have them.
         assert fast_failure is not None
         assert slow_failure is not None
         assert fast_failure.error_code == slow_failure.error_code
         assert fast[0][-1] is fast_failure  # nothing after the connection failed
         assert slow[0][-1] is slow_failure
-        assert fast[0][: len(slow[0]) - 1] == slow[0][:-1]
+        n = min(len(fast[0]), len(slow[0])) - 1
+        assert fast[0][:n] == slow[0][:n]
 
 
 def test_bulk_data_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -348,7 +357,7 @@ def test_bulk_data_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
         taken.append(length)
         real(conn, stream, length, end_stream)
 
-    monkeypatch.setattr(_protocol, "receive_data_fast", counting)
+    monkeypatch.setattr(fast_session, "receive_data_fast", counting)
     client = _client()
     enc = hpack.Encoder()
     messages = [encode_message(bytes([i]) * 1000) for i in range(5)]

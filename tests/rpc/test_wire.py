@@ -17,6 +17,8 @@ import trio.testing
 from trio_jobs.rpc._wire import Wire
 from trio_jobs.security.identity import identity_from_peercert
 
+pytestmark = pytest.mark.one_rpc_mode  # compares the rpc modes itself (or uses no protocol): one run
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 

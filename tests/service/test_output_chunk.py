@@ -12,7 +12,7 @@ from trio_jobs.v1 import jobs_pb2 as pb
 
 
 def _same_as_protobuf(data: bytes, offset: int) -> None:
-    encoded = output_chunk(data, offset).data
+    encoded = output_chunk(data, offset).encoded()
     assert encoded == pb.OutputChunk(data=data, offset=offset).SerializeToString()
     back = pb.OutputChunk.FromString(encoded)
     assert (back.data, back.offset) == (data, offset)

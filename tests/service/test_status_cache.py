@@ -54,7 +54,7 @@ def ctx(identity: str) -> ServerContext:
 async def get_status(service: JobService, identity: str, job_id: str) -> pb.JobStatus:
     answer = await service.GetJobStatus(pb.GetJobStatusRequest(job_id=job_id), ctx(identity))
     if isinstance(answer, Serialized):
-        return pb.JobStatus.FromString(answer.data)
+        return pb.JobStatus.FromString(answer.encoded())
     return answer
 
 
@@ -136,7 +136,7 @@ async def test_an_ended_jobs_status_comes_from_memory_and_equals_the_store(
         for identity in ("alice", "alice", "admin"):
             answer = await service.GetJobStatus(pb.GetJobStatusRequest(job_id=job), ctx(identity))
             assert isinstance(answer, Serialized)
-            answers.append(answer.data)
+            answers.append(answer.encoded())
         assert store_reads == []
         # ...while the worker itself does read the store for it: what GetJobStatus answered before
         stored = await worker.status(job)

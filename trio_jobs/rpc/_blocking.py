@@ -23,6 +23,7 @@ from . import _events as ev
 from ._client_protocol import ClientProtocol
 from ._framing import encode_message
 from ._headers import MetadataError
+from ._mode import RpcMode, resolve
 from ._options import ChannelOptions
 from ._protocol import StreamGone
 from ._status import Metadata, RpcError, StatusCode, status_from_rst_stream
@@ -44,11 +45,22 @@ class BlockingChannel:
     Not thread-safe; calls run one after the other. Close it (or use ``with``) when done.
     """
 
-    def __init__(self, sock: ssl.SSLSocket, *, authority: str, options: ChannelOptions) -> None:
+    def __init__(
+        self,
+        sock: ssl.SSLSocket,
+        *,
+        authority: str,
+        options: ChannelOptions,
+        mode: RpcMode | None = None,
+    ) -> None:
+        # The transport choice does not apply (a blocking ssl socket is neither); the fast
+        # paths do.
+        self.mode = resolve(mode)
         self._sock = sock
         self.authority = authority
         self.options = options
         self._proto = ClientProtocol(
+            fast_paths=self.mode.effective_fast_paths,
             max_receive_message=options.max_receive_message,
             max_concurrent_streams=options.max_concurrent_streams,
             max_header_list_size=options.max_header_list_size,
@@ -69,9 +81,11 @@ class BlockingChannel:
         *,
         ssl_context: ssl.SSLContext,
         options: ChannelOptions | None = None,
+        mode: RpcMode | None = None,
     ) -> BlockingChannel:
         """TCP connect, TLS handshake, ALPN ``h2`` check; raises RpcError(UNAVAILABLE)."""
         options = options or ChannelOptions()
+        mode = resolve(mode)  # (a bad environment fails before any connection)
         authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             raw = socket.create_connection((host, port), timeout=options.connect_timeout)
@@ -91,7 +105,7 @@ class BlockingChannel:
             sock.close()
             raise RpcError(StatusCode.UNAVAILABLE, f"{authority} did not negotiate ALPN h2")
         sock.settimeout(None)
-        return cls(sock, authority=authority, options=options)
+        return cls(sock, authority=authority, options=options, mode=mode)
 
     def __enter__(self) -> BlockingChannel:
         return self

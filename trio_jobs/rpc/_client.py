@@ -20,6 +20,7 @@ from h2.errors import ErrorCodes
 from . import _events as ev
 from ._client_protocol import ClientProtocol
 from ._headers import MetadataError
+from ._mode import RpcMode, resolve
 from ._nursery import background_nursery
 from ._options import ChannelOptions
 from ._protocol import StreamGone
@@ -58,9 +59,16 @@ class Channel(Transport):
     """One HTTP/2 connection to a gRPC server. Use :func:`connect` or :func:`open_channel`."""
 
     def __init__(
-        self, stream: trio.abc.Stream | Wire, *, authority: str, options: ChannelOptions
+        self,
+        stream: trio.abc.Stream | Wire,
+        *,
+        authority: str,
+        options: ChannelOptions,
+        mode: RpcMode | None = None,
     ) -> None:
+        self.mode = resolve(mode)
         protocol = ClientProtocol(
+            fast_paths=self.mode.effective_fast_paths,
             max_receive_message=options.max_receive_message,
             max_concurrent_streams=options.max_concurrent_streams,
             max_header_list_size=options.max_header_list_size,
@@ -301,18 +309,38 @@ def _parse(response_type: type[R], data: bytes) -> R:
 
 @asynccontextmanager
 async def open_channel(
-    stream: trio.abc.Stream, *, authority: str = "localhost", options: ChannelOptions | None = None
+    stream: trio.abc.Stream,
+    *,
+    authority: str = "localhost",
+    options: ChannelOptions | None = None,
+    mode: RpcMode | None = None,
 ) -> AsyncIterator[Channel]:
-    """A channel over an established stream (TLS already done, ALPN h2 already checked)."""
-    async with _run_channel(Wire(stream), authority, options or ChannelOptions()) as channel:
+    """A channel over an established stream: a plain one (memory streams in tests), or a
+    ``trio.SSLStream`` (its handshake is run here if not yet done; ALPN h2 is required).
+    ``mode``'s transport does not apply (the stream is given); its fast paths do."""
+    wire = Wire(stream)
+    try:
+        if wire.has_tls:
+            try:
+                await wire.do_handshake()
+            except trio.BrokenResourceError as exc:
+                raise RpcError(
+                    StatusCode.UNAVAILABLE, f"TLS handshake failed: {exc.__cause__ or exc}"
+                ) from exc
+            if wire.selected_alpn_protocol() != "h2":
+                raise RpcError(StatusCode.UNAVAILABLE, "the server did not negotiate ALPN h2")
+    except BaseException:
+        await wire.aclose()
+        raise
+    async with _run_channel(wire, authority, options or ChannelOptions(), mode) as channel:
         yield channel
 
 
 @asynccontextmanager
 async def _run_channel(
-    wire: Wire, authority: str, options: ChannelOptions
+    wire: Wire, authority: str, options: ChannelOptions, mode: RpcMode | None
 ) -> AsyncIterator[Channel]:
-    channel = Channel(wire, authority=authority, options=options)
+    channel = Channel(wire, authority=authority, options=options, mode=mode)
     try:
         async with background_nursery() as nursery:  # the body's exception comes out as it is
             await nursery.start(channel.writer)
@@ -332,13 +360,17 @@ async def connect(
     ssl_context: ssl.SSLContext | None,
     server_hostname: str | None = None,
     options: ChannelOptions | None = None,
+    mode: RpcMode | None = None,
 ) -> AsyncIterator[Channel]:
     """Connect over TCP (+ TLS with ALPN h2 when ``ssl_context`` is given).
 
     Raises RpcError(UNAVAILABLE) when the server cannot be reached, the TLS handshake
-    fails, or the server does not speak h2. TLS is the lean one of ``_wire.py``.
+    fails, or the server does not speak h2. ``mode`` (None: the environment's) picks the
+    TLS: the lean one of ``_wire.py``, or a ``trio.SSLStream``.
     """
     opts = options or ChannelOptions()
+    mode = resolve(mode)
+    hostname = server_hostname or host
     wire: Wire | None = None
     try:
         with trio.move_on_after(opts.connect_timeout) as scope:
@@ -348,8 +380,11 @@ async def connect(
                 raise RpcError(
                     StatusCode.UNAVAILABLE, f"cannot connect to {host}:{port}: {exc}"
                 ) from exc
-            wire = Wire(tcp, ssl_context, server_hostname=server_hostname or host)
-            if ssl_context is not None:
+            if ssl_context is not None and mode.transport == "ssl-stream":
+                wire = Wire(trio.SSLStream(tcp, ssl_context, server_hostname=hostname))
+            else:
+                wire = Wire(tcp, ssl_context, server_hostname=hostname)
+            if wire.has_tls:
                 try:
                     await wire.do_handshake()
                 except trio.BrokenResourceError as exc:
@@ -369,5 +404,5 @@ async def connect(
         raise
     assert wire is not None
     authority = f"{server_hostname or host}:{port}"
-    async with _run_channel(wire, authority, opts) as channel:
+    async with _run_channel(wire, authority, opts, mode) as channel:
         yield channel

@@ -63,7 +63,7 @@ class ClientProtocol(GrpcProtocol):
         if self.closed or self.goaway_received is not None:
             raise StreamGone(0)
         try:
-            sid = int(self._h2.get_next_available_stream_id())
+            sid = self._h2.next_stream_id()
         except h2.exceptions.NoAvailableStreamIDError as exc:
             raise StreamGone(0) from exc
         self._streams[sid] = _ClientStream(self.max_receive_message)
@@ -79,7 +79,7 @@ class ClientProtocol(GrpcProtocol):
         """False while the server's SETTINGS_MAX_CONCURRENT_STREAMS is reached."""
         # Our streams are released after h2 closes them, so this count is never below
         # h2's; and it is O(1) where h2's open_outbound_streams walks every stream.
-        return len(self._streams) < int(self._h2.remote_settings.max_concurrent_streams)
+        return len(self._streams) < self._h2.peer_max_concurrent_streams
 
     def _dispatch_headers(self, e: h2.events.Event, out: list[ev.Event]) -> None:
         if isinstance(e, h2.events.ResponseReceived):

@@ -2,9 +2,11 @@
 
 Theory of operation
 -------------------
-:class:`GrpcProtocol` wraps one ``h2.connection.H2Connection``. ``receive_data(bytes)``
-returns our own events (``_events.py``); every method that produces frames leaves them in
-``data_to_send()``. No I/O, no clock reads except through the injected ``clock``.
+:class:`GrpcProtocol` is gRPC on one HTTP/2 session of the h2 seam (``_h2/``: the only
+code that touches h2; pure h2 or its fast paths, chosen by ``fast_paths``).
+``receive_data(bytes)`` returns our own events (``_events.py``); every method that produces
+frames leaves them queued, handed over as pieces by ``take_output()``. No I/O, no clock
+reads except through the injected ``clock``.
 
 Flow control (receive side): the credit of a DATA frame (its flow-controlled length) is
 returned to the peer
@@ -27,10 +29,8 @@ Send side: :meth:`send_data` writes only what the peer's windows allow and retur
 count; the I/O layer waits for :class:`WindowUpdated` before sending the rest, so nothing
 is buffered beyond what the peer granted.
 
-GOAWAY: h2 moves its connection state machine to CLOSED on any GOAWAY, after which it
-refuses to send or receive anything, which makes graceful shutdown impossible. We install
-a state machine whose GOAWAY transitions keep the connection open and track GOAWAY state
-ourselves.
+GOAWAY: the session keeps the connection open after a GOAWAY either way (h2 alone would
+refuse everything after one); the protocol tracks GOAWAY state itself.
 """
 
 from __future__ import annotations
@@ -38,41 +38,21 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, ClassVar, Final
 
-import h2.config
-import h2.connection
 import h2.events
 import h2.exceptions
-import h2.settings
 from h2.errors import ErrorCodes
 
 from . import _events as ev
-from ._frames import FrameBuffer
 from ._framing import FramingError, MessageDecoder
-from ._h2glue import (
-    _QUIET,
-    _GoAwayTolerantStateMachine,
-    data_fast_stream,
-    forget_closed_stream,
-    headers_fast_stream,
-    receive_data_fast,
-    receive_headers_fast,
-    request_fast_ok,
-    send_data_fast,
-    send_headers_fast,
-    start_stream_fast,
-)
-from ._hpack import HeaderChecker, MemoDecoder, MemoEncoder
+from ._h2 import Data, Failed, open_session
+from ._mode import RpcMode
 from ._status import StatusCode
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
-    from h2.stream import H2Stream
+    from ._h2 import Event, Piece
 
-DEFAULT_WINDOW: Final = 65_535
-_DATA: Final = 0x0
-_HEADERS: Final = 0x1
-_END_STREAM: Final = 0x1
 DEFAULT_FRAMES_PER_CALL: Final = 32
 _HEADER_EVENTS: Final = (
     h2.events.RequestReceived,
@@ -81,18 +61,6 @@ _HEADER_EVENTS: Final = (
     h2.events.TrailersReceived,
     h2.events.PushedStreamReceived,
 )
-
-
-CLOSED_STREAMS_KEPT: Final = 1024
-"""Closed streams h2 remembers per connection (to tell a late frame on a stream that was
-reset, which is ignored, from one on a stream that ended normally). h2 keeps 65,536, ~300
-bytes each on each side: a long-lived channel grew by ~20 MB over its first 65,536 calls, and
-the server by as much for each such client. Late frames arrive within a round trip, during
-which far fewer than this many streams close (at most 100 are open at once)."""
-
-
-class _H2Connection(h2.connection.H2Connection):
-    MAX_CLOSED_STREAMS = CLOSED_STREAMS_KEPT
 
 
 class StreamGone(Exception):
@@ -138,219 +106,109 @@ class GrpcProtocol:
         max_frame_size: int,
         clock: Callable[[], float],
         frames_per_call: int | None = DEFAULT_FRAMES_PER_CALL,
+        fast_paths: bool | None = None,
     ) -> None:
         self.max_receive_message = max_receive_message
         # At most this many frames are processed per receive_data() call (h2 takes ~75 us
         # per HEADERS): the I/O layer yields between calls, so one connection's flood
         # cannot hold the event loop for long. None: no limit.
-        self.frames_per_call: int | None = frames_per_call
         self._clock = clock
-        config = h2.config.H2Configuration(
+        if fast_paths is None:  # the environment's choice (TRIO_JOBS_RPC_FAST_PATHS)
+            fast_paths = RpcMode.from_environ().fast_paths
+        self._h2 = open_session(
+            fast_paths=fast_paths,
             client_side=self.client_side,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-            # h2's inbound checks run in _dispatch instead, memoised (see HeaderChecker).
-            validate_inbound_headers=False,
-            normalize_inbound_headers=False,
+            max_concurrent_streams=max_concurrent_streams,
+            max_header_list_size=max_header_list_size,
+            stream_window=stream_window,
+            connection_window=connection_window,
+            max_frame_size=max_frame_size,
+            frames_per_call=frames_per_call,
         )
-        conn = _H2Connection(config)
-        conn.state_machine = _GoAwayTolerantStateMachine()
-        conn.encoder = MemoEncoder()
-        conn.decoder = MemoDecoder(conn.DEFAULT_MAX_HEADER_LIST_SIZE)
-        settings: dict[h2.settings.SettingCodes, int] = {
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
-            h2.settings.SettingCodes.MAX_FRAME_SIZE: max_frame_size,
-        }
-        if self.client_side:
-            settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
-        conn.local_settings = h2.settings.Settings(client=self.client_side, initial_values=settings)
-        conn.max_inbound_frame_size = max_frame_size
-        self._frames = FrameBuffer(server=not self.client_side, max_frame_size=max_frame_size)
-        self._frames.fast_frame = self._fast_frame_ok
-        conn.incoming_buffer = self._frames
-        table = conn._frame_dispatch_table
-        for cls, quiet in _QUIET.items():
-            table[quiet] = table[cls]
-        conn.decoder.max_header_list_size = max_header_list_size
-        self._h2 = conn
         self._streams: dict[int, _Stream] = {}
-        self._headers = HeaderChecker(client_side=self.client_side)
-        self._connection_window = connection_window
-        self.closed = False  # a fatal error happened; only data_to_send() is useful now
+        self.closed = False  # a fatal error happened; only take_output() is useful now
         self.goaway_received: int | None = None  # peer's last_stream_id
         self.goaway_sent: int | None = None  # our last announced last_stream_id
+
+    @property
+    def frames_per_call(self) -> int | None:
+        return self._h2.frames_per_call
+
+    @frames_per_call.setter
+    def frames_per_call(self, value: int | None) -> None:
+        self._h2.frames_per_call = value
+
+    @property
+    def fast_paths(self) -> bool:
+        """Whether the session uses h2's internals (asked for, and the guard passed)."""
+        return self._h2.fast
 
     # -- setup and output ------------------------------------------------------------
     def initiate(self) -> None:
         """Queue the preface/SETTINGS and open the connection receive window."""
-        self._h2.initiate_connection()
-        if self._connection_window > DEFAULT_WINDOW:
-            self._h2.increment_flow_control_window(self._connection_window - DEFAULT_WINDOW)
+        self._h2.initiate()
+
+    def take_output(self) -> list[Piece]:
+        """The frames queued so far, as pieces (see ``_h2.session``); the queue empties."""
+        return self._h2.take_output()
 
     def data_to_send(self) -> bytes:
-        return self._h2.data_to_send()
-
-    def send_pending(self, write: Callable[[bytearray], None]) -> None:
-        """``write(data_to_send())`` without copying the bytes first: ``write`` gets h2's
-        own buffer and must consume it before returning (the wire encrypts it at once)."""
-        conn = self._h2
-        pending = conn._data_to_send
-        if pending:
-            conn._data_to_send = bytearray()
-            write(pending)
+        """The frames queued so far, joined (tests, simple drivers)."""
+        return b"".join(self._h2.take_output())
 
     @property
     def has_data_to_send(self) -> bool:
-        return bool(self._h2._data_to_send)
+        return self._h2.has_output()
 
     @property
     def bytes_to_send(self) -> int:
-        return len(self._h2._data_to_send)
+        return self._h2.pending_bytes()
 
     # -- input -------------------------------------------------------------------------
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[ev.Event]:
         """Feed bytes from the peer (copied). Never raises: failures become ConnectionFailed.
 
-        Processes at most :attr:`frames_per_call` frames; see :attr:`input_pending`.
+        Processes at most ``frames_per_call`` frames; see :attr:`input_pending`.
         """
         if self.closed:
             return []
-        try:
-            self._frames.add_data(data)
-        except h2.exceptions.ProtocolError as exc:  # a bad preface: no GOAWAY queued yet
-            return [self._fail(int(exc.error_code), str(exc), True)]
-        return self._process()
+        return self._dispatch_all(self._h2.receive_data(data))
 
     def receive_buffer(self, n: int) -> memoryview:
         """A writable view for up to ``n`` bytes from the peer, to fill in place (TLS
         decrypts into it) and pass to :meth:`received`; release it before that."""
-        return self._frames.reserve(n)
+        return self._h2.receive_buffer(n)
 
     def received(self, n: int) -> list[ev.Event]:
         """``n`` bytes were written into the last :meth:`receive_buffer`: like
         :meth:`receive_data` for them, without the copy."""
         if self.closed:
             return []
-        try:
-            self._frames.commit(n)
-        except h2.exceptions.ProtocolError as exc:
-            return [self._fail(int(exc.error_code), str(exc), True)]
-        return self._process()
-
-    def _process(self) -> list[ev.Event]:
-        """The frames received so far, within the frame budget: DATA that h2 would take
-        without other effects (``data_fast_stream``) here, in place; the rest by h2."""
-        buffer = self._frames
-        buffer.frame_budget = self.frames_per_call
-        buffer.budget_exhausted = False
-        conn = self._h2
-        out: list[ev.Event] = []
-        while not self.closed:
-            head = buffer.head()
-            if head is None:
-                return out
-            length, kind, flags, sid = head
-            whole = buffer.pending >= 9 + length
-            if not whole and length <= buffer.max_frame_size and buffer.head_is_valid(kind, sid):
-                return out  # the middle of a frame: nothing to do yet
-            fast = None
-            if whole and length <= buffer.max_frame_size and not buffer._headers_buffer:
-                fast = self._fast_target(kind, flags, sid, length)
-            if fast is not None:
-                stream = None if isinstance(fast, bool) else fast
-                if not buffer.spend_budget():
-                    return out
-                if stream is not None and kind == _DATA:
-                    self._receive_fast(stream, sid, length, flags, out)
-                else:
-                    self._receive_headers(stream, sid, length, flags, out)
-                continue
-            # h2's turn: it takes frames up to the next fast one, the end or the budget.
-            buffer.at_fast_frame = False
-            pending = len(conn._data_to_send)
-            try:
-                h2_events = conn.receive_data(b"")
-            except h2.exceptions.ProtocolError as exc:
-                # h2 queued GOAWAY(error_code) itself (unless it had nothing to say).
-                queued = len(conn._data_to_send) > pending
-                out.append(self._fail(int(exc.error_code), str(exc) or type(exc).__name__, not queued))
-                return out
-            self._dispatch_all(h2_events, out)
-            if self.closed or not buffer.at_fast_frame:  # the end of the input, or the budget
-                return out
-        return out
-
-    def _fast_target(self, kind: int, flags: int, sid: int, length: int) -> H2Stream | bool | None:
-        """For a whole frame at the head: the h2 stream a DATA or HEADERS frame that we take
-        ourselves goes to, False for HEADERS opening a request we take ourselves, None for a
-        frame that h2 must handle."""
-        conn = self._h2
-        if kind == _DATA:
-            return data_fast_stream(conn, flags, sid, length)
-        if kind != _HEADERS:
-            return None
-        stream = headers_fast_stream(conn, flags, sid)
-        if stream is not None:
-            return stream
-        return False if request_fast_ok(conn, flags, sid) else None
-
-    def _fast_frame_ok(self, kind: int, flags: int, stream_id: int, length: int) -> bool:
-        return self._fast_target(kind, flags, stream_id, length) is not None
-
-    def _dispatch_all(self, h2_events: list[h2.events.Event], out: list[ev.Event]) -> None:
-        """Turn h2's events into ours; a policy that closes the connection (GOAWAY queued)
-        makes the rest moot, and h2's ProtocolError while checking one closes it too."""
-        try:
-            for e in h2_events:
-                if self.closed:
-                    return
-                self._dispatch(e, out)
-        except h2.exceptions.ProtocolError as exc:
-            out.append(self._fail(int(exc.error_code), str(exc), True))
-
-    def _receive_headers(
-        self, stream: H2Stream | None, sid: int, length: int, flags: int, out: list[ev.Event]
-    ) -> None:
-        """A whole HEADERS frame at the head that ``headers_fast_stream`` (or, for a new
-        stream, ``request_fast_ok``) accepted: h2's decoding and stream logic without its
-        frame objects; errors close the connection as h2 does (GOAWAY with their code)."""
-        buffer = self._frames
-        at = buffer.start + 9
-        block = bytes(buffer.buf[at : at + length])
-        buffer.consume(9 + length)
-        try:
-            h2_events = receive_headers_fast(self._h2, stream, sid, block, bool(flags & _END_STREAM))
-        except h2.exceptions.ProtocolError as exc:
-            self._h2._terminate_connection(exc.error_code)
-            out.append(self._fail(int(exc.error_code), str(exc) or type(exc).__name__, False))
-            return
-        self._dispatch_all(h2_events, out)
-
-    def _receive_fast(
-        self, stream: H2Stream, sid: int, length: int, flags: int, out: list[ev.Event]
-    ) -> None:
-        """A whole DATA frame at the head that ``data_fast_stream`` accepted: h2's state
-        effects, then its payload decoded from the buffer in place."""
-        buffer = self._frames
-        ended = bool(flags & _END_STREAM)
-        receive_data_fast(self._h2, stream, length, ended)
-        at = buffer.start + 9
-        with memoryview(buffer.buf) as view:
-            payload = view[at : at + length]
-            self._on_data_payload(sid, payload, length, out)
-            payload.release()
-        buffer.consume(9 + length)
-        if ended:
-            self._on_stream_ended(sid, out)
+        return self._dispatch_all(self._h2.received(n))
 
     @property
     def input_pending(self) -> bool:
         """True when the last ``receive_data`` stopped at its frame budget: call
         ``receive_data(b"")`` (after letting others run) to process the rest."""
-        return self._frames.budget_exhausted and not self.closed
+        return self._h2.input_pending and not self.closed
+
+    def _dispatch_all(self, events: list[Event]) -> list[ev.Event]:
+        """Turn the session's events into ours; a policy that closes the connection (GOAWAY
+        queued) makes the rest moot, and a ProtocolError while checking one closes it too."""
+        out: list[ev.Event] = []
+        try:
+            for e in events:
+                if self.closed:
+                    break
+                if type(e) is Data:
+                    self._on_data_payload(e.stream_id, e.data, e.flow_controlled_length, out)
+                elif type(e) is Failed:
+                    out.append(self._fail(e.error_code, e.reason, not e.goaway_queued))
+                else:
+                    self._dispatch(e, out)  # type: ignore[arg-type]
+        except h2.exceptions.ProtocolError as exc:
+            out.append(self._fail(int(exc.error_code), str(exc), True))
+        return out
 
     def _fail(self, code: int, reason: str, send_goaway: bool) -> ev.ConnectionFailed:
         self.closed = True
@@ -364,7 +222,7 @@ class GrpcProtocol:
 
     def _dispatch(self, e: h2.events.Event, out: list[ev.Event]) -> None:
         if isinstance(e, h2.events.DataReceived):
-            self._on_data(e, out)
+            self._on_data_payload(e.stream_id or 0, e.data or b"", e.flow_controlled_length or 0, out)
         elif isinstance(e, h2.events.WindowUpdated):
             out.append(ev.WindowUpdated(stream_id=e.stream_id or 0))
         elif isinstance(e, h2.events.StreamEnded):
@@ -393,7 +251,7 @@ class GrpcProtocol:
             )
         else:
             if isinstance(e, _HEADER_EVENTS):
-                e.headers = self._headers.check(e)  # raises h2's ProtocolError
+                self._h2.check_headers(e)  # raises h2's ProtocolError
             self._dispatch_headers(e, out)
 
     def _dispatch_headers(self, e: h2.events.Event, out: list[ev.Event]) -> None:
@@ -405,9 +263,6 @@ class GrpcProtocol:
     def _on_settings(self, out: list[ev.Event]) -> bool:
         """h2 applies and ACKs SETTINGS itself; False if a policy closed the connection."""
         return True
-
-    def _on_data(self, e: h2.events.DataReceived, out: list[ev.Event]) -> None:
-        self._on_data_payload(e.stream_id or 0, e.data or b"", e.flow_controlled_length or 0, out)
 
     def _on_data_payload(
         self, sid: int, data: bytes | memoryview, flow: int, out: list[ev.Event]
@@ -468,8 +323,7 @@ class GrpcProtocol:
     # -- flow control ----------------------------------------------------------------
     def _ack(self, sid: int, n: int) -> None:
         if n > 0:
-            # h2 credits the connection window even when the stream is already closed.
-            self._h2.acknowledge_received_data(n, sid)
+            self._h2.acknowledge(sid, n)
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         """The application consumed a message whose ``ack`` was ``n`` (call it for each)."""
@@ -489,44 +343,35 @@ class GrpcProtocol:
         st = self._streams.pop(stream_id, None)
         if st is not None and st.unacked and not self.closed:
             self._ack(stream_id, st.unacked)
-        forget_closed_stream(self._h2, stream_id)
+        self._h2.forget(stream_id)
 
     def send_window(self, stream_id: int) -> int:
         """Bytes the peer lets us send on the stream now (0 if it is gone)."""
-        try:
-            return max(self._h2.local_flow_control_window(stream_id), 0)
-        except h2.exceptions.ProtocolError:
-            return 0
+        return self._h2.send_window(stream_id)
 
     @property
     def open_streams(self) -> int:
         return len(self._streams)
 
     # -- output ----------------------------------------------------------------------
-    def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> int:
-        """Send as much of ``data`` as the windows allow; return how much was sent.
+    def send_data(
+        self, stream_id: int, data: bytes | memoryview | Sequence[memoryview], end_stream: bool = False
+    ) -> int:
+        """Send as much of ``data`` (bytes, or pieces sent in order as one stretch) as the
+        windows allow; return how much was sent. Pieces go out as they are (the fast
+        session copies none): they must not change afterwards.
 
         ``end_stream`` applies only if everything was sent. Raises StreamGone.
         """
         if self.closed or stream_id not in self._streams:
             raise StreamGone(stream_id)
-        n = min(len(data), self.send_window(stream_id))
-        if n == 0 and len(data):
-            return 0
-        conn = self._h2
-        frame = conn.max_outbound_frame_size
+        parts = [memoryview(data)] if isinstance(data, bytes | memoryview) else data
         try:
-            stream = conn._get_stream_by_id(stream_id)
-            off = 0
-            while True:
-                chunk = data[off : min(off + frame, n)]
-                off += len(chunk)
-                send_data_fast(conn, stream, chunk, end_stream and off >= len(data))
-                if off >= n:
-                    break
+            n = self._h2.send_data(stream_id, parts, end_stream)
         except h2.exceptions.ProtocolError as exc:
             raise StreamGone(stream_id) from exc
-        self._on_sent_data()
+        if n or end_stream:
+            self._on_sent_data()
         return n
 
     def _on_sent_data(self) -> None:
@@ -538,12 +383,7 @@ class GrpcProtocol:
         if self.closed:
             raise StreamGone(stream_id)
         try:
-            conn = self._h2
-            done = (not end_stream and start_stream_fast(conn, stream_id, headers)) or (
-                send_headers_fast(conn, stream_id, headers, end_stream)
-            )
-            if not done:
-                conn.send_headers(stream_id, headers, end_stream=end_stream)
+            self._h2.send_headers(stream_id, headers, end_stream)
         except h2.exceptions.ProtocolError as exc:
             raise StreamGone(stream_id) from exc
         self._on_sent_data()
@@ -566,12 +406,11 @@ class GrpcProtocol:
         """Announce GOAWAY; the connection stays usable for streams <= last_stream_id."""
         if not self.closed:
             self.goaway_sent = last_stream_id
-            self._h2.close_connection(error_code, debug or None, last_stream_id)
+            self._h2.goaway(last_stream_id, error_code, debug)
 
     def _goaway_raw(self, code: int, debug: bytes) -> None:
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self._h2.close_connection(code, debug or None)
+        self._h2.fail(code, debug)
 
     @property
     def highest_inbound_stream_id(self) -> int:
-        return int(self._h2.highest_inbound_stream_id)
+        return self._h2.highest_inbound_stream_id

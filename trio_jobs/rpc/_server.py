@@ -32,6 +32,7 @@ import trio
 from google.protobuf.message import DecodeError
 
 from . import _events as ev
+from ._mode import RpcMode, resolve
 from ._options import ServerLimits
 from ._protocol import StreamGone
 from ._server_protocol import ServerProtocol
@@ -43,7 +44,7 @@ from ._wire import Wire
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Sequence
 
 _MAX_STREAM_ID: Final = 2**31 - 1
 _SHUTDOWN_PING: Final = b"trio-jgo"
@@ -93,6 +94,7 @@ class _ServerConnection(Transport):
     ) -> None:
         limits = server.limits
         protocol = ServerProtocol(
+            fast_paths=server.mode.effective_fast_paths,
             max_receive_message=limits.max_receive_message,
             max_concurrent_streams=limits.max_concurrent_streams,
             max_header_list_size=limits.max_header_list_size,
@@ -306,16 +308,18 @@ class _ServerConnection(Transport):
 
         async def send(response: Any, *, kick: bool = True) -> None:
             nonlocal unyielded
+            data: bytes | tuple[bytes, ...]
             if type(response) is Serialized:
-                data = response.data
+                data, size = response.data, response.size
             elif isinstance(response, method.response_type):
                 data = response.SerializeToString()
+                size = len(data)
             else:
                 raise TypeError(f"{method.path} must send {method.response_type.__name__}")
-            if len(data) > max_send:
+            if size > max_send:
                 raise RpcError(
                     StatusCode.RESOURCE_EXHAUSTED,
-                    f"response of {len(data)} bytes exceeds the limit of {max_send}",
+                    f"response of {size} bytes exceeds the limit of {max_send}",
                 )
             self._send_headers(state)
             await self.send_message(state, data, kick=False)
@@ -326,7 +330,7 @@ class _ServerConnection(Transport):
             # batch instead of per message. In between, the writer is told there is
             # something to send, so a handler that now waits for its next message (a
             # live follower) has its last one written at the next scheduler round.
-            unyielded += len(data)
+            unyielded += size
             if unyielded >= YIELD_BYTES:
                 unyielded = 0
                 self.kick()
@@ -415,6 +419,7 @@ class Server:
         ssl_context: ssl.SSLContext | None,
         identify: Callable[[dict[str, Any]], str | None] | None = None,
         limits: ServerLimits | None = None,
+        mode: RpcMode | None = None,
     ) -> None:
         self.methods: dict[str, Method] = {}
         for m in methods:
@@ -424,6 +429,7 @@ class Server:
         self.ssl_context = ssl_context
         self.identify = identify
         self.limits = limits or ServerLimits()
+        self.mode = resolve(mode)  # None: the environment's (TRIO_JOBS_RPC_TRANSPORT, ..._FAST_PATHS)
         self.shutting_down = False
         self._connections: set[_ServerConnection] = set()
         self._accept_scope = trio.CancelScope()
@@ -454,25 +460,49 @@ class Server:
     ) -> None:
         """Listen on host:port; ``started`` gets the bound addresses; returns after shutdown()."""
         listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = [tuple(ln.socket.getsockname()[:2]) for ln in listeners]
+        await self._serve(listeners, [(str(h), int(p)) for h, p in bound], task_status)
+
+    async def serve_listeners(
+        self,
+        listeners: Sequence[trio.abc.Listener[Any]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve connections from the caller's listeners until shutdown(); then close them.
+
+        Any trio listener: ``trio.open_tcp_listeners`` (TLS by this server's
+        ``ssl_context``), ``trio.open_ssl_over_tcp_listeners`` (TLS by the listener's
+        ``trio.SSLStream``: create the server with ``ssl_context=None``; the handshake runs
+        under ``handshake_timeout``, ALPN h2 is required and the peer certificate reaches
+        ``identify`` exactly as with the built-in TLS), or memory listeners in tests.
+        Takes the listeners over: they are closed when this returns.
+        """
+        await self._serve(list(listeners), None, task_status)
+
+    async def _serve(self, listeners: Sequence[trio.abc.Listener[Any]], started: Any,
+                     task_status: trio.TaskStatus[Any]) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 with self._accept_scope:
                     if self.shutting_down:
                         self._accept_scope.cancel()
-                    bound = [tuple(ln.socket.getsockname()[:2]) for ln in listeners]
                     async with trio.open_nursery() as accepters:
                         for ln in listeners:
                             accepters.start_soon(self._accept_loop, ln, nursery)
-                        task_status.started([(str(h), int(p)) for h, p in bound])
+                        task_status.started(started)
                 # Accepting stopped (shutdown); connections drain inside ``nursery``.
         finally:
             for ln in listeners:
-                await ln.aclose()
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(ln)
 
-    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+    async def _accept_loop(self, listener: trio.abc.Listener[Any], nursery: trio.Nursery) -> None:
         while True:
             try:
                 stream = await listener.accept()
+            except trio.ClosedResourceError:
+                return  # the caller closed this listener: the others go on
             except OSError as exc:  # EMFILE and friends: log and keep serving
                 log.warning("accept failed: %s", exc)
                 await trio.sleep(0.1)
@@ -534,9 +564,7 @@ class Server:
         if self.shutting_down:
             await trio.aclose_forcefully(stream)
             return
-        # A socket gets the lean TLS of _wire.py; any other stream the same TLS over its
-        # send_all/receive_some.
-        wire = Wire(stream, self.ssl_context, server_side=True)
+        wire = self._transport_for(stream)
         try:
             try:
                 if not await self._handshake(wire):
@@ -562,10 +590,20 @@ class Server:
         finally:
             await wire.aclose()  # bounded, and closes even when cancelled
 
+    def _transport_for(self, stream: trio.abc.Stream) -> Wire:
+        """The connection's transport: a trio.SSLStream (the caller's listener) does its own
+        TLS; with ``transport=ssl-stream`` a socket is wrapped in one; else the lean TLS of
+        _wire.py on the socket (or over a plain stream's send_all/receive_some)."""
+        if isinstance(stream, trio.SSLStream):
+            return Wire(stream)
+        if self.ssl_context is not None and self.mode.transport == "ssl-stream":
+            return Wire(trio.SSLStream(stream, self.ssl_context, server_side=True))
+        return Wire(stream, self.ssl_context, server_side=True)
+
     async def _handshake(self, wire: Wire) -> bool:
-        """TLS (if the server has a context) under the handshake timeout, ALPN h2; True if
+        """TLS (if the connection has it) under the handshake timeout, ALPN h2; True if
         the connection may go on."""
-        if self.ssl_context is None:
+        if not wire.has_tls:
             return True
         # Cancelled by shutdown() too: a half-open connection must not delay it.
         with trio.move_on_after(self.limits.handshake_timeout) as hs:

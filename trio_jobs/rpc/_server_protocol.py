@@ -71,9 +71,9 @@ class ServerProtocol(GrpcProtocol):
         clock: Callable[[], float],
         settings_rate: float = 10.0,
         settings_burst: int = 100,
-        **kwargs: int,
+        **kwargs: int | bool | None,
     ) -> None:
-        super().__init__(clock=clock, **kwargs)
+        super().__init__(clock=clock, **kwargs)  # type: ignore[arg-type]
         self._ping_min_interval = ping_min_interval
         self._max_ping_strikes = max_ping_strikes
         self._ping_strikes = 0
@@ -189,7 +189,7 @@ class ServerProtocol(GrpcProtocol):
         if code == StatusCode.UNIMPLEMENTED:
             headers.append((b"grpc-accept-encoding", b"identity"))
         try:
-            self._h2.send_headers(sid, headers, end_stream=True)
+            self._h2.send_headers(sid, headers, True)
         except Exception:  # the stream may have been closed by a racing frame
             return
         if not ended:

@@ -39,9 +39,20 @@ class Serialized:
     ``data`` must be a valid encoding of the method's response type (it is sent as it is,
     without the type check and the ``SerializeToString`` of a message object). For a
     streaming handler whose messages are mostly one big field, built without a copy into a
-    message object first."""
+    message object first. ``data`` may be the encoding's parts in order (e.g. a field's tag
+    and length, then its bytes): they go to the TLS layer as pieces, never joined."""
 
-    data: bytes
+    data: bytes | tuple[bytes, ...]
+
+    @property
+    def size(self) -> int:
+        """The length of the encoding."""
+        data = self.data
+        return len(data) if isinstance(data, bytes) else sum(len(p) for p in data)
+
+    def encoded(self) -> bytes:
+        """The encoding as one bytes object (a copy when it is in parts)."""
+        return self.data if isinstance(self.data, bytes) else b"".join(self.data)
 
 
 #: A unary handler: ``async def h(request: Req, ctx) -> Resp`` (or a :class:`Serialized`).

@@ -46,16 +46,17 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from ._framing import PREFIX_SIZE, encode_message
+from ._framing import PREFIX_SIZE
 from ._protocol import StreamGone
 from ._status import RpcError, StatusCode
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ._protocol import GrpcProtocol
     from ._wire import Wire
 
 log: Final = logging.getLogger("trio_jobs.rpc")
-_COPY_LIMIT: Final = 256 * 1024
 _LINGER_TIME: Final = 1.0  # seconds of discarding input after a GOAWAY for a protocol error
 _BATCH_BYTES: Final = 8 * 1024
 """With several calls on the connection, frames are left to the writer (one write for a
@@ -111,7 +112,7 @@ class Transport:
 
     def _pull(self) -> None:
         """Move the protocol's pending frames into the wire (encrypted at once)."""
-        self.protocol.send_pending(self.wire.write)
+        self.wire.write_pieces(self.protocol.take_output())
         unsent = self.wire.buffered
         if unsent > self.peak_unsent:
             self.peak_unsent = unsent
@@ -269,10 +270,17 @@ class Transport:
             one.wake()
 
     async def send_message(
-        self, state: StreamState, payload: bytes, *, end_stream: bool = False, kick: bool = True
+        self,
+        state: StreamState,
+        payload: bytes | Sequence[bytes],
+        *,
+        end_stream: bool = False,
+        kick: bool = True,
     ) -> None:
         """Send one message, waiting for flow-control window and for the writer as needed.
 
+        ``payload`` is the serialized message, or its parts in order (joined by nobody:
+        the 5-byte prefix and the parts go to the TLS layer as pieces).
         At most one window of the message is handed to the protocol at a time, so a peer
         that does not read makes this wait instead of making us buffer; and no more than
         :data:`SEND_HIGH_WATER` bytes of the connection wait in the wire, so a slow socket
@@ -283,15 +291,17 @@ class Transport:
         Cancel-safe in the sense that a cancelled send leaves a partial message: the
         caller must reset the stream (all callers do, since cancellation ends the call).
         """
-        if len(payload) < _COPY_LIMIT:
-            await self._send_view(state, memoryview(encode_message(payload)), end_stream)
-        else:  # avoid copying a large payload: the prefix, then the body
-            await self._send_view(state, memoryview(_prefix(payload)), False)
-            await self._send_view(state, memoryview(payload), end_stream)
+        if isinstance(payload, bytes):
+            parts = [memoryview(_prefix(len(payload))), memoryview(payload)]
+        else:
+            size = sum(len(p) for p in payload)
+            parts = [memoryview(_prefix(size)), *(memoryview(p) for p in payload if p)]
+        await self._send_parts(state, parts, end_stream)
         if kick:
             self.kick()
 
-    async def _send_view(self, state: StreamState, view: memoryview, end_stream: bool) -> None:
+    async def _send_parts(self, state: StreamState, parts: list[memoryview], end_stream: bool) -> None:
+        left = sum(len(p) for p in parts)
         while True:
             if state.error is not None:
                 raise state.error
@@ -304,20 +314,43 @@ class Transport:
                     if self.lost is not None:
                         raise state.error or RpcError(StatusCode.UNAVAILABLE, self.lost.message)
                 continue
-            chunk = view[:room]
+            batch = parts if room >= left else _first(parts, room)
             try:
-                n = self.protocol.send_data(
-                    state.stream_id, chunk, end_stream and len(chunk) == len(view)
-                )
+                n = self.protocol.send_data(state.stream_id, batch, end_stream and room >= left)
             except StreamGone:
                 raise state.error or RpcError(StatusCode.CANCELLED, "stream closed") from None
-            view = view[n:]
-            if not view:
+            left -= n
+            if not left:
                 return
+            parts = _after(parts, n)
             self.kick()
             if n == 0:  # no window: wait for a WINDOW_UPDATE (or the end of the stream)
                 await state.wait()
 
 
-def _prefix(payload: bytes) -> bytes:
-    return len(payload).to_bytes(PREFIX_SIZE, "big")
+def _first(parts: list[memoryview], n: int) -> list[memoryview]:
+    """The first ``n`` bytes of ``parts`` (views, no copy)."""
+    out: list[memoryview] = []
+    for p in parts:
+        if n <= 0:
+            break
+        out.append(p[:n])
+        n -= len(p)
+    return out
+
+
+def _after(parts: list[memoryview], n: int) -> list[memoryview]:
+    """``parts`` without their first ``n`` bytes (views, no copy)."""
+    i = 0
+    while n and n >= len(parts[i]):
+        n -= len(parts[i])
+        i += 1
+    rest = parts[i:]
+    if n:
+        rest[0] = rest[0][n:]
+    return rest
+
+
+def _prefix(size: int) -> bytes:
+    """The gRPC message prefix: not compressed, ``size`` bytes."""
+    return size.to_bytes(PREFIX_SIZE, "big")

@@ -46,12 +46,14 @@ from typing import TYPE_CHECKING, Any, Final, cast, final
 import trio
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
 _SOCKET_READ: Final = 256 * 1024
 _IOV_MAX: Final = 64  # pieces per sendmsg (Linux takes 1024)
 _CLOSE_NOTIFY_TIMEOUT: Final = 1.0  # for a close_notify over a stream that may block
 _LINGER_BYTES: Final = 4 * 1024 * 1024  # most input discarded by linger()
+_TLS_RECORD: Final = 16 * 1024  # the most plaintext one TLS record holds
+_SMALL_PIECE: Final = 4 * 1024  # pieces below this are gathered before encryption
 
 
 @final
@@ -73,7 +75,14 @@ class Wire:
     ) -> None:
         self._stream: trio.abc.Stream | None = None
         self._sock: socket.socket | None = None
-        if isinstance(stream, trio.SocketStream):
+        # A trio.SSLStream does TLS itself (the caller's listener, or transport=ssl-stream):
+        # its handshake, peer certificate and ALPN are asked of it.
+        self._ssl_stream: trio.SSLStream[trio.abc.Stream] | None = None
+        if isinstance(stream, trio.SSLStream):
+            if ssl_context is not None:
+                raise ValueError("a trio.SSLStream does its own TLS: pass ssl_context=None")
+            self._stream = self._ssl_stream = stream
+        elif isinstance(stream, trio.SocketStream):
             # We take the file descriptor over: non-blocking calls on it directly, trio
             # only for waiting. (TCP_NODELAY was set by SocketStream; it stays set.)
             self._sock = socket.socket(fileno=stream.socket.detach())
@@ -90,11 +99,11 @@ class Wire:
                 server_side=server_side,
                 server_hostname=server_hostname,
             )
-        self._handshaken = ssl_context is None
+        self._handshaken = ssl_context is None and self._ssl_stream is None
         # Bytes to send (ciphertext when TLS), as the pieces they were written in: appending
         # to one bytearray moved everything unsent at every write (its memmove was a
         # third of a streaming server's samples), a queue of pieces copies nothing.
-        self._out: collections.deque[bytes | memoryview] = collections.deque()
+        self._out: collections.deque[bytes | bytearray | memoryview] = collections.deque()
         self._out_bytes = 0  # their total length
         self._in_flight = 0  # bytes a stream's send_all is writing now
         self.queued_total = 0  # bytes ever appended to _out
@@ -111,9 +120,14 @@ class Wire:
 
         Not under a timeout of its own: the caller puts it under one.
         """
-        tls = self._tls
-        if tls is None or self._handshaken:
+        if self._handshaken:
             return
+        if self._ssl_stream is not None:
+            await self._ssl_stream.do_handshake()  # (its errors are trio's Broken/Closed already)
+            self._handshaken = True
+            return
+        tls = self._tls
+        assert tls is not None
         while True:
             try:
                 tls.do_handshake()
@@ -137,19 +151,26 @@ class Wire:
             else:  # the next do_handshake() raises SSLEOFError
                 self._incoming.write_eof()
 
+    @property
+    def has_tls(self) -> bool:
+        """TLS is done here (lean) or by the stream (a trio.SSLStream)."""
+        return self._tls is not None or self._ssl_stream is not None
+
     def selected_alpn_protocol(self) -> str | None:
-        return self._tls.selected_alpn_protocol() if self._tls is not None else None
+        tls = self._ssl_stream or self._tls
+        return tls.selected_alpn_protocol() if tls is not None else None
 
     def getpeercert(self) -> dict[str, Any] | None:
-        if self._tls is None:
+        tls = self._ssl_stream or self._tls
+        if tls is None or not self._handshaken:
             return None
-        return self._tls.getpeercert()
+        return cast("dict[str, Any] | None", tls.getpeercert())
 
     def _collect_tls_output(self) -> None:
         if self._outgoing.pending:
             self._queue(self._outgoing.read())
 
-    def _queue(self, data: bytes) -> None:
+    def _queue(self, data: bytes | bytearray | memoryview) -> None:
         self._out.append(data)
         self._out_bytes += len(data)
         self.queued_total += len(data)
@@ -176,6 +197,50 @@ class Wire:
             return
         try:
             self._tls.write(data)
+        except ssl.SSLError as exc:  # the session is dead (an alert was received)
+            self._failed = exc
+            return
+        self._collect_tls_output()
+
+    def write_pieces(self, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Queue ``pieces`` in order, none of them copied on the way to TLS but the small.
+
+        Small pieces (frame headers, gRPC prefixes, short messages) are gathered into one
+        TLS write, topped up from the next large piece to a whole record, so they do not
+        each cost a record; a large piece is encrypted from where it lies. Without TLS the
+        pieces are queued as they are. The pieces must not change afterwards (the rpc
+        layer's are immutable bytes, views of them, or buffers handed over). Never awaits
+        nor raises.
+        """
+        if self._failed is not None or self._closed:
+            return
+        tls = self._tls
+        if tls is None:
+            for piece in pieces:
+                if piece:
+                    self._queue(piece)
+            return
+        stage = bytearray()
+        try:
+            for piece in pieces:
+                size = len(piece)
+                if size < _SMALL_PIECE:
+                    stage += piece
+                    if len(stage) >= _TLS_RECORD:
+                        tls.write(stage)
+                        stage.clear()
+                    continue
+                view = memoryview(piece)
+                if stage:
+                    top = max(0, min(size, _TLS_RECORD - len(stage)))
+                    stage += view[:top]
+                    tls.write(stage)
+                    stage.clear()
+                    view = view[top:]
+                if view:
+                    tls.write(view)
+            if stage:
+                tls.write(stage)
         except ssl.SSLError as exc:  # the session is dead (an alert was received)
             self._failed = exc
             return
@@ -426,6 +491,15 @@ class Wire:
                         ),
                     ):
                         await self._stream.send_all(self._take())
+            elif self._ssl_stream is not None and self._handshaken and self._in_flight == 0:
+                # trio sends close_notify without waiting for the peer's; bounded anyway.
+                with (
+                    trio.move_on_after(_CLOSE_NOTIFY_TIMEOUT, shield=True),
+                    contextlib.suppress(
+                        trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError
+                    ),
+                ):
+                    await self._ssl_stream.aclose()
         finally:
             self.close()
             if self._stream is not None:

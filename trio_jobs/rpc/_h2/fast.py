@@ -1,4 +1,10 @@
-"""Adaptations of h2 for gRPC, used by :class:`~trio_jobs.rpc._protocol.GrpcProtocol`.
+"""The fast session: the seam's interface (``session.py``) on h2's internals.
+
+:class:`FastSession` keeps h2's state machines, windows and HPACK, and takes the common
+frames past h2's per-frame machinery with the functions below. Everything here depends on
+h2 internals; ``guard.py`` checks at import that they exist (else the pure session is
+used, with one warning).
+
 
 * :class:`_GoAwayTolerantStateMachine`: h2 refuses everything once any GOAWAY was sent or
   received, which makes a graceful shutdown impossible; this one keeps the connection open.
@@ -81,7 +87,15 @@ def send_data_fast(
     Raises what h2 raises (FlowControlError, FrameTooLargeError, a state-machine
     ProtocolError), before changing anything, like h2.
     """
-    size = len(data)
+    out = conn._data_to_send
+    out += data_frame_header(conn, stream, len(data), end_stream)
+    out += data
+
+
+def data_frame_header(conn: H2Connection, stream: H2Stream, size: int, end_stream: bool) -> bytes:
+    """h2's ``send_data`` for a DATA frame of ``size`` bytes without padding -- its checks,
+    state transitions and window accounting -- returning the frame header instead of
+    queueing anything: the caller sends the header, then the payload as it is."""
     window = min(conn.outbound_flow_control_window, stream.outbound_flow_control_window)
     if size > 0 and size > window:
         msg = f"Cannot send {size} bytes, flow control window is {window}"
@@ -96,10 +110,8 @@ def send_data_fast(
         stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
         flags = _END_STREAM
     stream.outbound_flow_control_window -= size
-    out = conn._data_to_send
-    out += _frame_header(size, _DATA, flags, stream.stream_id)
-    out += data
     conn.outbound_flow_control_window -= size
+    return _frame_header(size, _DATA, flags, stream.stream_id)
 
 
 def peek_frame_header(data: bytearray, at: int) -> tuple[int, int, int, int]:

@@ -36,7 +36,7 @@ import h2.frame_buffer
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import Frame
 
-from ._h2glue import _QUIET, peek_frame_header
+from .fast import _QUIET, peek_frame_header
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -114,6 +114,12 @@ def _client_checks(served: Host, cwd: Path, printed: re.Match[str]) -> None:
         assert int(printed["uid"]) == users["alice"] != 0, (printed["uid"], users)
 
 
+def _server_checks(served: Host, cwd: Path, printed: re.Match[str]) -> None:
+    # It served from its own state (and PKI) in the working directory, and its job was alice's.
+    assert (cwd / "data" / "jobs.sqlite3").is_file(), sorted(p.name for p in cwd.iterdir())
+    assert (cwd / "pki" / "server.crt").is_file()
+
+
 SNIPPETS: Final = {
     "worker": Snippet(
         needs_server=False,
@@ -126,6 +132,12 @@ SNIPPETS: Final = {
         says="prints `hello from uid 2053767343` (alice's own user) and `exited 0 [...]`",
         prints=re.compile(r"hello from uid (?P<uid>\d+)\nexited 0 \['(?P<job>[0-9a-f-]{36})'\]\n"),
         check=_client_checks,
+    ),
+    "server": Snippet(
+        needs_server=False,  # it is the server (and, to show it works, its own client)
+        says="prints `hello world from alice`, `hi` and `exited alice`",
+        prints=re.compile(r"hello world from alice\nhi\nexited alice\n"),
+        check=_server_checks,
     ),
 }
 

@@ -20,12 +20,19 @@ What changes for whom:
 - jobs are not touched at all.
 
 With the built-in policy (no ``--policy``) there is no file to re-read: it stays.
+
+A server embedded on the caller's own TLS listeners (``ServerConfig.listeners`` from
+``trio.open_ssl_over_tcp_listeners``, ``ssl_context=None``) has no context of ours to
+replace: the certificates are the listeners' ``SSLContext``, which only the program that
+made them can change. A reload then neither reads nor applies the certificate files (one log
+line says so) and reloads the rest.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, final
 
 import trio
@@ -63,17 +70,19 @@ class Loaded:
     """New configuration, validated, not yet in use."""
 
     policy: Policy | None
-    ssl_context: ssl.SSLContext
-    serial: int  # of the new server certificate, for the log line
+    # The new server context, and its certificate's serial for the log line; None: not
+    # loaded (the server has no context of ours).
+    tls: tuple[ssl.SSLContext, int] | None
 
 
 class ReloadError(Exception):
     """A new file is unusable; the message is one line saying which and why."""
 
 
-def load(sources: ReloadSources) -> Loaded:
+def load(sources: ReloadSources, *, certificates: bool = True) -> Loaded:
     """Load and check every file of ``sources`` (blocking file I/O and user lookups: run it
-    in a thread). Raises :class:`ReloadError`; changes nothing."""
+    in a thread); ``certificates=False``: all but the certificate, key and CA. Raises
+    :class:`ReloadError`; changes nothing."""
     policy: Policy | None = None
     try:
         if sources.policy is not None:
@@ -85,12 +94,14 @@ def load(sources: ReloadSources) -> Loaded:
     except (SecurityError, OSError) as exc:
         why = str(exc) if str(sources.policy) in str(exc) else f"{sources.policy}: {exc}"
         raise ReloadError(f"policy {why}") from None
+    if not certificates:
+        return Loaded(policy=policy, tls=None)
     try:
         ctx = server_ssl_context(cert=sources.cert, key=sources.key, ca=sources.ca)
         serial = x509.load_pem_x509_certificate(sources.cert.read_bytes()).serial_number
     except (SecurityError, OSError, ValueError) as exc:
         raise ReloadError(f"server certificate: {exc}") from None
-    return Loaded(policy=policy, ssl_context=ctx, serial=serial)
+    return Loaded(policy=policy, tls=(ctx, serial))
 
 
 async def reload(
@@ -100,9 +111,11 @@ async def reload(
     for a bad file (it logs one line instead). ``sources`` None: only the audit log."""
     what: list[str] = []
     loaded: Loaded | None = None
+    # The caller's TLS listeners (see the module docstring): their certificates are not ours.
+    ours = server.ssl_context is not None
     try:
         if sources is not None:
-            loaded = await trio.to_thread.run_sync(load, sources)
+            loaded = await trio.to_thread.run_sync(partial(load, sources, certificates=ours))
         if audit is not None:
             # Last of the fallible steps: a failed reopen keeps the old file open (AuditLog),
             # and the policy and certificates stay old with it.
@@ -124,7 +137,12 @@ async def reload(
                             "each other (leave run_as unset for a user of each's own)", ", ".join(names), user)
         else:
             what.insert(0, "built-in policy unchanged")
-        server.set_ssl_context(loaded.ssl_context)
-        what.insert(1, f"server certificate {sources.cert} (serial {loaded.serial:#x}) and CA {sources.ca}")
+        if loaded.tls is not None:
+            ctx, serial = loaded.tls
+            server.set_ssl_context(ctx)
+            what.insert(1, f"server certificate {sources.cert} (serial {serial:#x}) and CA {sources.ca}")
+        else:
+            log.warning("server certificate not reloaded: the server runs on its caller's TLS listeners, "
+                        "whose SSLContext only that program can change")
     log.info("reloaded: %s", "; ".join(what) or "nothing to reload")
     return True

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from trio_jobs.cli.serve import default_cgroup_parent
+from trio_jobs.worker.cgroups.detect import default_cgroup_parent
 
 from .conftest import Host
 

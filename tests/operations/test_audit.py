@@ -38,7 +38,7 @@ from trio_jobs.client import JobsClient, JobsError
 from trio_jobs.rpc import StatusCode
 from trio_jobs.security.pki import CertifiedKey, load_pair, write_pair
 from trio_jobs.security.policy import Policy
-from trio_jobs.server import ServerConfig, ServerInfo, serve
+from trio_jobs.server import NO_CGROUPS, ServerConfig, ServerInfo, serve
 from trio_jobs.v1 import jobs_pb2 as pb
 
 if TYPE_CHECKING:
@@ -140,6 +140,7 @@ async def start_server(
             data_dir=tmp_path / "data",
             ssl_context=server_ctx(pki),
             policy=Policy.from_toml(POLICY),
+            cgroups=NO_CGROUPS,
             handle_signals=False,
             shutdown_timeout=10.0,
             audit=audit,

@@ -16,7 +16,7 @@ from trio_jobs.blocking import BlockingJobsClient
 from trio_jobs.client import JobsError
 from trio_jobs.rpc import ServerLimits, StatusCode
 from trio_jobs.security.policy import Policy
-from trio_jobs.server import ServerConfig, ServerInfo, serve
+from trio_jobs.server import NO_CGROUPS, ServerConfig, ServerInfo, serve
 
 from .test_service import POLICY, client, client_ctx, server_ctx
 
@@ -94,7 +94,7 @@ async def test_call_after_the_server_closed_the_connection_goes_on_a_new_one(
 ) -> None:
     config = ServerConfig(
         host="127.0.0.1", port=0, data_dir=tmp_path / "data", ssl_context=server_ctx(pki),
-        policy=Policy.from_toml(POLICY), handle_signals=False, shutdown_timeout=10.0,
+        policy=Policy.from_toml(POLICY), cgroups=NO_CGROUPS, handle_signals=False, shutdown_timeout=10.0,
         rpc_limits=ServerLimits(idle_timeout=0.2),
     )
     info: ServerInfo = await nursery.start(serve, config)

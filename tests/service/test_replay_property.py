@@ -52,7 +52,7 @@ from trio_jobs.client import JobInfo, JobsClient, JobsError, Reconnect
 from trio_jobs.rpc import StatusCode
 from trio_jobs.security.policy import Policy
 from trio_jobs.security.tls import client_ssl_context, server_ssl_context
-from trio_jobs.server import ServerConfig, ServerInfo, serve
+from trio_jobs.server import NO_CGROUPS, ServerConfig, ServerInfo, serve
 
 if TYPE_CHECKING:
     import ssl
@@ -333,7 +333,7 @@ def count_cuts(case: Case, results: list[Result], stats: Counter[str]) -> None:
 async def scenario(case: Case, data_dir: Path, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> list[Result]:
     config = ServerConfig(
         host="127.0.0.1", port=0, data_dir=data_dir, ssl_context=server_ctx,
-        policy=Policy.from_toml(POLICY), handle_signals=False, shutdown_timeout=10.0,
+        policy=Policy.from_toml(POLICY), cgroups=NO_CGROUPS, handle_signals=False, shutdown_timeout=10.0,
         release_memory_interval=None,
     )
     results = [Result() for _ in case.followers]

@@ -14,7 +14,7 @@ from trio_jobs.rpc import RpcError, StatusCode
 from trio_jobs.security.pki import issue_client
 from trio_jobs.security.policy import Policy
 from trio_jobs.security.tls import client_ssl_context, server_ssl_context
-from trio_jobs.server import ServerConfig, ServerInfo, serve
+from trio_jobs.server import NO_CGROUPS, ServerConfig, ServerInfo, serve
 from trio_jobs.v1 import jobs_pb2 as pb
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ async def server(pki: Path, tmp_path: Path, nursery: trio.Nursery) -> AsyncItera
         data_dir=tmp_path / "data",
         ssl_context=server_ctx(pki),
         policy=Policy.from_toml(POLICY),
+        cgroups=NO_CGROUPS,
         handle_signals=False,
         shutdown_timeout=10.0,
     )
@@ -195,7 +196,8 @@ async def test_health_and_shutdown(pki: Path, tmp_path: Path) -> None:
     from trio_jobs.rpc import health_pb2
 
     config = ServerConfig(
-        port=0, data_dir=tmp_path / "data", ssl_context=server_ctx(pki), policy=Policy.from_toml(POLICY), handle_signals=False
+        port=0, data_dir=tmp_path / "data", ssl_context=server_ctx(pki), policy=Policy.from_toml(POLICY),
+        cgroups=NO_CGROUPS, handle_signals=False,
     )
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:

@@ -17,6 +17,7 @@ from . import units
 from .errors import (
     EXIT_BROKEN_PIPE,
     EXIT_CODES_HELP,
+    EXIT_CONFIG,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
@@ -35,14 +36,25 @@ Run Linux processes ("jobs") on a trio-jobs server over gRPC with mutual TLS.
 environment:
   TRIO_JOBS_HOME      state directory: pki/, jobs.sqlite3, output files
                       (default $XDG_STATE_HOME/trio-jobs, else ~/.local/state/trio-jobs)
-  TRIO_JOBS_SERVER    server address for client commands (default localhost:4567)
-  TRIO_JOBS_IDENTITY  which certificate of TRIO_JOBS_HOME/pki to use (default admin)
+  TRIO_JOBS_SERVER    server address for client commands (default {default:server})
+  TRIO_JOBS_IDENTITY  which certificate of TRIO_JOBS_HOME/pki to use (default {default:identity})
 """
+
+
+def _with_defaults(text: str, *, help_text: bool = False) -> str:
+    """``{default:NAME}`` in ``text`` replaced by the library's default (defaults.py), which
+    is imported only here, when help is shown. A help text is %-formatted afterwards."""
+    if "{default:" not in text:
+        return text
+    from . import defaults
+
+    return defaults.fill(text, percent=help_text)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """argparse's, with the terminal width read without importing shutil (argparse makes
-    a formatter for every add_argument; each import counts in a one-shot command)."""
+    a formatter for every add_argument; each import counts in a one-shot command), and
+    ``{default:NAME}`` in texts filled in when they are shown."""
 
     def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
                  width: int | None = None) -> None:
@@ -53,6 +65,13 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
                 columns = 80
             width = max(columns - 2, 20)
         super().__init__(prog, indent_increment, max_help_position, width)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        return None if text is None else _with_defaults(text, help_text=True)
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(_with_defaults(text))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,8 +162,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     conn = _Parser(add_help=False)
     g = conn.add_argument_group("connection")
-    g.add_argument("--server", metavar="HOST:PORT", help="server address (default $TRIO_JOBS_SERVER or localhost:4567)")
-    g.add_argument("--identity", metavar="NAME", help="use TRIO_JOBS_HOME/pki/NAME.{crt,key} (default $TRIO_JOBS_IDENTITY or admin)")
+    g.add_argument("--server", metavar="HOST:PORT", help="server address (default $TRIO_JOBS_SERVER or {default:server})")
+    g.add_argument("--identity", metavar="NAME", help="use TRIO_JOBS_HOME/pki/NAME.{crt,key} (default $TRIO_JOBS_IDENTITY or {default:identity})")
     g.add_argument("--cert", metavar="FILE", help="client certificate (overrides --identity)")
     g.add_argument("--key", metavar="FILE", help="client private key")
     g.add_argument("--ca", metavar="FILE", help="CA certificate to verify the server (default TRIO_JOBS_HOME/pki/ca.crt)")
@@ -162,9 +181,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         )
         return p
 
+    # serve's options that have a library default are None here; cmd_serve fills them in
+    # (defaults.fill_serve_defaults), and their help quotes them ({default:DEST}).
     p = add("serve", "run the server (first run creates the development PKI and state)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=4567, help="port (default 4567; 0 = any free port)")
+    p.add_argument("--host", help="address to listen on (default {default:host})")
+    p.add_argument("--port", type=int, help="port (default {default:port}; 0 = any free port)")
     p.add_argument("--data-dir", metavar="D", help="job records and output (default TRIO_JOBS_HOME)")
     p.add_argument("--policy", metavar="F", help="authorization policy, TOML (default: built-in)")
     p.add_argument("--pki", metavar="D", help="PKI directory with ca/server certs (default TRIO_JOBS_HOME/pki)")
@@ -179,31 +200,34 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--audit-reads", action="store_true",
         help="also log successful status and list calls (refused ones always are)")
     g = p.add_argument_group("history retention (docs/operations.md): ended jobs beyond any limit are deleted, oldest first")
-    g.add_argument("--retain-jobs", type=_typed(_positive_count), default=100_000, metavar="N",
-        help="keep at most N ended jobs (records and output; default 100k)")
-    g.add_argument("--retain-output", type=_typed(units.parse_size), default=10 << 30, metavar="SIZE",
-        help="keep at most SIZE of ended jobs' output in total, e.g. 500M, 20G (default 10G)")
-    g.add_argument("--retain-for", type=_typed(_retention_age), default=30 * 86400.0, metavar="DURATION",
-        help="delete ended jobs this long after they ended, e.g. 7d, 12h (default 30d)")
+    g.add_argument("--retain-jobs", type=_typed(_positive_count), metavar="N",
+        help="keep at most N ended jobs (records and output; default {default:retain_jobs})")
+    g.add_argument("--retain-output", type=_typed(units.parse_size), metavar="SIZE",
+        help="keep at most SIZE of ended jobs' output in total, e.g. 500M, 20G (default {default:retain_output})")
+    g.add_argument("--retain-for", type=_typed(_retention_age), metavar="DURATION",
+        help="delete ended jobs this long after they ended, e.g. 7d, 12h (default {default:retain_for})")
     g = p.add_argument_group("connection caps (advanced; docs/reliability.md)")
-    g.add_argument("--handshake-timeout", type=_typed(_positive_duration), default=10.0, metavar="T",
-        help="drop a connection that has not finished TLS, or sent the HTTP/2 preface, within T (default 10s)")
-    g.add_argument("--max-connections", type=_typed(_positive_count), default=1000, metavar="N",
-        help="close connections beyond N right after accept (default 1000)")
-    g.add_argument("--max-connections-per-source", type=_typed(_positive_count), default=64, metavar="N",
-        help="close connections beyond N from one source address (IPv6: per /64) right after accept (default 64)")
-    g.add_argument("--max-handshakes-per-source", type=_typed(_positive_count), default=32, metavar="N",
-        help="close a connection when its source address has N TLS handshakes in progress (default 32)")
-    g.add_argument("--idle-timeout", type=_typed(_positive_duration), default=300.0, metavar="T",
-        help="GOAWAY and close a connection that has had no call running for T (default 5m)")
-    g.add_argument("--max-streams-per-identity", type=_typed(_positive_count), default=64, metavar="N",
-        help="concurrent output streams (tail) one identity may hold open (default 64)")
+    g.add_argument("--handshake-timeout", type=_typed(_positive_duration), metavar="T",
+        help="drop a connection that has not finished TLS, or sent the HTTP/2 preface, within T "
+             "(default {default:handshake_timeout})")
+    g.add_argument("--max-connections", type=_typed(_positive_count), metavar="N",
+        help="close connections beyond N right after accept (default {default:max_connections})")
+    g.add_argument("--max-connections-per-source", type=_typed(_positive_count), metavar="N",
+        help="close connections beyond N from one source address (IPv6: per /64) right after accept "
+             "(default {default:max_connections_per_source})")
+    g.add_argument("--max-handshakes-per-source", type=_typed(_positive_count), metavar="N",
+        help="close a connection when its source address has N TLS handshakes in progress "
+             "(default {default:max_handshakes_per_source})")
+    g.add_argument("--idle-timeout", type=_typed(_positive_duration), metavar="T",
+        help="GOAWAY and close a connection that has had no call running for T (default {default:idle_timeout})")
+    g.add_argument("--max-streams-per-identity", type=_typed(_positive_count), metavar="N",
+        help="concurrent output streams (tail) one identity may hold open (default {default:max_streams_per_identity})")
     p.set_defaults(func=None)
 
     p = add("start", "start a job; prints its id", [conn])
-    p.add_argument("--cpus", type=_typed(units.parse_cpus), help="CPUs, e.g. 1.5 or 500m (default 2)")
-    p.add_argument("--memory", type=_typed(units.parse_size), help="memory, e.g. 512M, 1G (default 1000M)")
-    p.add_argument("--pids", type=_typed(units.parse_count), help="max processes (default 4096)")
+    p.add_argument("--cpus", type=_typed(units.parse_cpus), help="CPUs, e.g. 1.5 or 500m (default {default:cpus})")
+    p.add_argument("--memory", type=_typed(units.parse_size), help="memory, e.g. 512M, 1G (default {default:memory})")
+    p.add_argument("--pids", type=_typed(units.parse_count), help="max processes (default {default:pids})")
     p.add_argument("--io-read-bps", type=_typed(units.parse_size), metavar="RATE", help="disk read bytes/s, e.g. 10M")
     p.add_argument("--io-write-bps", type=_typed(units.parse_size), metavar="RATE", help="disk write bytes/s, e.g. 10M")
     p.add_argument("--io-read-iops", type=_typed(units.parse_count), metavar="N", help="disk read operations/s")
@@ -287,6 +311,16 @@ def _join_signed_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _check_rpc_mode() -> None:
+    """TRIO_JOBS_RPC_TRANSPORT / TRIO_JOBS_RPC_FAST_PATHS, refused before anything is done."""
+    from ..rpc._mode import RpcMode
+
+    try:
+        RpcMode.from_environ()
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_CONFIG) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = _join_signed_values(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -295,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return certs_main(argv[1:], prog=f"{PROG} certs")
         args = build_parser(argv[0] if argv[:1] and argv[0] in _COMMANDS else None).parse_args(argv)
+        _check_rpc_mode()
         return dispatch(args)
     except BaseException as exc:
         if isinstance(exc, SystemExit):

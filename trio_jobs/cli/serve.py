@@ -10,7 +10,6 @@ stdout does not stop the server (:mod:`trio_jobs.cli.serve_io`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shlex
 import shutil
@@ -20,8 +19,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..rpc._mode import RpcMode
 from ..security.errors import SecurityError
 from ..security.paths import state_home
+from .defaults import fill_serve_defaults
 from .errors import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, CliError
 from .serve_io import announce, configure_logging, say
 
@@ -137,6 +138,7 @@ def _banner(info: ServerInfo, home: Path, data_dir: Path, pki: Path | None, driv
     lines = [f"trio-jobs listening on {shown_host}:{port}"]
     lines += [f"  also on {h}:{p}" for h, p in info.addresses[1:]]
     lines.append(f"cgroups: {driver}")
+    lines.append(f"rpc: {RpcMode.from_environ().describe()}")  # what the rpc Server resolved too
     lines.append(f"data: {data_dir}" + (f"  pki: {pki}" if pki else ""))
     exports = []
     default_home = state_home({k: v for k, v in os.environ.items() if k != "TRIO_JOBS_HOME"})
@@ -184,21 +186,10 @@ async def _announce_shutdown(info: ServerInfo) -> None:
     announce("trio-jobs: stopping at once: killing running jobs")
 
 
-def default_cgroup_parent(data_dir: Path) -> str:
-    """``trio-jobs-<digest of the data directory>``: one parent cgroup per server state.
-
-    At start the driver kills and removes every job cgroup left under its parent (jobs of a
-    crashed run). Naming the parent after the data directory keeps that cleanup to our own
-    leftovers: a second server with another ``TRIO_JOBS_HOME`` on the same host never
-    touches the first one's jobs, while a restart on the same state finds its old cgroups.
-    """
-    digest = hashlib.sha256(os.fsencode(data_dir.resolve())).hexdigest()[:12]
-    return f"trio-jobs-{digest}"
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     if not sys.platform.startswith("linux"):
         raise CliError(f"trio-jobs serve needs Linux (processes in cgroups); this is {sys.platform}", EXIT_CONFIG)
+    fill_serve_defaults(args)  # the options not given: the library's defaults (defaults.py)
     configure_logging()  # the package's own logs: journal-aware (serve_io.py)
     home = state_home()
     data_dir = Path(args.data_dir) if args.data_dir else home
@@ -216,19 +207,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     policy = _policy(args, dynamic)
     _check_launch_host()
     from ..worker.cgroups.base import CgroupError
-    from ..worker.cgroups.detect import detect_driver
+    from ..worker.cgroups.detect import NO_LIMITS_WARNING, detect_server_driver
 
-    try:
-        driver = detect_driver(
-            parent=args.cgroup_parent or default_cgroup_parent(data_dir), require=args.require_limits
-        )
+    try:  # the detection serve() runs by default (cgroups=DETECT_CGROUPS), done here to say so
+        driver = detect_server_driver(data_dir, parent=args.cgroup_parent, require=args.require_limits)
     except CgroupError as exc:
         raise CliError(f"cgroups: {exc}", EXIT_CONFIG) from None
     if driver.name == "none":
-        say(
-            "trio-jobs: WARNING: no usable cgroups: jobs run WITHOUT cpu/memory/io/pids limits "
-            "(use --require-limits to refuse instead)"
-        )
+        say(f"trio-jobs: WARNING: no usable cgroups: {NO_LIMITS_WARNING} (use --require-limits to refuse instead)")
     trio.run(_serve, args, ctx, policy, dynamic, driver, home, data_dir, pki)
     return EXIT_OK
 

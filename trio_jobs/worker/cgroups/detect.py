@@ -17,10 +17,15 @@ root as a parameter so the logic is tested on fake trees.
 hierarchy, "/a/b" is from the hierarchy root. Default: ``trio-jobs`` under our own cgroup. On
 v2, if we already sit in our own ``supervisor`` leaf (a driver of this process moved us
 there before), our own cgroup is taken to be the one above it.
+
+A server picks its driver with :func:`detect_server_driver` (``trio-jobs serve`` and
+``trio_jobs.server.serve`` alike): the parent defaults to one per data directory
+(:func:`default_cgroup_parent`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -38,11 +43,34 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_PARENT: Final = "trio-jobs"
+# What running without cgroups means, in every warning that says so (detection, the CLI,
+# ``serve(cgroups=NO_CGROUPS)``): one wording for operators to grep.
+NO_LIMITS_WARNING: Final = "jobs run WITHOUT cpu/memory/io/pids limits"
 
 
 def detect_driver(*, parent: str | None = None, require: bool = False) -> CgroupDriver:
     """The best cgroup driver for this host (see the module docstring)."""
     return _detect(parent=parent, require=require, root=Path("/"), pid=os.getpid())
+
+
+def default_cgroup_parent(data_dir: Path) -> str:
+    """``trio-jobs-<digest of the data directory>``: one parent cgroup per server state.
+
+    At start the driver kills and removes every job cgroup left under its parent (jobs of a
+    crashed run). Naming the parent after the data directory keeps that cleanup to our own
+    leftovers: a second server with another ``TRIO_JOBS_HOME`` on the same host never
+    touches the first one's jobs, while a restart on the same state finds its old cgroups.
+    """
+    digest = hashlib.sha256(os.fsencode(data_dir.resolve())).hexdigest()[:12]
+    return f"trio-jobs-{digest}"
+
+
+def detect_server_driver(data_dir: Path, *, parent: str | None = None, require: bool = False) -> CgroupDriver:
+    """The driver of a server keeping its state in ``data_dir``: :func:`detect_driver` under
+    ``parent`` (``--cgroup-parent``; None or "": :func:`default_cgroup_parent`). ``require``
+    (``--require-limits``): raise ``CgroupError`` rather than fall back to no limits.
+    Blocking reads of /proc and /sys: call it from a thread in async code."""
+    return detect_driver(parent=parent or default_cgroup_parent(data_dir), require=require)
 
 
 def _host_path(root: Path, p: Path) -> Path:
@@ -174,5 +202,5 @@ def _detect(*, parent: str | None, require: bool, root: Path, pid: int) -> Cgrou
     message = "no usable cgroups (" + "; ".join(reasons) + ")"
     if require:
         raise CgroupError(message + "; refusing to run jobs without resource limits")
-    log.warning("jobs will run WITHOUT cpu/memory/io/pids limits: %s", message)
+    log.warning("%s: %s", NO_LIMITS_WARNING, message)
     return NoCgroupDriver(message)

@@ -85,7 +85,7 @@ _RETRY_CODES: Final = frozenset({StatusCode.UNAVAILABLE, StatusCode.INTERNAL, St
 
 def _usable(channel: Channel) -> bool:
     """Whether a new call may start on ``channel``: not lost, no GOAWAY received."""
-    return channel.lost is None and not channel.proto.closed and channel.proto.goaway_received is None
+    return channel.lost is None and not channel.protocol.closed and channel.protocol.goaway_received is None
 
 
 def _single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:

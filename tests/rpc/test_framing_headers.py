@@ -6,7 +6,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_jobs.rpc._framing import FramingError, MessageDecoder, encode_message
 from trio_jobs.rpc._headers import (
     MetadataError,
     decode_grpc_message,
@@ -16,6 +15,7 @@ from trio_jobs.rpc._headers import (
     format_timeout,
     parse_timeout,
 )
+from trio_jobs.rpc._messages import FramingError, MessageDecoder, encode_message
 
 pytestmark = pytest.mark.sans_io  # protocol objects only: the transport does not apply
 

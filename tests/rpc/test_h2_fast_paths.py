@@ -19,8 +19,8 @@ import pytest
 from trio_jobs.rpc import StatusCode, _protocol
 from trio_jobs.rpc import _events as ev
 from trio_jobs.rpc._client_protocol import ClientProtocol
-from trio_jobs.rpc._framing import encode_message
 from trio_jobs.rpc._h2 import fast_session
+from trio_jobs.rpc._messages import encode_message
 from trio_jobs.rpc._server_protocol import ServerProtocol
 
 pytestmark = pytest.mark.one_rpc_mode  # compares the rpc modes itself (or uses no protocol): one run

@@ -18,7 +18,7 @@ from hyperframe.frame import GoAwayFrame, HeadersFrame
 
 from trio_jobs.rpc import _events as ev
 from trio_jobs.rpc._client_protocol import ClientProtocol
-from trio_jobs.rpc._framing import encode_message
+from trio_jobs.rpc._messages import encode_message
 
 from .test_protocol_core import REQ, Peer
 

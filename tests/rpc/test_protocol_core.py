@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from trio_jobs.rpc import StatusCode
 from trio_jobs.rpc import _events as ev
 from trio_jobs.rpc._client_protocol import ClientProtocol
-from trio_jobs.rpc._framing import encode_message
 from trio_jobs.rpc._h2.fast import _GoAwayTolerantStateMachine
 from trio_jobs.rpc._h2.session import CLOSED_STREAMS_KEPT
+from trio_jobs.rpc._messages import encode_message
 from trio_jobs.rpc._protocol import StreamGone
 from trio_jobs.rpc._server_protocol import ServerProtocol
 

@@ -1,4 +1,4 @@
-"""The receive side's own paths do exactly what h2 does (``_frames.py``, ``_h2glue.py``).
+"""The receive side's own paths do exactly what h2 does (``_h2/frames.py``, ``_h2/fast.py``).
 
 * Our :class:`~trio_jobs.rpc._frames.FrameBuffer` cuts any byte stream, however it is
   split and however it arrives (copied in, or written in place), into the same frames as
@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 
 from trio_jobs.rpc import _events as ev
 from trio_jobs.rpc._client_protocol import ClientProtocol
-from trio_jobs.rpc._framing import encode_message
 from trio_jobs.rpc._h2 import fast_session
 from trio_jobs.rpc._h2.fast import receive_data_fast
 from trio_jobs.rpc._h2.frames import FrameBuffer
+from trio_jobs.rpc._messages import encode_message
 from trio_jobs.rpc._server_protocol import ServerProtocol
 
 from .rawh2 import GRPC_REQUEST, PREFACE

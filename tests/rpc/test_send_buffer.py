@@ -17,7 +17,7 @@ import trio.testing
 from h2.settings import SettingCodes
 from hyperframe.frame import DataFrame, PingFrame, SettingsFrame, WindowUpdateFrame
 
-from trio_jobs.rpc._transport import SEND_HIGH_WATER
+from trio_jobs.rpc._connection import SEND_HIGH_WATER
 
 from .echo import STREAM, EchoRequest
 from .rawh2 import MIN_MAX_FRAME, RawH2, grpc_message, split_grpc_messages

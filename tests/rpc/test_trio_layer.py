@@ -387,13 +387,13 @@ async def test_many_sequential_calls_leave_no_state(nursery: trio.Nursery) -> No
         assert conn.states == {}
         assert conn.calls == {}
         assert conn.idle.is_set()
-        assert conn.proto.open_streams == 0
-        assert len(conn.proto._h2.conn.streams) <= 2
+        assert conn.protocol.open_streams == 0
+        assert len(conn.protocol._h2.conn.streams) <= 2
         # every byte the client sent was credited back (h2 holds back < half a window)
-        assert conn.proto._h2.conn._inbound_flow_control_window_manager.current_window_size > 2 * MiB
+        assert conn.protocol._h2.conn._inbound_flow_control_window_manager.current_window_size > 2 * MiB
         assert ch.states == {}
-        assert ch.proto.open_streams == 0
-        assert ch.proto._h2.conn._inbound_flow_control_window_manager.current_window_size > 2 * MiB
+        assert ch.protocol.open_streams == 0
+        assert ch.protocol._h2.conn._inbound_flow_control_window_manager.current_window_size > 2 * MiB
     assert echo.finished == 5_000
 
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Final, TypeVar, final
 
 from . import _events as ev
 from ._client_protocol import ClientProtocol
-from ._framing import encode_message
 from ._headers import MetadataError
+from ._messages import encode_message
 from ._mode import RpcMode, resolve
 from ._options import ChannelOptions
 from ._protocol import StreamGone

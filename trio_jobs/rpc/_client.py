@@ -19,14 +19,14 @@ from h2.errors import ErrorCodes
 
 from . import _events as ev
 from ._client_protocol import ClientProtocol
+from ._connection import Connection, StreamState
 from ._headers import MetadataError
 from ._mode import RpcMode, resolve
 from ._nursery import background_nursery
 from ._options import ChannelOptions
 from ._protocol import StreamGone
 from ._status import Metadata, RpcError, StatusCode, status_from_rst_stream
-from ._transport import StreamState, Transport
-from ._wire import Wire
+from ._transport import Transport, open_transport
 
 if TYPE_CHECKING:
     import ssl
@@ -55,12 +55,14 @@ class _CallState(StreamState):
             self.wake()
 
 
-class Channel(Transport):
+class Channel(Connection):
     """One HTTP/2 connection to a gRPC server. Use :func:`connect` or :func:`open_channel`."""
+
+    protocol: ClientProtocol
 
     def __init__(
         self,
-        stream: trio.abc.Stream | Wire,
+        stream: trio.abc.Stream | Transport,
         *,
         authority: str,
         options: ChannelOptions,
@@ -77,9 +79,8 @@ class Channel(Transport):
             max_frame_size=options.max_frame_size,
             clock=trio.current_time,
         )
-        wire = stream if isinstance(stream, Wire) else Wire(stream)
+        wire = stream if isinstance(stream, Transport) else open_transport(stream)
         super().__init__(wire, protocol, options.read_size)
-        self.proto = protocol
         self.authority = authority
         self.options = options
         # Woken whenever a call ends: callers beyond the server's concurrent-stream limit
@@ -115,7 +116,7 @@ class Channel(Transport):
         elif isinstance(event, ev.StreamFailed):
             state = self.states.get(event.stream_id)
             if state is not None:
-                self.proto.reset_stream(event.stream_id, ErrorCodes.CANCEL)
+                self.protocol.reset_stream(event.stream_id, ErrorCodes.CANCEL)
                 state.fail(RpcError(event.code, event.message))
         elif isinstance(event, ev.GoAwayReceived):
             err = RpcError(
@@ -141,12 +142,12 @@ class Channel(Transport):
                 StatusCode.RESOURCE_EXHAUSTED,
                 f"request of {len(data)} bytes exceeds the limit of {self.options.max_send_message}",
             )
-        while not self.proto.stream_slots_free and self.lost is None:
+        while not self.protocol.stream_slots_free and self.lost is None:
             await self._slot_freed.wait()
         if self.lost is not None:
             raise RpcError(self.lost.code, self.lost.message)
         try:
-            sid = self.proto.start_request(
+            sid = self.protocol.start_request(
                 method, authority=self.authority, metadata=metadata, timeout=grpc_timeout
             )
         except MetadataError as exc:
@@ -167,11 +168,11 @@ class Channel(Transport):
         """Forget the call; reset it if it is not finished. True if a frame is pending."""
         self.states.pop(state.stream_id, None)
         if state.status is None:  # not finished (or failed on our side): stop the server
-            self.proto.reset_stream(state.stream_id, ErrorCodes.CANCEL)
-        self.proto.release(state.stream_id)
+            self.protocol.reset_stream(state.stream_id, ErrorCodes.CANCEL)
+        self.protocol.release(state.stream_id)
         self._slot_freed.set()
         self._slot_freed = trio.Event()
-        return self.proto.has_data_to_send
+        return self.protocol.has_data_to_send
 
     async def _next_message(self, state: _CallState) -> bytes | None:
         """The next response message, or None after an OK status; raises RpcError."""
@@ -181,7 +182,7 @@ class Channel(Transport):
                 # here even when the reader has queued more messages.
                 await trio.lowlevel.checkpoint_if_cancelled()
                 data, ack = state.messages.popleft()
-                self.proto.acknowledge(state.stream_id, ack)
+                self.protocol.acknowledge(state.stream_id, ack)
                 self.kick()  # a WINDOW_UPDATE, if h2 decided one is due
                 return data
             if state.error is not None:
@@ -259,7 +260,7 @@ class Channel(Transport):
     async def aclose(self) -> None:
         """Close the connection; calls still running fail with UNAVAILABLE. Idempotent."""
         self.connection_lost(RpcError(StatusCode.UNAVAILABLE, "channel closed"))
-        await self.wire.aclose()
+        await self.transport.aclose()
 
 
 class ResponseStream(Generic[R]):
@@ -318,7 +319,7 @@ async def open_channel(
     """A channel over an established stream: a plain one (memory streams in tests), or a
     ``trio.SSLStream`` (its handshake is run here if not yet done; ALPN h2 is required).
     ``mode``'s transport does not apply (the stream is given); its fast paths do."""
-    wire = Wire(stream)
+    wire = open_transport(stream)
     try:
         if wire.has_tls:
             try:
@@ -338,13 +339,13 @@ async def open_channel(
 
 @asynccontextmanager
 async def _run_channel(
-    wire: Wire, authority: str, options: ChannelOptions, mode: RpcMode | None
+    wire: Transport, authority: str, options: ChannelOptions, mode: RpcMode | None
 ) -> AsyncIterator[Channel]:
     channel = Channel(wire, authority=authority, options=options, mode=mode)
     try:
         async with background_nursery() as nursery:  # the body's exception comes out as it is
             await nursery.start(channel.writer)
-            channel.proto.initiate()
+            channel.protocol.initiate()
             await channel.flush()
             nursery.start_soon(channel.reader)
             yield channel
@@ -366,12 +367,12 @@ async def connect(
 
     Raises RpcError(UNAVAILABLE) when the server cannot be reached, the TLS handshake
     fails, or the server does not speak h2. ``mode`` (None: the environment's) picks the
-    TLS: the lean one of ``_wire.py``, or a ``trio.SSLStream``.
+    TLS: the lean one of ``_transport.py``, or a ``trio.SSLStream``.
     """
     opts = options or ChannelOptions()
     mode = resolve(mode)
     hostname = server_hostname or host
-    wire: Wire | None = None
+    wire: Transport | None = None
     try:
         with trio.move_on_after(opts.connect_timeout) as scope:
             try:
@@ -380,10 +381,9 @@ async def connect(
                 raise RpcError(
                     StatusCode.UNAVAILABLE, f"cannot connect to {host}:{port}: {exc}"
                 ) from exc
-            if ssl_context is not None and mode.transport == "ssl-stream":
-                wire = Wire(trio.SSLStream(tcp, ssl_context, server_hostname=hostname))
-            else:
-                wire = Wire(tcp, ssl_context, server_hostname=hostname)
+            wire = open_transport(
+                tcp, ssl_context, server_hostname=hostname, lean=mode.transport == "lean"
+            )
             if wire.has_tls:
                 try:
                     await wire.do_handshake()

@@ -43,8 +43,8 @@ import h2.exceptions
 from h2.errors import ErrorCodes
 
 from . import _events as ev
-from ._framing import FramingError, MessageDecoder
 from ._h2 import Data, Failed, open_session
+from ._messages import FramingError, MessageDecoder
 from ._mode import RpcMode
 from ._status import StatusCode
 

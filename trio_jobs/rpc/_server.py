@@ -32,6 +32,7 @@ import trio
 from google.protobuf.message import DecodeError
 
 from . import _events as ev
+from ._connection import Connection, StreamState, log
 from ._mode import RpcMode, resolve
 from ._options import ServerLimits
 from ._protocol import StreamGone
@@ -39,8 +40,7 @@ from ._server_protocol import ServerProtocol
 from ._service import Method, Serialized, ServerContext
 from ._sources import Admission, SourceCaps, ThrottledLog, source_key
 from ._status import Metadata, RpcError, StatusCode
-from ._transport import StreamState, Transport, log
-from ._wire import Wire
+from ._transport import Transport, open_transport
 
 if TYPE_CHECKING:
     import ssl
@@ -83,11 +83,13 @@ class _Call:
         self.scope.cancel()
 
 
-class _ServerConnection(Transport):
+class _ServerConnection(Connection):
+    protocol: ServerProtocol
+
     def __init__(
         self,
         server: Server,
-        wire: Wire,
+        wire: Transport,
         peer_certificate: dict[str, Any] | None,
         peer_identity: str | None,
         peer: str | None,
@@ -110,7 +112,6 @@ class _ServerConnection(Transport):
             clock=trio.current_time,
         )
         super().__init__(wire, protocol, limits.read_size)
-        self.proto = protocol
         self.server = server
         self.peer_certificate = peer_certificate
         self.peer_identity = peer_identity
@@ -128,7 +129,7 @@ class _ServerConnection(Transport):
         self._idle_watch = trio.CancelScope()  # the idle watchdog's: ends with the reader
 
     async def run(self) -> None:
-        self.proto.initiate()
+        self.protocol.initiate()
         with self.scope:
             try:
                 async with trio.open_nursery() as nursery:
@@ -294,7 +295,7 @@ class _ServerConnection(Transport):
         if len(state.messages) > 1:
             raise RpcError(StatusCode.UNIMPLEMENTED, "client streaming is not supported")
         data, ack = state.messages.popleft()
-        self.proto.acknowledge(state.stream_id, ack)
+        self.protocol.acknowledge(state.stream_id, ack)
         try:
             return method.request_type.FromString(data)
         except (DecodeError, UnicodeDecodeError) as exc:  # (the latter: pure-Python protobuf)
@@ -349,7 +350,7 @@ class _ServerConnection(Transport):
         if state.error is not None:
             raise state.error
         try:
-            self.proto.send_response_headers(state.stream_id)
+            self.protocol.send_response_headers(state.stream_id)
         except StreamGone:
             raise state.error or RpcError(StatusCode.CANCELLED, "stream closed") from None
 
@@ -358,10 +359,10 @@ class _ServerConnection(Transport):
     ) -> None:
         """Send the status (unless the client reset), release the stream, bounded."""
         try:
-            if not self.proto.is_reset(sid) and self.lost is None:
+            if not self.protocol.is_reset(sid) and self.lost is None:
                 with contextlib.suppress(StreamGone):
-                    self.proto.send_trailers(sid, code, message, trailing)
-            self.proto.release(sid)
+                    self.protocol.send_trailers(sid, code, message, trailing)
+            self.protocol.release(sid)
             self.kick()
         finally:
             self.states.pop(sid, None)
@@ -387,14 +388,14 @@ class _ServerConnection(Transport):
             try:
                 if first:
                     if two_phase:
-                        self.proto.goaway(_MAX_STREAM_ID)
-                        self.proto.ping(_SHUTDOWN_PING)
+                        self.protocol.goaway(_MAX_STREAM_ID)
+                        self.protocol.ping(_SHUTDOWN_PING)
                         await self.flush()
                         with trio.move_on_after(limits.shutdown_ping_timeout):
                             await self.ping_acked.wait()
                     # (never a higher last stream id than an earlier GOAWAY: only the first
                     # caller sends any)
-                    self.proto.goaway(self.proto.highest_inbound_stream_id)
+                    self.protocol.goaway(self.protocol.highest_inbound_stream_id)
                     await self.flush()
             except RpcError:
                 pass
@@ -406,7 +407,7 @@ class _ServerConnection(Transport):
             await self.idle.wait()
         await self.flush_quietly(_CLEANUP_TIMEOUT)  # the last calls' trailers
         self.scope.cancel()
-        await self.wire.aclose()
+        await self.transport.aclose()
 
 
 class Server:
@@ -446,7 +447,7 @@ class Server:
     def set_ssl_context(self, ssl_context: ssl.SSLContext) -> None:
         """Use ``ssl_context`` for the handshakes of connections accepted from now on (e.g.
         rotated certificates). Each connection wraps the context it was accepted with once
-        (``Wire``), so connections already open keep their TLS session untouched."""
+        (``_transport.py``), so connections already open keep their TLS session untouched."""
         if self.ssl_context is None:
             raise ValueError("this server was created without TLS; it cannot switch to TLS")
         self.ssl_context = ssl_context
@@ -590,17 +591,14 @@ class Server:
         finally:
             await wire.aclose()  # bounded, and closes even when cancelled
 
-    def _transport_for(self, stream: trio.abc.Stream) -> Wire:
-        """The connection's transport: a trio.SSLStream (the caller's listener) does its own
-        TLS; with ``transport=ssl-stream`` a socket is wrapped in one; else the lean TLS of
-        _wire.py on the socket (or over a plain stream's send_all/receive_some)."""
-        if isinstance(stream, trio.SSLStream):
-            return Wire(stream)
-        if self.ssl_context is not None and self.mode.transport == "ssl-stream":
-            return Wire(trio.SSLStream(stream, self.ssl_context, server_side=True))
-        return Wire(stream, self.ssl_context, server_side=True)
+    def _transport_for(self, stream: trio.abc.Stream) -> Transport:
+        """The connection's transport (``_transport.open_transport``): a trio.SSLStream (the
+        caller's listener) does its own TLS; a socket gets the lean TLS, or a
+        trio.SSLStream with ``transport=ssl-stream``."""
+        ctx = None if isinstance(stream, trio.SSLStream) else self.ssl_context
+        return open_transport(stream, ctx, server_side=True, lean=self.mode.transport == "lean")
 
-    async def _handshake(self, wire: Wire) -> bool:
+    async def _handshake(self, wire: Transport) -> bool:
         """TLS (if the connection has it) under the handshake timeout, ALPN h2; True if
         the connection may go on."""
         if not wire.has_tls:
@@ -647,7 +645,7 @@ class Server:
 
 def _peer(stream: trio.abc.Stream) -> tuple[str, int] | None:
     """The remote (ip, port) of ``stream`` (a socket, or TLS over one), read once per
-    connection before a Wire takes the socket over: it gives the source a connection is
+    connection before a transport takes the socket over: it gives the source a connection is
     counted under (``_sources.source_key``) and the handlers' ``peer``. None for any other
     stream, or a peer already gone (the connection then fails at its first read)."""
     while isinstance(stream, trio.SSLStream):

@@ -1,356 +1,632 @@
-"""The trio side shared by server and client connections: one reader, one writer.
+"""The byte transport under a connection: one interface, two implementations.
 
-Theory of operation
--------------------
-A connection owns a :class:`~._wire.Wire` (lean TLS on a socket, or any trio stream) and a
-sans-IO protocol, and runs two tasks on them:
+:class:`Transport` is what a connection (``_connection.py``) and the server's handshake use:
+``do_handshake``, ``has_tls``, ``selected_alpn_protocol``, ``getpeercert``; ``write`` /
+``write_pieces`` (never await), ``send_nowait``, ``send_some`` (the writer task),
+``buffered``, ``queued_total``/``sent_total``; ``receive_into`` / ``receive_some``;
+``linger``, ``aclose``, ``close``. :func:`open_transport` picks the implementation:
 
-* the reader loops ``receive_into -> protocol.received -> handle events -> flush`` (the
-  wire decrypts into the protocol's receive buffer: no copy of its own).
-  The protocol takes at most ``frames_per_call`` frames per call; the reader yields
-  between calls, so one connection's flood of small frames cannot hold the event loop,
-  and it stops as soon as the protocol closed the connection (GOAWAY queued).
-  Its flush waits until the answers it queued (PING/SETTINGS acks, RST_STREAMs) are
-  handed to the kernel, so when the peer stops reading, the reader stops reading too
-  and nothing queues without bound;
-* writing: whoever queued frames moves them into the wire (encrypting them at once) and
-  tries a non-blocking send (:meth:`Transport.kick`); this never awaits, so frames of
-  concurrent tasks never interleave, and a call whose answer the kernel takes at once
-  costs no scheduler round for writing. What the socket does not take at once is left
-  to the writer task, the only one that waits for the socket to become writable. While
-  several calls run on the connection, ``kick`` leaves the send to the writer, so the
-  frames of calls finishing in the same scheduler batch go out in one write.
-  Callers that must know their bytes left wait in :meth:`Transport.flush`; a caller
-  cancelled meanwhile just stops waiting, the bytes stay queued in the wire.
+* :class:`SocketTransport` -- the lean TLS (``TRIO_JOBS_RPC_TRANSPORT=lean``, the default):
+  ``ssl.SSLObject`` on the raw socket taken from a ``trio.SocketStream``;
+* :class:`StreamTransport` -- any ``trio.abc.Stream``: a ``trio.SSLStream`` (a caller's
+  ``trio.open_ssl_over_tcp_listeners``, or ``TRIO_JOBS_RPC_TRANSPORT=ssl-stream``), whose
+  handshake, ALPN and peer certificate are asked of it; or a plain stream (memory streams
+  in tests), with TLS done here when a context is given.
 
-Send buffering is bounded on purpose: the bytes written to the wire and not handed to
-the kernel yet stay below :data:`SEND_HIGH_WATER` (plus one chunk) for every message
-sent through :meth:`Transport.send_message`, which waits for the writer instead. Without
-it a server stream to a client with a large window queued the whole window (1 MiB per
-follower) in h2's outbound buffer plus its ciphertext.
+Theory of operation (the lean TLS)
+----------------------------------
+``trio.SSLStream`` costs a scheduler round (``cancel_shielded_checkpoint``) and a lock in
+every ``send_all`` and ``receive_some``, on top of the socket's own round, and hands out
+one TLS record (<= 16 KiB) per read. For the rpc layer that was most of the trio overhead
+of a call. The lean transport does TLS itself, with ``ssl.SSLObject`` and two
+``ssl.MemoryBIO``, and moves the ciphertext with non-blocking socket calls:
 
-Each stream has a :class:`StreamState`: the decoded messages not consumed yet (bounded by
-the stream window because their flow-control credit is only returned on consumption),
-whether the peer ended, and the error that ends it. Whoever waits on a stream - for a
-message or for send window - is woken when the stream or the connection fails
-(grpclib#8/#216): :meth:`Transport.connection_lost` fails every state, stops the writer
-and releases every flush.
+* :meth:`Transport.write` encrypts at once into the outgoing buffer. It never awaits, so any
+  task may call it: the frames of concurrent tasks are never interleaved.
+* :meth:`Transport.send_nowait` pushes that buffer into the kernel without waiting. When the
+  socket takes everything (the common case) a write costs no scheduler round at all.
+* :meth:`Transport.send_some` is for the connection's writer task only: it waits until the
+  socket is writable and sends what it can. A cancelled wait leaves the buffer intact,
+  so cancelling the writer never breaks the TLS session (unlike a half-done
+  ``SSLStream.send_all``).
+* :meth:`Transport.receive_into` costs exactly one scheduler round: it waits until the socket
+  is readable (or yields after a read that succeeded at once, for fairness), then
+  decrypts every byte it can from what the kernel had, up to ``max_bytes``, however many
+  TLS records that is, straight into the caller's buffer (the connection's receive
+  buffer, ``_h2/frames.py``). :meth:`Transport.receive_some` returns the same as a copy.
+
+Over a stream the interface is the same, but the bytes go through the stream's
+``send_all``/``receive_some``, so ``send_nowait`` sends nothing and the writer task does
+every write.
+
+Errors: every socket and TLS failure becomes ``trio.BrokenResourceError`` (from the
+original exception), a transport we closed raises ``trio.ClosedResourceError``: the trio
+meanings the rpc layer already maps to UNAVAILABLE. ``write`` and ``send_nowait`` never
+raise (they are called from any task): a failure there is kept and raised by the next
+``send_some``, which the writer is then woken to call.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import logging
-from typing import TYPE_CHECKING, Final
+import itertools
+import socket
+import ssl
+from typing import TYPE_CHECKING, Any, Final, cast, final
 
 import trio
 
-from ._framing import PREFIX_SIZE
-from ._protocol import StreamGone
-from ._status import RpcError, StatusCode
-
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
-    from ._protocol import GrpcProtocol
-    from ._wire import Wire
-
-log: Final = logging.getLogger("trio_jobs.rpc")
-_LINGER_TIME: Final = 1.0  # seconds of discarding input after a GOAWAY for a protocol error
-_BATCH_BYTES: Final = 8 * 1024
-"""With several calls on the connection, frames are left to the writer (one write for a
-whole scheduler batch) until this many bytes wait: then they go at once, so the peer
-starts on the first answers while we produce the rest (less lockstep at c=64)."""
-SEND_HIGH_WATER: Final = 256 * 1024
-"""Bytes of one connection written and not handed to the kernel yet above which a
-sender waits for the writer (the policy: wait, never buffer more)."""
+_SOCKET_READ: Final = 256 * 1024
+_IOV_MAX: Final = 64  # pieces per sendmsg (Linux takes 1024)
+_CLOSE_NOTIFY_TIMEOUT: Final = 1.0  # for a close_notify over a stream that may block
+_LINGER_BYTES: Final = 4 * 1024 * 1024  # most input discarded by linger()
+_TLS_RECORD: Final = 16 * 1024  # the most plaintext one TLS record holds
+_SMALL_PIECE: Final = 4 * 1024  # pieces below this are gathered before encryption
 
 
-class StreamState:
-    """One stream as seen by the task that owns it. Not shared between tasks."""
-
-    __slots__ = ("_wakeup", "ended", "error", "messages", "stream_id")
-
-    def __init__(self, stream_id: int) -> None:
-        self.stream_id = stream_id
-        self.messages: collections.deque[tuple[bytes, int]] = collections.deque()
-        self.ended = False
-        self.error: RpcError | None = None
-        self._wakeup = trio.Event()
-
-    def wake(self) -> None:
-        self._wakeup.set()
-
-    async def wait(self) -> None:
-        """Sleep until :meth:`wake` is called (returns at once if it was meanwhile)."""
-        event = self._wakeup
-        await event.wait()
-        if event is self._wakeup:
-            self._wakeup = trio.Event()
-
-    def fail(self, error: RpcError) -> None:
-        if self.error is None:
-            self.error = error
-        self.wake()
+def open_transport(
+    stream: trio.abc.Stream,
+    ssl_context: ssl.SSLContext | None = None,
+    *,
+    server_side: bool = False,
+    server_hostname: str | None = None,
+    lean: bool = True,
+) -> Transport:
+    """The transport for ``stream``: a ``trio.SSLStream`` does its own TLS (then
+    ``ssl_context`` must be None); a ``trio.SocketStream`` gets the lean TLS, or with
+    ``lean=False`` a ``trio.SSLStream`` made here from ``ssl_context``; any other stream
+    carries TLS done here (or plaintext without a context)."""
+    if isinstance(stream, trio.SSLStream):
+        if ssl_context is not None:
+            raise ValueError("a trio.SSLStream does its own TLS: pass ssl_context=None")
+        return StreamTransport(stream)
+    if isinstance(stream, trio.SocketStream):
+        if lean or ssl_context is None:
+            return SocketTransport(stream, ssl_context, server_side=server_side, server_hostname=server_hostname)
+        tls = trio.SSLStream(stream, ssl_context, server_side=server_side, server_hostname=server_hostname)
+        return StreamTransport(tls)
+    return StreamTransport(stream, ssl_context, server_side=server_side, server_hostname=server_hostname)
 
 
 class Transport:
-    """Base of the server and client connections (see module docstring)."""
+    """Plaintext in and out of one connection (see the module docstring): the TLS done
+    here (``ssl.SSLObject``) and the queue of bytes to send; subclasses move the bytes.
 
-    def __init__(self, wire: Wire, protocol: GrpcProtocol, read_size: int) -> None:
-        self.wire = wire
-        self.protocol = protocol
-        self.read_size = read_size
-        self.states: dict[int, StreamState] = {}
-        self.lost: RpcError | None = None  # set once the connection is unusable
-        self.peak_unsent = 0  # the most bytes ever waiting in the wire (for tests)
-        self._want_write = trio.Event()
-        self._sent = trio.Event()  # set (and replaced) when bytes left or the connection died
-        self._sent_waiters = 0
-        self._writer_scope = trio.CancelScope()
+    Ownership: the transport owns the stream (or the socket detached from a
+    ``trio.SocketStream``) it was made from; :meth:`aclose` closes it.
+    One task at a time may call :meth:`receive_some` and one :meth:`send_some`.
+    """
 
-    def _pull(self) -> None:
-        """Move the protocol's pending frames into the wire (encrypted at once)."""
-        self.wire.write_pieces(self.protocol.take_output())
-        unsent = self.wire.buffered
-        if unsent > self.peak_unsent:
-            self.peak_unsent = unsent
-
-    def _progress(self) -> None:
-        if self._sent_waiters:
-            event, self._sent = self._sent, trio.Event()
-            event.set()
-
-    async def _wait_sent(self) -> None:
-        self._sent_waiters += 1
-        try:
-            await self._sent.wait()
-        finally:
-            self._sent_waiters -= 1
-
-    def kick(self) -> None:
-        """Write what the protocol queued, without waiting: at once if the socket takes it.
-
-        Never awaits and never raises. What is not sent at once is left to the writer;
-        so is everything while other calls run on the connection: they are likely to
-        queue frames in the same scheduler batch, and the writer sends them all in one
-        write (one TLS record, one segment) instead of one each, up to _BATCH_BYTES.
-        Enough for DATA and stream-ending frames: what they can queue is bounded by the
-        peer's windows and :data:`SEND_HIGH_WATER`. The reader uses :meth:`flush` instead,
-        so that it stops reading when its answers cannot be written.
-        """
-        if self.lost is not None:
-            return
-        if self.protocol.has_data_to_send:
-            self._pull()
-        wire = self.wire
-        if not wire.buffered:
-            return
-        if (len(self.states) > 1 and wire.buffered < _BATCH_BYTES) or not wire.send_nowait():
-            self._want_write.set()
-        else:
-            self._progress()
-
-    def want_write(self) -> None:
-        """Have the writer send what is queued at its next round (no write now)."""
-        if self.protocol.has_data_to_send or self.wire.buffered:
-            self._want_write.set()
-
-    async def flush(self) -> None:
-        """Have everything queued so far handed to the kernel; RpcError if the connection is gone.
-
-        Backpressure: the caller waits until its bytes have been sent, so a peer that does
-        not read blocks every flush. Cancel-safe: the bytes stay queued.
-        """
-        if self.lost is not None:
-            raise RpcError(StatusCode.UNAVAILABLE, self.lost.message)
-        if self.protocol.has_data_to_send:
-            self._pull()
-        wire = self.wire
-        target = wire.queued_total
-        if wire.sent_total >= target:
-            return
-        if wire.send_nowait():
-            self._progress()
-            return
-        self._want_write.set()
-        while wire.sent_total < target and self.lost is None:
-            await self._wait_sent()
-        if self.lost is not None:
-            raise RpcError(StatusCode.UNAVAILABLE, self.lost.message)
-
-    async def writer(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        server_side: bool = False,
+        server_hostname: str | None = None,
     ) -> None:
-        """The one task that waits to write; runs until the connection is lost (cancelled then)."""
-        wire = self.wire
-        with self._writer_scope:
-            task_status.started()
+        self._tls: ssl.SSLObject | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        if ssl_context is not None:
+            self._tls = ssl_context.wrap_bio(
+                self._incoming,
+                self._outgoing,
+                server_side=server_side,
+                server_hostname=server_hostname,
+            )
+        self._handshaken = ssl_context is None
+        # Bytes to send (ciphertext when TLS), as the pieces they were written in: appending
+        # to one bytearray moved everything unsent at every write (its memmove was a
+        # third of a streaming server's samples), a queue of pieces copies nothing.
+        self._out: collections.deque[bytes | bytearray | memoryview] = collections.deque()
+        self._out_bytes = 0  # their total length
+        self._in_flight = 0  # bytes a stream's send_all is writing now (StreamTransport)
+        self.queued_total = 0  # bytes ever appended to _out
+        self.sent_total = 0  # bytes ever handed to the kernel (or to the stream)
+        self._failed: BaseException | None = None
+        self._peer_eof = False
+        self._close_notify_sent = False
+        self._closed = False
+
+    # -- TLS ----------------------------------------------------------------------------
+    async def do_handshake(self) -> None:
+        """Run the TLS handshake (no-op without TLS). Raises BrokenResourceError.
+
+        Not under a timeout of its own: the caller puts it under one.
+        """
+        if self._handshaken:
+            return
+        tls = self._tls
+        assert tls is not None
+        while True:
             try:
-                while True:
-                    await self._want_write.wait()
-                    self._want_write = trio.Event()
-                    while True:
-                        if self.protocol.has_data_to_send:
-                            self._pull()
-                        if not wire.buffered:
-                            break
-                        await wire.send_some()
-                        self._progress()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.connection_lost(RpcError(StatusCode.UNAVAILABLE, "connection lost"))
-            finally:
-                # Cancelled or failed: nobody may wait for bytes that will never leave.
-                self._sent.set()
+                tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            except ssl.SSLError as exc:
+                self._collect_tls_output()  # the alert, best effort
+                self.send_nowait()
+                self._failed = exc
+                raise trio.BrokenResourceError(exc) from exc
+            self._collect_tls_output()
+            while self._out:
+                await self.send_some()
+            if done:
+                self._handshaken = True
+                return
+            chunk = await self._receive_raw()
+            if chunk:
+                self._incoming.write(chunk)
+            else:  # the next do_handshake() raises SSLEOFError
+                self._incoming.write_eof()
 
-    async def flush_quietly(self, limit: float) -> None:
-        """Best-effort flush for cleanup paths: bounded, shielded, never raises."""
-        with trio.move_on_after(limit, shield=True):
-            with contextlib.suppress(RpcError):
-                await self.flush()
+    @property
+    def has_tls(self) -> bool:
+        """The connection is TLS (done here, or by a trio.SSLStream)."""
+        return self._tls is not None
 
-    async def reader(self) -> None:
-        """Pump bytes until EOF, a transport error or a fatal protocol error."""
-        reason = RpcError(StatusCode.UNAVAILABLE, "connection closed by peer")
-        wire = self.wire
+    def selected_alpn_protocol(self) -> str | None:
+        return self._tls.selected_alpn_protocol() if self._tls is not None else None
+
+    def getpeercert(self) -> dict[str, Any] | None:
+        if self._tls is None or not self._handshaken:
+            return None
+        return self._tls.getpeercert()
+
+    def _collect_tls_output(self) -> None:
+        if self._outgoing.pending:
+            self._queue(self._outgoing.read())
+
+    def _queue(self, data: bytes | bytearray | memoryview) -> None:
+        self._out.append(data)
+        self._out_bytes += len(data)
+        self.queued_total += len(data)
+
+    def _take(self) -> bytes:
+        """Everything queued, as one piece (for a stream's send_all)."""
+        data = b"".join(self._out)
+        self._out.clear()
+        self._out_bytes = 0
+        return data
+
+    # -- sending --------------------------------------------------------------------------
+    @property
+    def buffered(self) -> int:
+        """Bytes written but not handed to the kernel (or the stream) yet."""
+        return self._out_bytes + self._in_flight
+
+    def write(self, data: bytes | bytearray) -> None:
+        """Queue ``data`` (encrypted at once with TLS, else copied). Never awaits nor raises."""
+        if self._failed is not None or self._closed:
+            return
+        if self._tls is None:
+            self._queue(bytes(data))
+            return
         try:
-            while not self.protocol.closed:
-                n = await wire.receive_into(self.protocol.receive_buffer, self.read_size)
-                if not n:
-                    break
-                events = self.protocol.received(n)
-                while True:
-                    for event in events:
-                        self.handle_event(event)
-                    if not self.protocol.input_pending:  # (also False once closed)
-                        break
-                    # A read of many small frames (a flood) is processed in slices of
-                    # frames_per_call, letting every other task run between them.
-                    if self.protocol.has_data_to_send:
-                        await self.flush()
-                    else:
-                        await trio.lowlevel.checkpoint()
-                    events = self.protocol.receive_data(b"")
-                if self.protocol.has_data_to_send or wire.buffered:
-                    await self.flush()
-            else:
-                reason = RpcError(StatusCode.UNAVAILABLE, "connection closed (protocol error)")
-                await self.flush_quietly(1.0)
-                # The GOAWAY is out; a peer still sending must get it before any reset.
-                self.connection_lost(reason)
-                await self.wire.linger(_LINGER_TIME)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            reason = RpcError(StatusCode.UNAVAILABLE, "connection lost")
-        except RpcError as exc:
-            reason = exc
-        finally:
-            self.connection_lost(reason)
-            # Nothing useful can be written any more; closing also ends a write blocked
-            # on a peer that stopped reading (see flush()).
-            await self.wire.aclose()
+            self._tls.write(data)
+        except ssl.SSLError as exc:  # the session is dead (an alert was received)
+            self._failed = exc
+            return
+        self._collect_tls_output()
 
-    def handle_event(self, event: object) -> None:
+    def write_pieces(self, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Queue ``pieces`` in order, none of them copied on the way to TLS but the small.
+
+        Small pieces (frame headers, gRPC prefixes, short messages) are gathered into one
+        TLS write, topped up from the next large piece to a whole record, so they do not
+        each cost a record; a large piece is encrypted from where it lies. Without TLS the
+        pieces are queued as they are. The pieces must not change afterwards (the rpc
+        layer's are immutable bytes, views of them, or buffers handed over). Never awaits
+        nor raises.
+        """
+        if self._failed is not None or self._closed:
+            return
+        tls = self._tls
+        if tls is None:
+            for piece in pieces:
+                if piece:
+                    self._queue(piece)
+            return
+        stage = bytearray()
+        try:
+            for piece in pieces:
+                size = len(piece)
+                if size < _SMALL_PIECE:
+                    stage += piece
+                    if len(stage) >= _TLS_RECORD:
+                        tls.write(stage)
+                        stage.clear()
+                    continue
+                view = memoryview(piece)
+                if stage:
+                    top = max(0, min(size, _TLS_RECORD - len(stage)))
+                    stage += view[:top]
+                    tls.write(stage)
+                    stage.clear()
+                    view = view[top:]
+                if view:
+                    tls.write(view)
+            if stage:
+                tls.write(stage)
+        except ssl.SSLError as exc:  # the session is dead (an alert was received)
+            self._failed = exc
+            return
+        self._collect_tls_output()
+
+    def send_nowait(self) -> bool:
+        """Hand what the kernel takes now to it; True if nothing is left. Never awaits
+        nor raises (an error is kept for :meth:`send_some`)."""
         raise NotImplementedError
 
-    def connection_lost(self, error: RpcError) -> None:
-        """Fail every stream and wake every waiter; idempotent."""
-        if self.lost is None:
-            self.lost = error
-        for state in self.states.values():
-            state.fail(error)
-        self._writer_scope.cancel()
-        self._sent.set()
+    async def send_some(self) -> None:
+        """Send some of the buffer, waiting only if nothing can be sent now (the writer
+        task only)."""
+        raise NotImplementedError
 
-    def wake_senders(self, stream_id: int) -> None:
-        if stream_id == 0:
-            for state in self.states.values():
-                state.wake()
-        elif (one := self.states.get(stream_id)) is not None:
-            one.wake()
+    # -- receiving ------------------------------------------------------------------------
+    async def _receive_raw(self) -> bytes | bytearray:
+        """One read of ciphertext (or plaintext without TLS here): exactly one scheduler
+        round. b'' = EOF."""
+        raise NotImplementedError
 
-    async def send_message(
-        self,
-        state: StreamState,
-        payload: bytes | Sequence[bytes],
-        *,
-        end_stream: bool = False,
-        kick: bool = True,
-    ) -> None:
-        """Send one message, waiting for flow-control window and for the writer as needed.
+    async def receive_into(self, reserve: Callable[[int], memoryview], max_bytes: int) -> int:
+        """Up to ``max_bytes`` of plaintext, written into ``reserve(k)`` (a writable view
+        of ``k`` bytes, ``k`` at least what is written, the view released before this
+        returns); returns the count, 0 at the peer's end (close_notify + EOF).
 
-        ``payload`` is the serialized message, or its parts in order (joined by nobody:
-        the 5-byte prefix and the parts go to the TLS layer as pieces).
-        At most one window of the message is handed to the protocol at a time, so a peer
-        that does not read makes this wait instead of making us buffer; and no more than
-        :data:`SEND_HIGH_WATER` bytes of the connection wait in the wire, so a slow socket
-        does the same. ``kick=False`` leaves the frames queued for a later kick (to write
-        several frames at once).
-        Not a checkpoint when the window suffices: callers that loop must yield (the
-        server-streaming ``send`` does, so the writer runs between messages).
-        Cancel-safe in the sense that a cancelled send leaves a partial message: the
-        caller must reset the stream (all callers do, since cancellation ends the call).
+        TLS decrypts straight into the view: no copy of its own, no object per record.
+        One scheduler round per call. Raises BrokenResourceError (a transport or TLS
+        failure, an EOF without close_notify) or ClosedResourceError (we closed).
         """
-        if isinstance(payload, bytes):
-            parts = [memoryview(_prefix(len(payload))), memoryview(payload)]
-        else:
-            size = sum(len(p) for p in payload)
-            parts = [memoryview(_prefix(size)), *(memoryview(p) for p in payload if p)]
-        await self._send_parts(state, parts, end_stream)
-        if kick:
-            self.kick()
-
-    async def _send_parts(self, state: StreamState, parts: list[memoryview], end_stream: bool) -> None:
-        left = sum(len(p) for p in parts)
+        if self._closed:
+            raise trio.ClosedResourceError("the connection was closed")
+        if self._failed is not None:
+            raise trio.BrokenResourceError(self._failed) from self._failed
+        tls = self._tls
+        if tls is None:
+            data = await self._receive_raw()
+            with reserve(len(data)) as view:
+                view[:] = data
+            return len(data)
+        incoming = self._incoming
+        waited = False
         while True:
-            if state.error is not None:
-                raise state.error
-            room = SEND_HIGH_WATER - self.wire.buffered - self.protocol.bytes_to_send
-            if room <= 0:  # the writer has enough to do: wait until the socket took some
-                self.kick()
-                if SEND_HIGH_WATER - self.wire.buffered - self.protocol.bytes_to_send <= 0:
-                    self._want_write.set()
-                    await self._wait_sent()
-                    if self.lost is not None:
-                        raise state.error or RpcError(StatusCode.UNAVAILABLE, self.lost.message)
-                continue
-            batch = parts if room >= left else _first(parts, room)
+            # Plaintext available now is at most what is buffered, decrypted or not.
+            if incoming.pending or tls.pending() or incoming.eof:
+                with reserve(max(1, min(max_bytes, incoming.pending + tls.pending()))) as view:
+                    n = self._decrypt_into(view)
+                if self._outgoing.pending:  # e.g. a KeyUpdate answer: the caller flushes it
+                    self._collect_tls_output()
+                if n or self._peer_eof:
+                    if not waited:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    return n
+            chunk = await self._receive_raw()
+            waited = True
+            if chunk:
+                incoming.write(chunk)
+            else:  # the next read raises SSLEOFError unless a close_notify came first
+                incoming.write_eof()
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` of plaintext (a copy; see :meth:`receive_into`)."""
+        buf = bytearray()
+
+        def reserve(n: int) -> memoryview:
+            buf[:] = bytes(n)
+            return memoryview(buf)
+
+        n = await self.receive_into(reserve, max_bytes)
+        return bytes(buf[:n])
+
+    def _decrypt_into(self, view: memoryview) -> int:
+        """Decrypt what the records buffered so far hold into ``view``; the count."""
+        tls = self._tls
+        assert tls is not None
+        read = tls.read
+        incoming = self._incoming
+        size = len(view)
+        total = 0
+        # Reading until SSLWantReadError costs an exception per call; with nothing left
+        # in the BIO and nothing decrypted pending, that is known without asking.
+        while total < size and (not total or incoming.pending or tls.pending()):
             try:
-                n = self.protocol.send_data(state.stream_id, batch, end_stream and room >= left)
-            except StreamGone:
-                raise state.error or RpcError(StatusCode.CANCELLED, "stream closed") from None
-            left -= n
-            if not left:
+                # With a buffer, read() returns the count (typeshed says bytes).
+                n = cast("int", read(size - total, view[total:]))
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self._peer_eof = True
+                break
+            except ssl.SSLError as exc:
+                self._failed = exc
+                if total:  # hand out what came before the failure first
+                    break
+                raise trio.BrokenResourceError(exc) from exc
+            if not n:  # close_notify
+                self._peer_eof = True
+                break
+            total += n
+        return total
+
+    # -- closing --------------------------------------------------------------------------
+    def _send_close_notify(self) -> None:
+        """Queue close_notify once (if the session is healthy); push it without waiting."""
+        if self._tls is None or not self._handshaken or self._failed is not None:
+            return
+        if self._close_notify_sent:
+            return
+        self._close_notify_sent = True
+        # SSLWantReadError: unwrap() wants the peer's close_notify; not waited for.
+        with contextlib.suppress(ssl.SSLError):
+            self._tls.unwrap()
+        self._collect_tls_output()
+        self.send_nowait()
+
+    # -- closing --------------------------------------------------------------------------
+    async def linger(self, limit: float, max_bytes: int = _LINGER_BYTES) -> None:
+        """After our last bytes (a GOAWAY): let a peer that is still sending get them
+        before any reset (:class:`SocketTransport`; a no-op elsewhere)."""
+
+    async def aclose(self) -> None:
+        """Send close_notify if the session is healthy (best effort, bounded), then close.
+        Idempotent; always closes, even when cancelled."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close at once, no close_notify; wakes a task waiting on the transport."""
+        self._closed = True
+        self._out.clear()
+        self._out_bytes = 0
+
+    def _tls_closing(self) -> bool:
+        """A close_notify is due: the session is healthy and none was sent."""
+        return (
+            self._tls is not None
+            and self._handshaken
+            and self._failed is None
+            and not self._close_notify_sent
+        )
+
+
+@final
+class SocketTransport(Transport):
+    """The lean TLS on a socket taken over from a ``trio.SocketStream`` (module docstring)."""
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+    ) -> None:
+        super().__init__(ssl_context, server_side=server_side, server_hostname=server_hostname)
+        # We take the file descriptor over: non-blocking calls on it directly, trio only
+        # for waiting. (TCP_NODELAY was set by SocketStream; it stays set.)
+        self._sock = socket.socket(fileno=stream.socket.detach())
+        self._sock.setblocking(False)
+        self._last_read_full = True  # the last socket read filled its buffer (see _receive_raw)
+
+    def send_nowait(self) -> bool:
+        """Hand what the socket takes now to the kernel; True if nothing is left.
+
+        Never awaits nor raises (a socket error is kept for :meth:`send_some`).
+        """
+        out = self._out
+        if not out:
+            return True
+        sock = self._sock
+        if self._failed is not None or self._closed:
+            return False
+        try:
+            n = sock.send(out[0]) if len(out) == 1 else sock.sendmsg(itertools.islice(out, _IOV_MAX))
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self._failed = exc
+            return False
+        self.sent_total += n
+        self._out_bytes -= n
+        while n:
+            head = out[0]
+            if len(head) > n:
+                out[0] = memoryview(head)[n:]
+                break
+            n -= len(head)
+            out.popleft()
+        return not out
+
+    async def send_some(self) -> None:
+        """Send some of the buffer, waiting only if the socket takes nothing now.
+
+        Writer task only. Not a checkpoint when the socket takes bytes at once (the
+        writer loops only while it has bytes, so it cannot spin).
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("the connection was closed")
+        if self._failed is not None:
+            raise trio.BrokenResourceError(self._failed) from self._failed
+        if not self._out:
+            return
+        before = self.sent_total
+        if not self.send_nowait() and self.sent_total == before and self._failed is None:
+            await trio.lowlevel.wait_writable(self._sock)
+            self.send_nowait()
+        if self._failed is not None:
+            raise trio.BrokenResourceError(self._failed) from self._failed
+
+    async def _receive_raw(self) -> bytes | bytearray:
+        """One read from the socket: exactly one scheduler round. b'' = EOF."""
+        if self._closed:
+            raise trio.ClosedResourceError("the connection was closed")
+        sock = self._sock
+        await trio.lowlevel.checkpoint_if_cancelled()
+        # Read at once only if the last read filled its buffer (a bulk stream: more is
+        # likely there). After a short read the socket was empty, and in a conversation
+        # (a call, its answer) it still is: trying costs a syscall and an exception.
+        if self._last_read_full:
+            try:
+                data = sock.recv(_SOCKET_READ)
+            except BlockingIOError:
+                self._last_read_full = False
+            except OSError as exc:
+                raise trio.BrokenResourceError(exc) from exc
+            else:
+                self._last_read_full = len(data) == _SOCKET_READ
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                data = sock.recv(_SOCKET_READ)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(exc) from exc
+            self._last_read_full = len(data) == _SOCKET_READ
+            return data
+
+    async def linger(self, limit: float, max_bytes: int = _LINGER_BYTES) -> None:
+        """After our last bytes (a GOAWAY): close_notify and FIN, then discard input a while.
+
+        Closing a socket with unread input makes the kernel reset the connection, and a
+        peer that is still sending (a flood) may then lose the GOAWAY that says why.
+        Reads and drops what arrives until EOF, an error, ``limit`` seconds or
+        ``max_bytes``; no decryption.
+        """
+        if self._closed or self._failed is not None:
+            return
+        sock = self._sock
+        self._send_close_notify()
+        with trio.move_on_after(limit):
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
                 return
-            parts = _after(parts, n)
-            self.kick()
-            if n == 0:  # no window: wait for a WINDOW_UPDATE (or the end of the stream)
-                await state.wait()
+            drained = 0
+            while drained < max_bytes:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    data = sock.recv(_SOCKET_READ)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                drained += len(data)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        if self._tls_closing():
+            self._send_close_notify()  # sent (or dropped: the socket is full), never waited for
+        self.close()
+
+    def close(self) -> None:
+        super().close()
+        sock = self._sock
+        if sock.fileno() != -1:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
 
 
-def _first(parts: list[memoryview], n: int) -> list[memoryview]:
-    """The first ``n`` bytes of ``parts`` (views, no copy)."""
-    out: list[memoryview] = []
-    for p in parts:
-        if n <= 0:
-            break
-        out.append(p[:n])
-        n -= len(p)
-    return out
+@final
+class StreamTransport(Transport):
+    """A connection over any ``trio.abc.Stream`` (module docstring): a ``trio.SSLStream``
+    does the TLS (its handshake, ALPN and certificate are asked of it); over another
+    stream TLS is done here when ``ssl_context`` is given. Every write is the writer's."""
 
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+    ) -> None:
+        self._stream = stream
+        self._ssl_stream: trio.SSLStream[trio.abc.Stream] | None = None
+        if isinstance(stream, trio.SSLStream):
+            if ssl_context is not None:
+                raise ValueError("a trio.SSLStream does its own TLS: pass ssl_context=None")
+            self._ssl_stream = stream
+        super().__init__(ssl_context, server_side=server_side, server_hostname=server_hostname)
+        if self._ssl_stream is not None:
+            self._handshaken = False
 
-def _after(parts: list[memoryview], n: int) -> list[memoryview]:
-    """``parts`` without their first ``n`` bytes (views, no copy)."""
-    i = 0
-    while n and n >= len(parts[i]):
-        n -= len(parts[i])
-        i += 1
-    rest = parts[i:]
-    if n:
-        rest[0] = rest[0][n:]
-    return rest
+    async def do_handshake(self) -> None:
+        if self._ssl_stream is None:
+            await super().do_handshake()
+        elif not self._handshaken:
+            await self._ssl_stream.do_handshake()  # (its errors are trio's Broken/Closed already)
+            self._handshaken = True
 
+    @property
+    def has_tls(self) -> bool:
+        return self._ssl_stream is not None or self._tls is not None
 
-def _prefix(size: int) -> bytes:
-    """The gRPC message prefix: not compressed, ``size`` bytes."""
-    return size.to_bytes(PREFIX_SIZE, "big")
+    def selected_alpn_protocol(self) -> str | None:
+        if self._ssl_stream is None:
+            return super().selected_alpn_protocol()
+        return cast("str | None", self._ssl_stream.selected_alpn_protocol())
+
+    def getpeercert(self) -> dict[str, Any] | None:
+        if self._ssl_stream is None:
+            return super().getpeercert()
+        if not self._handshaken:
+            return None
+        return cast("dict[str, Any] | None", self._ssl_stream.getpeercert())
+
+    def send_nowait(self) -> bool:
+        """Only the writer sends over a stream: True only when nothing is left."""
+        return not self._out and self._in_flight == 0
+
+    async def send_some(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the connection was closed")
+        if self._failed is not None:
+            raise trio.BrokenResourceError(self._failed) from self._failed
+        if not self._out:
+            return
+        chunk = self._take()
+        self._in_flight = len(chunk)
+        try:
+            await self._stream.send_all(chunk)
+        finally:
+            self._in_flight = 0
+        self.sent_total += len(chunk)
+
+    async def _receive_raw(self) -> bytes | bytearray:
+        if self._closed:
+            raise trio.ClosedResourceError("the connection was closed")
+        return await self._stream.receive_some(_SOCKET_READ)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        try:
+            quiet = (
+                trio.move_on_after(_CLOSE_NOTIFY_TIMEOUT, shield=True),
+                contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError
+                ),
+            )
+            if self._tls_closing():
+                self._send_close_notify()
+                if self._in_flight == 0 and self._out:
+                    with quiet[0], quiet[1]:
+                        await self._stream.send_all(self._take())
+            elif self._ssl_stream is not None and self._handshaken and self._in_flight == 0:
+                # trio sends close_notify without waiting for the peer's; bounded anyway.
+                with quiet[0], quiet[1]:
+                    await self._ssl_stream.aclose()
+        finally:
+            self.close()
+            await trio.aclose_forcefully(self._stream)

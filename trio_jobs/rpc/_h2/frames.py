@@ -20,7 +20,7 @@ view of the buffer, which is compacted and reused). In addition:
 * :attr:`frame_budget` caps the frames h2 takes per ``receive_data``; when it runs out,
   :attr:`budget_exhausted` is set and the rest of the bytes stay buffered;
 * :attr:`fast_frame` stops h2 at a whole frame that the protocol takes itself (DATA and
-  HEADERS that ``_h2glue`` handles as h2 would); :attr:`at_fast_frame` tells it so.
+  HEADERS that ``fast.py`` handles as h2 would); :attr:`at_fast_frame` tells it so.
 
 Memory: the buffer holds what was received and not consumed yet (at most a frame plus a
 read); when it empties, a buffer much larger than the last read is let go, so an idle

@@ -1,7 +1,7 @@
-"""The lean TLS transport (``rpc._wire.Wire``): real TLS, over memory streams and sockets.
+"""The lean TLS transport (``rpc._transport``): real TLS, over memory streams and sockets.
 
 The bytes, their order and the end of the stream must be exactly what the peer sent,
-whoever the peer is (another Wire, or trio's own SSLStream); every failure is a trio
+whoever the peer is (another Transport, or trio's own SSLStream); every failure is a trio
 Broken/Closed error; a cancelled send leaves the session intact.
 """
 
@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_jobs.rpc._wire import Wire
+from trio_jobs.rpc._transport import Transport, open_transport
 from trio_jobs.security.identity import identity_from_peercert
 
 pytestmark = pytest.mark.one_rpc_mode  # compares the rpc modes itself (or uses no protocol): one run
@@ -26,7 +26,7 @@ KiB = 1024
 PAYLOAD = bytes(range(256)) * 800  # 200 KiB: 13 TLS records
 
 
-async def _read_all(wire: Wire, max_bytes: int) -> tuple[list[int], bytes]:
+async def _read_all(wire: Transport, max_bytes: int) -> tuple[list[int], bytes]:
     """Read until EOF: the size of each piece, and all the bytes."""
     sizes: list[int] = []
     got = bytearray()
@@ -37,7 +37,7 @@ async def _read_all(wire: Wire, max_bytes: int) -> tuple[list[int], bytes]:
     return sizes, bytes(got)
 
 
-async def _send_all(wire: Wire, data: bytes) -> None:
+async def _send_all(wire: Transport, data: bytes) -> None:
     wire.write(data)
     while wire.buffered:
         if not wire.send_nowait():
@@ -46,10 +46,10 @@ async def _send_all(wire: Wire, data: bytes) -> None:
 
 async def _sslstream_server(
     server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
-) -> tuple[trio.SSLStream[trio.abc.Stream], Wire]:
+) -> tuple[trio.SSLStream[trio.abc.Stream], Transport]:
     a, b = trio.testing.memory_stream_pair()
     server: trio.SSLStream[trio.abc.Stream] = trio.SSLStream(a, server_ctx, server_side=True)
-    client = Wire(b, client_ctx, server_hostname="localhost")
+    client = open_transport(b, client_ctx, server_hostname="localhost")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.do_handshake)
         await client.do_handshake()
@@ -88,8 +88,8 @@ async def test_wire_to_wire_identity_both_ways_and_close_notify(
     client_ssl_context_for: Callable[[str], ssl.SSLContext],
 ) -> None:
     a, b = trio.testing.memory_stream_pair()
-    server = Wire(a, server_ssl_context, server_side=True)
-    client = Wire(b, client_ssl_context_for("bob"), server_hostname="localhost")
+    server = open_transport(a, server_ssl_context, server_side=True)
+    client = open_transport(b, client_ssl_context_for("bob"), server_hostname="localhost")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.do_handshake)
         await client.do_handshake()
@@ -126,8 +126,8 @@ async def test_handshake_refused_is_broken_with_the_ssl_cause(
     untrusting = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # trusts no CA at all
     untrusting.set_alpn_protocols(["h2"])
     a, b = trio.testing.memory_stream_pair()
-    server = Wire(a, server_ssl_context, server_side=True)
-    client = Wire(b, untrusting, server_hostname="localhost")
+    server = open_transport(a, server_ssl_context, server_side=True)
+    client = open_transport(b, untrusting, server_hostname="localhost")
     outcome: list[BaseException] = []
 
     async def serve() -> None:
@@ -150,19 +150,19 @@ async def test_handshake_refused_is_broken_with_the_ssl_cause(
 
 async def _tcp_wires(
     listener: trio.SocketListener, server_context: ssl.SSLContext, client_context: ssl.SSLContext
-) -> tuple[Wire, Wire]:
+) -> tuple[Transport, Transport]:
     """(server, client) Wires over a real loopback TCP connection, handshakes done."""
     port = listener.socket.getsockname()[1]
-    accepted: list[Wire] = []
+    accepted: list[Transport] = []
 
     async def accept() -> None:
-        wire = Wire(await listener.accept(), server_context, server_side=True)
+        wire = open_transport(await listener.accept(), server_context, server_side=True)
         await wire.do_handshake()
         accepted.append(wire)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(accept)
-        client = Wire(await trio.open_tcp_stream("127.0.0.1", port), client_context, server_hostname="localhost")
+        client = open_transport(await trio.open_tcp_stream("127.0.0.1", port), client_context, server_hostname="localhost")
         await client.do_handshake()
     (server,) = accepted
     return server, client
@@ -196,7 +196,7 @@ async def test_sockets_bulk_both_ways_and_cancelled_send_keeps_the_session(
     await listeners[0].aclose()
 
 
-async def _read_upto(wire: Wire, n: int) -> tuple[int, bytes]:
+async def _read_upto(wire: Transport, n: int) -> tuple[int, bytes]:
     got = bytearray()
     reads = 0
     while len(got) < n:
@@ -209,7 +209,7 @@ async def _read_upto(wire: Wire, n: int) -> tuple[int, bytes]:
 
 async def test_plain_stream_passes_bytes_through() -> None:
     a, b = trio.testing.memory_stream_pair()
-    wire = Wire(b)
+    wire = open_transport(b)
     assert wire.selected_alpn_protocol() is None
     assert wire.getpeercert() is None
     await wire.do_handshake()  # nothing to do

@@ -2,7 +2,7 @@
 
 A channel owns one connection and a nursery with its reader task. A call is run by the
 task that makes it: it sends the request, then reads messages and the status from its
-:class:`StreamState`. Cancelling that task (any trio cancel scope) resets the stream with
+:class:`_CallState`. Cancelling that task (any trio cancel scope) resets the stream with
 RST_STREAM(CANCEL), so the server's handler is cancelled too. ``timeout=`` is sent as
 ``grpc-timeout`` and enforced locally as well (DEADLINE_EXCEEDED).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 import trio
 from google.protobuf.message import DecodeError
@@ -19,7 +19,7 @@ from h2.errors import ErrorCodes
 
 from . import _events as ev
 from ._client_protocol import ClientProtocol
-from ._connection import Connection, StreamState
+from ._connection import CallState, Connection
 from ._headers import MetadataError
 from ._mode import RpcMode, resolve
 from ._nursery import background_nursery
@@ -37,11 +37,13 @@ if TYPE_CHECKING:
 R = TypeVar("R", bound="Message")
 
 
-class _CallState(StreamState):
+class _CallState(CallState):
+    """A call's one record (``_connection.CallState``), with its response metadata and status."""
+
     __slots__ = ("initial_metadata", "status")
 
-    def __init__(self, stream_id: int) -> None:
-        super().__init__(stream_id)
+    def __init__(self, stream_id: int, max_message: int) -> None:
+        super().__init__(stream_id, max_message)
         self.status: ev.CallCompleted | None = None
         self.initial_metadata: Metadata = ()
 
@@ -78,6 +80,7 @@ class Channel(Connection):
             connection_window=options.connection_window,
             max_frame_size=options.max_frame_size,
             clock=trio.current_time,
+            new_stream=_CallState,
         )
         wire = stream if isinstance(stream, Transport) else open_transport(stream)
         super().__init__(wire, protocol, options.read_size)
@@ -154,8 +157,7 @@ class Channel(Connection):
             raise RpcError(StatusCode.INTERNAL, str(exc)) from exc
         except StreamGone:
             raise RpcError(StatusCode.UNAVAILABLE, "the connection is closing; reconnect") from None
-        state = _CallState(sid)
-        self.states[sid] = state
+        state = cast("_CallState", self.protocol.streams[sid])  # made by start_request
         try:
             await self.send_message(state, data, end_stream=True)
         except BaseException:  # cancelled or failed half-way: reset, forget, re-raise
@@ -166,7 +168,6 @@ class Channel(Connection):
 
     def _close_call(self, state: _CallState) -> bool:
         """Forget the call; reset it if it is not finished. True if a frame is pending."""
-        self.states.pop(state.stream_id, None)
         if state.status is None:  # not finished (or failed on our side): stop the server
             self.protocol.reset_stream(state.stream_id, ErrorCodes.CANCEL)
         self.protocol.release(state.stream_id)

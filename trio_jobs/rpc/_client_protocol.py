@@ -21,19 +21,11 @@ from ._headers import (
     encode_metadata,
     format_timeout,
 )
-from ._protocol import GrpcProtocol, StreamGone, _Stream
+from ._protocol import GrpcProtocol, StreamGone
 from ._server_protocol import is_grpc_content_type
 from ._status import Metadata, StatusCode, status_from_http
 
 USER_AGENT: Final = b"trio-jobs-rpc/0.1"
-
-
-class _ClientStream(_Stream):
-    __slots__ = ("completed",)
-
-    def __init__(self, max_message: int) -> None:
-        super().__init__(max_message)
-        self.completed = False
 
 
 class ClientProtocol(GrpcProtocol):
@@ -66,11 +58,11 @@ class ClientProtocol(GrpcProtocol):
             sid = self._h2.next_stream_id()
         except h2.exceptions.NoAvailableStreamIDError as exc:
             raise StreamGone(0) from exc
-        self._streams[sid] = _ClientStream(self.max_receive_message)
+        self._open_stream(sid)
         try:
             self._send_headers(sid, headers, False)
         except StreamGone:
-            self._streams.pop(sid, None)
+            self.release(sid)
             raise
         return sid
 
@@ -79,7 +71,7 @@ class ClientProtocol(GrpcProtocol):
         """False while the server's SETTINGS_MAX_CONCURRENT_STREAMS is reached."""
         # Our streams are released after h2 closes them, so this count is never below
         # h2's; and it is O(1) where h2's open_outbound_streams walks every stream.
-        return len(self._streams) < self._h2.peer_max_concurrent_streams
+        return len(self.streams) < self._h2.peer_max_concurrent_streams
 
     def _dispatch_headers(self, e: h2.events.Event, out: list[ev.Event]) -> None:
         if isinstance(e, h2.events.ResponseReceived):
@@ -90,8 +82,8 @@ class ClientProtocol(GrpcProtocol):
     def _on_response(
         self, sid: int, headers: list[tuple[bytes, bytes]], ended: bool, out: list[ev.Event]
     ) -> None:
-        st = self._streams.get(sid)
-        if not isinstance(st, _ClientStream) or st.completed:
+        st = self.streams.get(sid)
+        if st is None or st.completed:
             return
         get = dict(headers).get
         status = get(b":status", b"")
@@ -119,7 +111,7 @@ class ClientProtocol(GrpcProtocol):
     def _complete_from(
         self, sid: int, headers: list[tuple[bytes, bytes]], out: list[ev.Event]
     ) -> None:
-        st = self._streams.get(sid)
+        st = self.streams.get(sid)
         if st is not None:
             st.remote_ended = True  # trailers (and Trailers-Only) always carry END_STREAM
         get = dict(headers).get
@@ -140,8 +132,8 @@ class ClientProtocol(GrpcProtocol):
     def _complete(
         self, sid: int, out: list[ev.Event], code: StatusCode, message: str, md: Metadata
     ) -> None:
-        st = self._streams.get(sid)
-        if not isinstance(st, _ClientStream) or st.completed:
+        st = self.streams.get(sid)
+        if st is None or st.completed:
             return
         st.completed = True
         if not st.remote_ended:
@@ -150,8 +142,8 @@ class ClientProtocol(GrpcProtocol):
         out.append(ev.CallCompleted(stream_id=sid, code=code, message=message, metadata=md))
 
     def _on_stream_ended(self, sid: int, out: list[ev.Event]) -> None:
-        st = self._streams.get(sid)
-        if not isinstance(st, _ClientStream):
+        st = self.streams.get(sid)
+        if st is None:
             return
         if st.completed:
             st.remote_ended = True
@@ -162,8 +154,8 @@ class ClientProtocol(GrpcProtocol):
         )
 
     def _on_stream_reset(self, sid: int, code: int, out: list[ev.Event]) -> None:
-        st = self._streams.get(sid)
-        if isinstance(st, _ClientStream) and st.completed:
+        st = self.streams.get(sid)
+        if st is not None and st.completed:
             st.remote_ended = True
             return
         super()._on_stream_reset(sid, code, out)

@@ -29,9 +29,11 @@ sent through :meth:`Connection.send_message`, which waits for the writer instead
 it a server stream to a client with a large window queued the whole window (1 MiB per
 follower) in h2's outbound buffer plus its ciphertext.
 
-Each stream has a :class:`StreamState`: the decoded messages not consumed yet (bounded by
-the stream window because their flow-control credit is only returned on consumption),
-whether the peer ended, and the error that ends it. Whoever waits on a stream - for a
+Each stream has one record, a :class:`CallState` (the protocol's ``Stream`` with the I/O
+side added; the protocol creates it through ``new_stream`` and removes it at ``release``,
+nowhere else): the decoded messages not consumed yet (bounded by the stream window because
+their flow-control credit is only returned on consumption), whether the peer ended, and the
+error that ends it. Whoever waits on a stream - for a
 message or for send window - is woken when the stream or the connection fails
 (grpclib#8/#216): :meth:`Connection.connection_lost` fails every state, stops the writer
 and releases every flush.
@@ -42,12 +44,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 import trio
 
 from ._messages import PREFIX_SIZE
-from ._protocol import StreamGone
+from ._protocol import Stream, StreamGone
 from ._status import RpcError, StatusCode
 
 if TYPE_CHECKING:
@@ -67,13 +69,13 @@ SEND_HIGH_WATER: Final = 256 * 1024
 sender waits for the writer (the policy: wait, never buffer more)."""
 
 
-class StreamState:
-    """One stream as seen by the task that owns it. Not shared between tasks."""
+class CallState(Stream):
+    """A stream's record as the task that owns the call sees it (module docstring)."""
 
-    __slots__ = ("_wakeup", "ended", "error", "messages", "stream_id")
+    __slots__ = ("_wakeup", "ended", "error", "messages")
 
-    def __init__(self, stream_id: int) -> None:
-        self.stream_id = stream_id
+    def __init__(self, stream_id: int, max_message: int) -> None:
+        super().__init__(stream_id, max_message)
         self.messages: collections.deque[tuple[bytes, int]] = collections.deque()
         self.ended = False
         self.error: RpcError | None = None
@@ -102,13 +104,17 @@ class Connection:
         self.transport = transport
         self.protocol = protocol
         self.read_size = read_size
-        self.states: dict[int, StreamState] = {}
         self.lost: RpcError | None = None  # set once the connection is unusable
         self.peak_unsent = 0  # the most bytes ever waiting in the transport (for tests)
         self._want_write = trio.Event()
         self._sent = trio.Event()  # set (and replaced) when bytes left or the connection died
         self._sent_waiters = 0
         self._writer_scope = trio.CancelScope()
+
+    @property
+    def states(self) -> dict[int, CallState]:
+        """The calls on this connection: the protocol's records (``new_stream`` made them)."""
+        return cast("dict[int, CallState]", self.protocol.streams)
 
     def _pull(self) -> None:
         """Move the protocol's pending frames into the transport (encrypted at once)."""
@@ -271,7 +277,7 @@ class Connection:
 
     async def send_message(
         self,
-        state: StreamState,
+        state: CallState,
         payload: bytes | Sequence[bytes],
         *,
         end_stream: bool = False,
@@ -300,7 +306,7 @@ class Connection:
         if kick:
             self.kick()
 
-    async def _send_parts(self, state: StreamState, parts: list[memoryview], end_stream: bool) -> None:
+    async def _send_parts(self, state: CallState, parts: list[memoryview], end_stream: bool) -> None:
         left = sum(len(p) for p in parts)
         while True:
             if state.error is not None:

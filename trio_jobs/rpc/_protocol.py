@@ -67,8 +67,14 @@ class StreamGone(Exception):
     """Internal: the stream can no longer be written (reset or closed)."""
 
 
-class _Stream:
+class Stream:
+    """A call's record: the one object a stream has, from its start (a request received,
+    a request sent) to :meth:`GrpcProtocol.release`. This part is the protocol's (framing
+    and flow-control state); the I/O layer's subclass (``_connection.CallState`` and its
+    server and client kinds, made by ``new_stream``) adds what its tasks wait on."""
+
     __slots__ = (
+        "completed",
         "decoder",
         "discarding",
         "headers_sent",
@@ -76,10 +82,12 @@ class _Stream:
         "queued",
         "remote_ended",
         "reset",
+        "stream_id",
         "unacked",
     )
 
-    def __init__(self, max_message: int) -> None:
+    def __init__(self, stream_id: int, max_message: int) -> None:
+        self.stream_id = stream_id
         self.decoder = MessageDecoder(max_message)
         self.unacked = 0  # flow-control credit held back (messages + partial), not yet returned
         self.queued = 0  # messages handed to the app and not acknowledged yet
@@ -88,6 +96,7 @@ class _Stream:
         self.reset = False  # RST_STREAM sent or received: nothing more can be sent
         self.headers_sent = False
         self.remote_ended = False
+        self.completed = False  # client: the call's status is known
 
 
 class GrpcProtocol:
@@ -107,6 +116,7 @@ class GrpcProtocol:
         clock: Callable[[], float],
         frames_per_call: int | None = DEFAULT_FRAMES_PER_CALL,
         fast_paths: bool | None = None,
+        new_stream: Callable[[int, int], Stream] = Stream,
     ) -> None:
         self.max_receive_message = max_receive_message
         # At most this many frames are processed per receive_data() call (h2 takes ~75 us
@@ -125,7 +135,9 @@ class GrpcProtocol:
             max_frame_size=max_frame_size,
             frames_per_call=frames_per_call,
         )
-        self._streams: dict[int, _Stream] = {}
+        # Every stream's record, created by _open_stream and removed by release() only.
+        self.streams: dict[int, Stream] = {}
+        self._new_stream = new_stream
         self.closed = False  # a fatal error happened; only take_output() is useful now
         self.goaway_received: int | None = None  # peer's last_stream_id
         self.goaway_sent: int | None = None  # our last announced last_stream_id
@@ -142,6 +154,11 @@ class GrpcProtocol:
     def fast_paths(self) -> bool:
         """Whether the session uses h2's internals (asked for, and the guard passed)."""
         return self._h2.fast
+
+    def _open_stream(self, stream_id: int) -> Stream:
+        """Create the stream's record (the only place one is made)."""
+        st = self.streams[stream_id] = self._new_stream(stream_id, self.max_receive_message)
+        return st
 
     # -- setup and output ------------------------------------------------------------
     def initiate(self) -> None:
@@ -269,7 +286,7 @@ class GrpcProtocol:
     ) -> None:
         """Decode a DATA frame's payload (``flow``: its flow-controlled length). The
         decoder copies what it keeps: ``data`` may be a view of the receive buffer."""
-        st = self._streams.get(sid)
+        st = self.streams.get(sid)
         if st is None or st.discarding:
             self._ack(sid, flow)
             return
@@ -297,7 +314,7 @@ class GrpcProtocol:
             out.append(ev.MessageReceived(stream_id=sid, data=m, ack=credit if i == last else 0))
 
     def _on_stream_ended(self, sid: int, out: list[ev.Event]) -> None:
-        st = self._streams.get(sid)
+        st = self.streams.get(sid)
         if st is None:
             return
         st.remote_ended = True
@@ -313,7 +330,7 @@ class GrpcProtocol:
         out.append(ev.StreamEnded(stream_id=sid))
 
     def _on_stream_reset(self, sid: int, code: int, out: list[ev.Event]) -> None:
-        st = self._streams.get(sid)
+        st = self.streams.get(sid)
         if st is None:
             return
         st.remote_ended = True
@@ -327,7 +344,7 @@ class GrpcProtocol:
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         """The application consumed a message whose ``ack`` was ``n`` (call it for each)."""
-        st = self._streams.get(stream_id)
+        st = self.streams.get(stream_id)
         if st is None or self.closed:
             return
         st.queued = max(st.queued - 1, 0)
@@ -339,8 +356,9 @@ class GrpcProtocol:
         self._ack(stream_id, n)
 
     def release(self, stream_id: int) -> None:
-        """The application is done with the stream: return its credit, forget it."""
-        st = self._streams.pop(stream_id, None)
+        """The application is done with the stream: return its credit, forget it (the
+        only place a record is removed). Idempotent."""
+        st = self.streams.pop(stream_id, None)
         if st is not None and st.unacked and not self.closed:
             self._ack(stream_id, st.unacked)
         self._h2.forget(stream_id)
@@ -351,7 +369,7 @@ class GrpcProtocol:
 
     @property
     def open_streams(self) -> int:
-        return len(self._streams)
+        return len(self.streams)
 
     # -- output ----------------------------------------------------------------------
     def send_data(
@@ -363,7 +381,7 @@ class GrpcProtocol:
 
         ``end_stream`` applies only if everything was sent. Raises StreamGone.
         """
-        if self.closed or stream_id not in self._streams:
+        if self.closed or stream_id not in self.streams:
             raise StreamGone(stream_id)
         parts = [memoryview(data)] if isinstance(data, bytes | memoryview) else data
         try:
@@ -390,7 +408,7 @@ class GrpcProtocol:
 
     def reset_stream(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
         """RST_STREAM unless the stream is already closed; never raises."""
-        st = self._streams.get(stream_id)
+        st = self.streams.get(stream_id)
         if st is not None:
             st.discarding = st.reset = True
         if self.closed:

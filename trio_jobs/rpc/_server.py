@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import trio
 from google.protobuf.message import DecodeError
 
 from . import _events as ev
-from ._connection import Connection, StreamState, log
+from ._connection import CallState, Connection, log
 from ._mode import RpcMode, resolve
 from ._options import ServerLimits
 from ._protocol import StreamGone
@@ -69,11 +69,13 @@ def _unparseable(method: Method, exc: Exception) -> str:
     return f"the request is not a valid {name}: {why}"
 
 
-class _Call:
-    __slots__ = ("scope", "state", "why")
+class _Call(CallState):
+    """A call's one record (``_connection.CallState``), with the cancel scope its task runs in."""
 
-    def __init__(self, state: StreamState) -> None:
-        self.state = state
+    __slots__ = ("scope", "why")
+
+    def __init__(self, stream_id: int, max_message: int) -> None:
+        super().__init__(stream_id, max_message)
         self.scope = trio.CancelScope()
         self.why: RpcError | None = None  # why the scope was cancelled (None = deadline)
 
@@ -110,13 +112,13 @@ class _ServerConnection(Connection):
             settings_rate=limits.settings_rate,
             settings_burst=limits.settings_burst,
             clock=trio.current_time,
+            new_stream=_Call,
         )
         super().__init__(wire, protocol, limits.read_size)
         self.server = server
         self.peer_certificate = peer_certificate
         self.peer_identity = peer_identity
         self.peer = peer  # "ip:port" of the client (ServerContext.peer)
-        self.calls: dict[int, _Call] = {}
         self.idle = trio.Event()  # set whenever no call is running
         self.idle.set()
         self.idle_since = trio.current_time()  # when the last call ended (see _idle_watchdog)
@@ -206,7 +208,7 @@ class _ServerConnection(Connection):
             call = self.calls.get(event.stream_id)
             if call is not None:
                 err = RpcError(StatusCode.CANCELLED, "cancelled by the client")
-                call.state.fail(err)
+                call.fail(err)
                 call.cancel(err)
         elif isinstance(event, ev.StreamFailed):
             state = self.states.get(event.stream_id)
@@ -222,12 +224,14 @@ class _ServerConnection(Connection):
         elif isinstance(event, ev.GoAwayReceived):
             pass  # a client going away just stops opening streams
 
+    @property
+    def calls(self) -> dict[int, _Call]:
+        """The calls running on this connection (the protocol's records of them)."""
+        return cast("dict[int, _Call]", self.protocol.streams)
+
     def _start_call(self, event: ev.RequestReceived) -> None:
         assert self.nursery is not None
-        state = StreamState(event.stream_id)
-        call = _Call(state)
-        self.states[event.stream_id] = state
-        self.calls[event.stream_id] = call
+        call = self.calls[event.stream_id]  # made by the protocol with the request
         self.idle = trio.Event()
         self.nursery.start_soon(self._run_call, event, call)
 
@@ -256,12 +260,12 @@ class _ServerConnection(Connection):
                     deadline=None if deadline == math.inf else deadline,
                 )
                 try:
-                    request = await self._read_request(call.state, method)
+                    request = await self._read_request(call, method)
                 except RpcError as exc:
                     if method.refused is not None:
                         method.refused(ctx, exc)
                     raise
-                await self._invoke(method, request, ctx, call.state)
+                await self._invoke(method, request, ctx, call)
             if call.scope.cancelled_caught:
                 why = call.why
                 if why is None:
@@ -282,7 +286,7 @@ class _ServerConnection(Connection):
                 self.close_requested = True  # (its GOAWAY follows these trailers)
                 self.nursery.start_soon(self._close_for_handler)
 
-    async def _read_request(self, state: StreamState, method: Method) -> Any:
+    async def _read_request(self, state: CallState, method: Method) -> Any:
         """Wait for exactly one request message and the end of the request stream."""
         while not (state.ended and state.messages) and state.error is None:
             if state.ended and not state.messages:
@@ -302,7 +306,7 @@ class _ServerConnection(Connection):
             raise RpcError(StatusCode.INVALID_ARGUMENT, _unparseable(method, exc)) from exc
 
     async def _invoke(
-        self, method: Method, request: Any, ctx: ServerContext, state: StreamState
+        self, method: Method, request: Any, ctx: ServerContext, state: CallState
     ) -> None:
         max_send = self.server.limits.max_send_message
         unyielded = 0  # bytes a streaming handler sent since its last schedule point
@@ -346,7 +350,7 @@ class _ServerConnection(Connection):
             # headers, message and trailers (from _finish) go out in one write
             await send(await method.handler(request, ctx), kick=False)  # type: ignore[call-arg]
 
-    def _send_headers(self, state: StreamState) -> None:
+    def _send_headers(self, state: CallState) -> None:
         if state.error is not None:
             raise state.error
         try:
@@ -362,11 +366,9 @@ class _ServerConnection(Connection):
             if not self.protocol.is_reset(sid) and self.lost is None:
                 with contextlib.suppress(StreamGone):
                     self.protocol.send_trailers(sid, code, message, trailing)
-            self.protocol.release(sid)
-            self.kick()
         finally:
-            self.states.pop(sid, None)
-            self.calls.pop(sid, None)
+            self.protocol.release(sid)  # (the call's record goes here, and only here)
+            self.kick()
             if not self.calls:
                 self.idle.set()
                 self.idle_since = trio.current_time()

@@ -8,7 +8,7 @@ metadata -> INTERNAL; streams above our GOAWAY's last stream id -> RST_STREAM(RE
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import h2.events
 from h2.errors import ErrorCodes
@@ -21,7 +21,7 @@ from ._headers import (
     encode_metadata,
     parse_timeout,
 )
-from ._protocol import GrpcProtocol, StreamGone, _Stream
+from ._protocol import GrpcProtocol, StreamGone
 from ._status import Metadata, StatusCode
 
 if TYPE_CHECKING:
@@ -71,9 +71,9 @@ class ServerProtocol(GrpcProtocol):
         clock: Callable[[], float],
         settings_rate: float = 10.0,
         settings_burst: int = 100,
-        **kwargs: int | bool | None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(clock=clock, **kwargs)  # type: ignore[arg-type]
+        super().__init__(clock=clock, **kwargs)
         self._ping_min_interval = ping_min_interval
         self._max_ping_strikes = max_ping_strikes
         self._ping_strikes = 0
@@ -102,7 +102,7 @@ class ServerProtocol(GrpcProtocol):
         self._last_ping = now
 
     def _on_stream_reset(self, sid: int, code: int, out: list[ev.Event]) -> None:
-        if sid in self._streams and not self._resets.take():
+        if sid in self.streams and not self._resets.take():
             out.append(self.fail(ErrorCodes.ENHANCE_YOUR_CALM, "too_many_resets"))
             return
         super()._on_stream_reset(sid, code, out)
@@ -165,7 +165,7 @@ class ServerProtocol(GrpcProtocol):
             self._reject(sid, ended, b"200", StatusCode.INTERNAL, str(exc))
             return
         path = pseudo.get(b":path", b"")
-        self._streams[sid] = st = _Stream(self.max_receive_message)
+        st = self._open_stream(sid)
         st.remote_ended = ended
         out.append(
             ev.RequestReceived(
@@ -198,7 +198,7 @@ class ServerProtocol(GrpcProtocol):
     # -- responses ---------------------------------------------------------------------
     def send_response_headers(self, stream_id: int, metadata: Metadata = ()) -> None:
         """Initial response headers; raises StreamGone, MetadataError."""
-        st = self._streams.get(stream_id)
+        st = self.streams.get(stream_id)
         if st is None:
             raise StreamGone(stream_id)
         if st.headers_sent:
@@ -214,7 +214,7 @@ class ServerProtocol(GrpcProtocol):
         If the client is still sending, RST_STREAM(NO_ERROR) tells it to stop. Raises
         StreamGone; invalid trailing metadata is dropped rather than losing the status.
         """
-        st = self._streams.get(stream_id)
+        st = self.streams.get(stream_id)
         if st is None:
             raise StreamGone(stream_id)
         try:
@@ -232,5 +232,5 @@ class ServerProtocol(GrpcProtocol):
 
     def is_reset(self, stream_id: int) -> bool:
         """True when nothing can be sent on the stream any more (reset, or unknown)."""
-        st = self._streams.get(stream_id)
+        st = self.streams.get(stream_id)
         return st is None or st.reset

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import importlib
 import json
@@ -70,19 +71,18 @@ class Workload:
 
 @dataclass(frozen=True, kw_only=True)
 class Result:
-    """One peer's figures (latency in microseconds, rate in 10^6 bytes per second)."""
+    """One peer's figures (latency in microseconds, rate in 10^6 bytes per second).
+
+    ``stream_server_cpu_s_per_gib``: CPU time (user + sys, all threads) of the server process
+    over the streaming calls, in seconds per GiB (2^30 bytes) of payload it sent: what the
+    server's copies and encryption cost per byte, whatever the client's speed.
+    """
 
     unary_p50_us: float
     unary_p99_us: float
     c64_qps: float
     stream_mbps: float
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> Result:
-        return cls(**json.loads(text))
+    stream_server_cpu_s_per_gib: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,12 +112,30 @@ def median_status(runs: list[StatusResult]) -> StatusResult:
 
 def median_result(runs: list[Result]) -> Result:
     """Each figure's median over interleaved rounds (a p99 too: the median round's p99)."""
-    return Result(
-        unary_p50_us=statistics.median(r.unary_p50_us for r in runs),
-        unary_p99_us=statistics.median(r.unary_p99_us for r in runs),
-        c64_qps=statistics.median(r.c64_qps for r in runs),
-        stream_mbps=statistics.median(r.stream_mbps for r in runs),
-    )
+    return Result(**{
+        f.name: statistics.median(getattr(r, f.name) for r in runs) for f in dataclasses.fields(Result)
+    })
+
+
+@dataclass(frozen=True, kw_only=True)
+class RanAs:
+    """What one of our processes says it ran, so that no row is labelled with a wish.
+
+    ``mode``: the ``RpcMode.describe()`` its server or channel resolved (``transport=lean
+    fast-paths=on``), None where there is none (another peer, or a checkout from before
+    ``RpcMode``). ``code``: the directory of the ``trio_jobs`` package it imported (the
+    ``--ab`` checkout or this one), None for the other peers.
+    """
+
+    mode: str | None = None
+    code: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> RanAs:
+        return cls(**json.loads(text)) if text.strip() else cls()
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -180,9 +198,33 @@ def pem(pki: Path, name: str) -> bytes:
     return (pki / name).read_bytes()
 
 
-def announce_port(port: int) -> None:
-    """Tell the runner the server is ready (one line on stdout)."""
-    os.write(1, f"READY {port}\n".encode())
+def announce_port(port: int, ran: RanAs | None = None) -> None:
+    """Tell the runner the server is ready: one line on stdout, ``READY <port>`` and, for our
+    servers, what they run (:class:`RanAs` as JSON)."""
+    os.write(1, f"READY {port}{'' if ran is None else ' ' + ran.to_json()}\n".encode())
+
+
+def process_cpu_clock(pid: int) -> Callable[[], float]:
+    """A function that reads the CPU time (seconds, user + sys, all threads) of process ``pid``.
+
+    It is the process's own CPU-time clock (``clock_getcpuclockid``: the clock behind
+    ``time.process_time()`` in that process, in ns), read from outside: the client reads its
+    server's at the exact start and end of each streaming call, with no side channel, and
+    for every peer alike (grpcio's threads included). ``/proc/<pid>/stat`` would count in
+    10 ms ticks, too coarse for a smoke run's few milliseconds.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    clock = ctypes.c_int()
+    err = libc.clock_getcpuclockid(pid, ctypes.byref(clock))
+    if err != 0:
+        raise OSError(err, f"clock_getcpuclockid({pid}): {os.strerror(err)}")
+    clock_id = clock.value
+
+    def read() -> float:
+        return time.clock_gettime(clock_id)
+
+    read()  # fails now (EINVAL) rather than mid-measurement if the process is gone
+    return read
 
 
 Call = Callable[[], Awaitable[None]]
@@ -215,21 +257,30 @@ async def measure_concurrent(
     return per_task * work.concurrency / (time.perf_counter() - start)
 
 
-async def measure_stream(stream: Callable[[], Awaitable[int]], work: Workload) -> float:
-    """Streaming calls of ``stream_count`` messages: the median rate in MB/s (10^6 B/s).
+GIB: Final = 1 << 30
 
-    ``stream`` makes one call and returns the payload bytes it received.
+
+async def measure_stream(
+    stream: Callable[[], Awaitable[int]], work: Workload, server_cpu: Callable[[], float]
+) -> tuple[float, float]:
+    """Streaming calls of ``stream_count`` messages: the median rate in MB/s (10^6 B/s), and
+    the server's CPU seconds per GiB of payload over all the calls.
+
+    ``stream`` makes one call and returns the payload bytes it received; ``server_cpu``
+    reads the server process's CPU time (:func:`process_cpu_clock`).
     """
     rates: list[float] = []
+    cpu = 0.0
     want = work.stream_count * work.stream_size
     for _ in range(work.stream_rounds):
-        start = time.perf_counter()
+        cpu_start, start = server_cpu(), time.perf_counter()
         got = await stream()
-        elapsed = time.perf_counter() - start
+        elapsed, cpu_end = time.perf_counter() - start, server_cpu()
         if got != want:
             raise RuntimeError(f"streaming call delivered {got} bytes, expected {want}")
         rates.append(stream_rate(got, elapsed))
-    return statistics.median(rates)
+        cpu += cpu_end - cpu_start
+    return statistics.median(rates), cpu / (want * work.stream_rounds / GIB)
 
 
 async def measure(
@@ -238,20 +289,26 @@ async def measure(
     stream: Callable[[], Awaitable[int]],
     gather: Callable[[list[Call]], Awaitable[None]],
     work: Workload,
+    server_cpu: Callable[[], float],
 ) -> Result:
-    """All three figures with one peer's client functions (any async framework)."""
+    """All the figures with one peer's client functions (any async framework)."""
     p50, p99 = await measure_c1(unary, work)
     qps = await measure_concurrent(unary, gather, work)
-    mbps = await measure_stream(stream, work)
-    return Result(unary_p50_us=p50, unary_p99_us=p99, c64_qps=qps, stream_mbps=mbps)
+    mbps, cpu = await measure_stream(stream, work, server_cpu)
+    return Result(
+        unary_p50_us=p50, unary_p99_us=p99, c64_qps=qps, stream_mbps=mbps, stream_server_cpu_s_per_gib=cpu
+    )
 
 
 SERVER_START_TIMEOUT: Final = 60.0  # seconds for a server to print READY (imports, key loading)
 
 
-def start_ready_server(argv: list[str], cwd: Path, what: str) -> tuple[subprocess.Popen[bytes], int]:
-    """Run a benchmark server process and wait for its ``READY <port>`` line."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=cwd)
+def start_ready_server(
+    argv: list[str], cwd: Path, what: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], int, str]:
+    """Run a benchmark server process and wait for its ``READY <port> [what it runs]`` line:
+    the process, the port and the rest of the line (JSON :class:`RanAs` from our servers)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=cwd, env=env)
     # A server that hangs before READY is killed, which ends the readline below.
     watchdog = threading.Timer(SERVER_START_TIMEOUT, proc.kill)
     watchdog.start()
@@ -263,7 +320,8 @@ def start_ready_server(argv: list[str], cwd: Path, what: str) -> tuple[subproces
     if not line.startswith("READY "):
         stop_server(proc)
         raise RuntimeError(f"{what} server did not start (exit {proc.returncode}): {line!r}")
-    return proc, int(line.split()[1])
+    _, port, *rest = line.split(maxsplit=2)
+    return proc, int(port), " ".join(rest)
 
 
 def stop_server(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

@@ -22,7 +22,7 @@ from benchmarks.rpc.common import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
 
@@ -80,7 +80,9 @@ async def serve_grpcio(pki: Path, gen: Path) -> None:
     await server.stop(0)
 
 
-async def client_grpcio(port: int, pki: Path, gen: Path, work: Workload) -> Result:
+async def client_grpcio(
+    port: int, pki: Path, gen: Path, work: Workload, server_cpu: Callable[[], float]
+) -> Result:
     import grpc
 
     pb2 = load_generated(gen, "bench_pb2")
@@ -105,7 +107,7 @@ async def client_grpcio(port: int, pki: Path, gen: Path, work: Workload) -> Resu
                 got += len(message.data)
             return got
 
-        return await measure(unary=unary, stream=stream, gather=_gather, work=work)
+        return await measure(unary=unary, stream=stream, gather=_gather, work=work, server_cpu=server_cpu)
 
 
 # --- grpclib ------------------------------------------------------------------------------
@@ -149,7 +151,9 @@ async def serve_grpclib(pki: Path, gen: Path) -> None:
     await server.wait_closed()
 
 
-async def client_grpclib(port: int, pki: Path, gen: Path, work: Workload) -> Result:
+async def client_grpclib(
+    port: int, pki: Path, gen: Path, work: Workload, server_cpu: Callable[[], float]
+) -> Result:
     from grpclib.client import Channel
 
     pb2 = load_generated(gen, "bench_pb2")
@@ -172,6 +176,6 @@ async def client_grpclib(port: int, pki: Path, gen: Path, work: Workload) -> Res
                     got += len(message.data)
             return got
 
-        return await measure(unary=unary, stream=stream, gather=_gather, work=work)
+        return await measure(unary=unary, stream=stream, gather=_gather, work=work, server_cpu=server_cpu)
     finally:
         channel.close()

@@ -8,6 +8,7 @@ stack can beat.
 
 from __future__ import annotations
 
+import os
 import signal
 import struct
 import time
@@ -22,6 +23,7 @@ from benchmarks.rpc.common import (
     STREAM_PATH,
     UNARY_PATH,
     Call,
+    RanAs,
     Result,
     Workload,
     announce_port,
@@ -34,6 +36,7 @@ from benchmarks.rpc.common import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
 KIND_ECHO: Final = 0
@@ -108,7 +111,7 @@ async def serve_tls(pki: Path) -> None:
         announce_port(started[0].transport_listener.socket.getsockname()[1])
 
 
-async def client_tls(port: int, pki: Path, work: Workload) -> Result:
+async def client_tls(port: int, pki: Path, work: Workload, server_cpu: Callable[[], float]) -> Result:
     tcp = await trio.open_tcp_stream(HOST, port)
     stream = trio.SSLStream(tcp, client_context(pki), server_hostname=SERVER_NAME)
     async with stream:
@@ -147,11 +150,32 @@ async def client_tls(port: int, pki: Path, work: Workload) -> Result:
 
         p50, p99 = await measure_c1(ping, work)
         qps = await pipelined()
-        mbps = await measure_stream(bulk, work)
-        return Result(unary_p50_us=p50, unary_p99_us=p99, c64_qps=qps, stream_mbps=mbps)
+        mbps, cpu = await measure_stream(bulk, work, server_cpu)
+        return Result(
+            unary_p50_us=p50, unary_p99_us=p99, c64_qps=qps, stream_mbps=mbps, stream_server_cpu_s_per_gib=cpu
+        )
 
 
 # --- our rpc layer ------------------------------------------------------------------------
+#
+# Which mode runs is the environment's (TRIO_JOBS_RPC_TRANSPORT, TRIO_JOBS_RPC_FAST_PATHS, set
+# by the runner for each row): the server and the channel are made without ``mode=``, as a
+# deployment makes them, and each process reports what it resolved (``_ran_as``).
+
+
+def _ran_as(server_or_channel: object) -> RanAs:
+    """The mode ``server_or_channel`` resolved, and where this process's trio_jobs comes from.
+
+    ``getattr`` because the code may be a checkout from before ``RpcMode`` (``--ab``), whose
+    server and channel have no ``mode``: their only mode is what is now lean + fast paths.
+    """
+    import trio_jobs
+
+    mode = getattr(server_or_channel, "mode", None)
+    return RanAs(
+        mode=None if mode is None else str(mode.describe()),
+        code=os.path.dirname(os.path.realpath(trio_jobs.__file__)),
+    )
 
 
 class _OurBench:
@@ -183,10 +207,12 @@ async def serve_ours(pki: Path, gen: Path) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_until_sigterm, nursery.cancel_scope)
         bound = await nursery.start(server.serve_tcp, HOST, 0)
-        announce_port(bound[0][1])
+        announce_port(bound[0][1], _ran_as(server))
 
 
-async def client_ours(port: int, pki: Path, gen: Path, work: Workload) -> Result:
+async def client_ours(
+    port: int, pki: Path, gen: Path, work: Workload, server_cpu: Callable[[], float]
+) -> tuple[Result, RanAs]:
     from trio_jobs import rpc
 
     pb2 = load_generated(gen, "bench_pb2")
@@ -211,4 +237,5 @@ async def client_ours(port: int, pki: Path, gen: Path, work: Workload) -> Result
                 for call in calls:
                     nursery.start_soon(call)
 
-        return await measure(unary=unary, stream=stream, gather=gather, work=work)
+        result = await measure(unary=unary, stream=stream, gather=gather, work=work, server_cpu=server_cpu)
+        return result, _ran_as(channel)

@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import platform
 import ssl
+import statistics
 from importlib import metadata
 from typing import TYPE_CHECKING, Final
+
+from benchmarks.rpc.common import Result
+from benchmarks.rpc.variants import OURS
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from benchmarks.rpc.common import Result, StatusResult, Workload
+    from benchmarks.rpc.common import RanAs, StatusResult, Workload
+    from benchmarks.rpc.variants import Peer
 
 BEGIN: Final = "<!-- rpc-bench:begin (written by python -m benchmarks.rpc) -->"
 END: Final = "<!-- rpc-bench:end -->"
 STATUS_BEGIN: Final = "<!-- rpc-status-bench:begin (written by python -m benchmarks.rpc) -->"
 STATUS_END: Final = "<!-- rpc-status-bench:end -->"
 STATUS_TARGET: Final = "<=1.0"  # issue 19: GetJobStatus of an ended job <= grpcio's trivial unary
-NAMES: Final = {
-    "ours": "trio_jobs.rpc",
-    "grpcio": "grpcio (aio)",
-    "grpclib": "grpclib",
-    "tls": "bare trio.SSLStream",
-}
+NO_MODE: Final = "no RpcMode (lean, fast paths: its only mode)"
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -40,48 +41,116 @@ def _cell(ratio: float | None, target: str | None) -> str:
     return f"{ratio:.2f}x ({'meets' if ok else 'misses'} {op.replace('<=', '≤').replace('>=', '≥')} {bound})"
 
 
+def _ratios(a: Result, b: Result, targets: tuple[str | None, ...] = (None,) * 4) -> str:
+    """The cells of a ratio row: a's figures over b's (higher is better for a in QPS and MB/s,
+    lower in p50 and CPU)."""
+    return " | ".join((
+        _cell(_ratio(a.unary_p50_us, b.unary_p50_us), targets[0]),
+        _cell(_ratio(a.c64_qps, b.c64_qps), targets[1]),
+        _cell(_ratio(a.stream_mbps, b.stream_mbps), targets[2]),
+        _cell(_ratio(a.stream_server_cpu_s_per_gib, b.stream_server_cpu_s_per_gib), targets[3]),
+    ))
+
+
+def _same_round(a: list[Result], b: list[Result]) -> Result:
+    """Each figure's median over the rounds of a's figure / b's figure in the same round, as a
+    Result of ratios: robust to the machine's drift between rounds, which a ratio of medians
+    is not."""
+    pairs = list(zip(a, b, strict=False))
+    return Result(**{
+        f.name: statistics.median(getattr(x, f.name) / getattr(y, f.name) for x, y in pairs)
+        for f in dataclasses.fields(Result)
+    })
+
+
+def _ratio_cells(r: Result) -> str:
+    return " | ".join(f"{getattr(r, f.name):.2f}x" for f in dataclasses.fields(Result) if f.name != "unary_p99_us")
+
+
 def render_table(
-    results: dict[str, Result], failures: dict[str, str], rounds: dict[str, list[Result]] | None = None
+    peers: list[Peer],
+    results: dict[str, Result],
+    failures: dict[str, str],
+    rounds: dict[str, list[Result]] | None = None,
 ) -> str:
-    """Markdown: the figures of each peer (medians over the rounds), then ours as ratios to
-    grpcio and to bare TLS, then (several rounds) ours / grpcio in each round."""
+    """Markdown: the figures of each row (medians over the rounds); ours as ratios to grpcio
+    and to bare TLS; our other rows against the default in the same rounds; then (several
+    rounds) ours / grpcio in each round and the streaming figures of our rows in each round."""
+    rounds = rounds or {}
+    labels = {p.key: p.label for p in peers}
     lines = [
-        "| peer | unary c=1 p50 (µs) | unary c=1 p99 (µs) | unary c=64 QPS | streaming MB/s |",
-        "|---|---:|---:|---:|---:|",
+        "| peer | unary c=1 p50 (µs) | unary c=1 p99 (µs) | unary c=64 QPS | streaming MB/s "
+        "| server CPU per GiB streamed (s) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for impl, r in results.items():
+    for key, r in results.items():
         lines.append(
-            f"| {NAMES[impl]} | {r.unary_p50_us:,.0f} | {r.unary_p99_us:,.0f} | "
-            f"{r.c64_qps:,.0f} | {r.stream_mbps:,.1f} |"
+            f"| {labels[key]} | {r.unary_p50_us:,.0f} | {r.unary_p99_us:,.0f} | "
+            f"{r.c64_qps:,.0f} | {r.stream_mbps:,.1f} | {r.stream_server_cpu_s_per_gib:.2f} |"
         )
-    for impl, why in failures.items():
-        lines.append(f"| {NAMES[impl]} | failed: {why[:120]} | | | |")
+    for key, why in failures.items():
+        lines.append(f"| {labels[key]} | failed: {why[:160]} | | | | |")
     ours, grpcio, tls = results.get("ours"), results.get("grpcio"), results.get("tls")
-    lines += ["", "| ratio | unary p50 | c=64 QPS | streaming |", "|---|---|---|---|"]
+    ratio_rows: list[str] = []
 
-    def row(
-        label: str, a: Result | None, b: Result | None, targets: tuple[str | None, ...]
-    ) -> None:
-        if a is None or b is None:
-            return
-        cells = (
-            _cell(_ratio(a.unary_p50_us, b.unary_p50_us), targets[0]),
-            _cell(_ratio(a.c64_qps, b.c64_qps), targets[1]),
-            _cell(_ratio(a.stream_mbps, b.stream_mbps), targets[2]),
-        )
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    def row(label: str, a: Result | None, b: Result | None, targets: tuple[str | None, ...] = (None,) * 4) -> None:
+        if a is not None and b is not None:
+            ratio_rows.append(f"| {label} | {_ratios(a, b, targets)} |")
 
-    row("trio_jobs.rpc / grpcio", ours, grpcio, ("<=0.9", ">=1.2", ">=1.2"))
-    row("trio_jobs.rpc / bare TLS", ours, tls, (None, None, ">=0.75"))
-    row("grpclib / grpcio", results.get("grpclib"), grpcio, (None, None, None))
-    row("grpcio / bare TLS", grpcio, tls, (None, None, None))
-    per_round = list(zip((rounds or {}).get("ours", []), (rounds or {}).get("grpcio", []), strict=False))
+    row(f"{OURS} / grpcio", ours, grpcio, ("<=0.9", ">=1.2", ">=1.2", None))
+    others = [p for p in peers if p.is_ours and not p.is_default and p.key in results]
+    for p in others:
+        row(f"{p.label} / grpcio", results[p.key], grpcio)
+    row(f"{OURS} / bare TLS", ours, tls, (None, None, ">=0.75", None))
+    row("grpclib / grpcio", results.get("grpclib"), grpcio)
+    row("grpcio / bare TLS", grpcio, tls)
+    if ratio_rows:
+        lines += ["", "| ratio | unary p50 | c=64 QPS | streaming | server CPU/GiB |", "|---|---|---|---|---|", *ratio_rows]
+    if ours is not None and others:
+        lines += [
+            "",
+            "| same round, median of the rounds' ratios | unary p50 | c=64 QPS | streaming | server CPU/GiB |",
+            "|---|---|---|---|---|",
+        ]
+        for p in others:
+            if p.is_before:  # now / before: below 1 in p50 and CPU, above in QPS and MB/s = better now
+                label, ratio = f"{OURS} / {p.label}", _same_round(rounds["ours"], rounds[p.key])
+            else:
+                label, ratio = f"{p.label} / {OURS}", _same_round(rounds[p.key], rounds["ours"])
+            lines.append(f"| {label} | {_ratio_cells(ratio)} |")
+    per_round = list(zip(rounds.get("ours", []), rounds.get("grpcio", []), strict=False))
     if len(per_round) > 1:
         lines += ["", "| round | unary p50 ours / grpcio | c=64 QPS | streaming |", "|---|---|---|---|"]
         for n, (a, b) in enumerate(per_round, 1):
             lines.append(
                 f"| {n} | {a.unary_p50_us:,.0f} / {b.unary_p50_us:,.0f} µs | "
                 f"{a.c64_qps:,.0f} / {b.c64_qps:,.0f} | {a.stream_mbps:,.0f} / {b.stream_mbps:,.0f} MB/s |"
+            )
+    ours_rows = [p for p in peers if p.is_ours and p.key in results]
+    if len(ours_rows) > 1 and len(rounds.get("ours", [])) > 1:
+        short = [p.label.removeprefix(OURS).strip() or OURS for p in ours_rows]
+        lines += [
+            "",
+            "| round: streaming MB/s, server CPU s/GiB | " + " | ".join(short) + " |",
+            "|---|" + "---|" * len(short),
+        ]
+        for n, per_row in enumerate(zip(*(rounds[p.key] for p in ours_rows), strict=False), 1):
+            cells = (f"{r.stream_mbps:,.0f}, {r.stream_server_cpu_s_per_gib:.2f}" for r in per_row)
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_ran(peers: list[Peer], ran: dict[str, tuple[RanAs, RanAs]]) -> str:
+    """Markdown: what each of our rows' processes said they ran (checked, variants.check_ran)."""
+    lines = [
+        "| row | server ran | client ran | server's trio_jobs | client's trio_jobs |",
+        "|---|---|---|---|---|",
+    ]
+    for p in peers:
+        if p.key in ran:
+            server, client = ran[p.key]
+            lines.append(
+                f"| {p.label} | {server.mode or NO_MODE} | {client.mode or NO_MODE} | {server.code} | {client.code} |"
             )
     return "\n".join(lines)
 
@@ -158,29 +227,38 @@ def render_doc_section(
     seconds: float,
     command: str,
     rounds: int = 1,
+    stamp: str,
+    ran: str = "",
+    before: str | None = None,
 ) -> str:
+    """The docs section: when, at which commit (``stamp``), on what, the workload, the tables,
+    and what our rows' processes ran (``ran``, from :func:`render_ran`). ``before``: the
+    ``--ab`` checkout's commit stamp and path, if any."""
     import os
 
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return "\n".join(
-        [
-            BEGIN,
-            f"Run {when} with `{command}` ({seconds:.0f} s).",
-            "",
-            f"- Machine: {_cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}",
-            f"- Software: {_versions()}",
-            f"- Load average (1/5/15 min) before: {'/'.join(f'{x:.2f}' for x in load_before)}, "
-            f"after: {'/'.join(f'{x:.2f}' for x in load_after)}",
-            f"- Workload: {work.unary_calls} sequential unary calls of {work.unary_size} B "
-            f"(after {work.unary_warmup} warm-up), {work.c64_calls} calls by "
-            f"{work.concurrency} tasks on one connection, median of {work.stream_rounds} "
-            f"streaming calls of {work.stream_count} x {work.stream_size // 1024} KiB; "
-            f"{rounds} interleaved round(s) of every peer, medians.",
-            "",
-            table,
-            END,
-        ]
-    )
+    lines = [
+        BEGIN,
+        f"Run {when} at {stamp} with `{command}` ({seconds:.0f} s).",
+        "",
+        f"- Machine: {_cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        f"- Software: {_versions()}",
+        f"- Load average (1/5/15 min) before: {'/'.join(f'{x:.2f}' for x in load_before)}, "
+        f"after: {'/'.join(f'{x:.2f}' for x in load_after)}",
+        f"- Workload: {work.unary_calls} sequential unary calls of {work.unary_size} B "
+        f"(after {work.unary_warmup} warm-up), {work.c64_calls} calls by "
+        f"{work.concurrency} tasks on one connection, median of {work.stream_rounds} "
+        f"streaming calls of {work.stream_count} x {work.stream_size // 1024} KiB (the server's "
+        f"CPU time over all of them, per GiB of payload); "
+        f"{rounds} interleaved round(s) of every peer, medians.",
+    ]
+    if before is not None:
+        lines.append(f"- Before/after: the row `{OURS} at ...` runs {before}.")
+    lines += ["", table]
+    if ran:
+        lines += ["", "What the processes of our rows reported running (checked by the runner):", "", ran]
+    lines.append(END)
+    return "\n".join(lines)
 
 
 def replace_doc_section(doc: Path, section: str, *, begin: str = BEGIN, end: str = END) -> None:

@@ -226,7 +226,8 @@ def _command(*args: str) -> list[str]:
 
 
 def _start(args: list[str], cwd: Path) -> tuple[subprocess.Popen[bytes], int]:
-    return start_ready_server(_command(*args), cwd, f"status phase: {args[0]}")
+    proc, port, _ = start_ready_server(_command(*args), cwd, f"status phase: {args[0]}")
+    return proc, port
 
 
 _stop = stop_server

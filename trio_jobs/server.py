@@ -55,7 +55,7 @@ import trio
 from . import sdnotify
 from .heap import TRIM_INTERVAL, release_free_memory
 from .reload import reload
-from .rpc import Server, ServerLimits, health_service
+from .rpc import RpcMode, Server, ServerLimits, health_service
 from .security.dynamic_users import FILE_NAME as DYNAMIC_USERS_FILE
 from .security.dynamic_users import DynamicUsers
 from .security.identity import identity_from_peercert
@@ -148,6 +148,9 @@ class ServerConfig:
     handle_signals: bool = True
     # Connection-level caps (handshake timeout, max connections, streams per connection...).
     rpc_limits: ServerLimits = field(default_factory=ServerLimits)
+    # The rpc transport and fast paths (rpc.RpcMode); None: the environment's
+    # (TRIO_JOBS_RPC_TRANSPORT, TRIO_JOBS_RPC_FAST_PATHS; DESIGN §5).
+    rpc_mode: RpcMode | None = None
     # Concurrent StreamOutput calls per identity, across all its connections.
     max_streams_per_identity: int = DEFAULT_MAX_STREAMS_PER_IDENTITY
     # Seconds between checks whether to give the C allocator's free memory back after a
@@ -218,6 +221,7 @@ class ServerInfo:
     # (possibly under TLS); other listeners (Unix sockets, memory) are not listed.
     addresses: list[tuple[str, int]]
     cgroup_driver: str  # "v2", "v1" or "none"
+    rpc_mode: str  # "transport=lean fast-paths=on": what the rpc server really uses
     handle: ServerHandle = field(repr=False)
 
 
@@ -297,7 +301,11 @@ async def _serve(config: ServerConfig, task_status: trio.TaskStatus[ServerInfo])
                 *config.extra_methods,
             ]
             server = Server(
-                methods, ssl_context=config.ssl_context, identify=identity_from_peercert, limits=config.rpc_limits
+                methods,
+                ssl_context=config.ssl_context,
+                identify=identity_from_peercert,
+                limits=config.rpc_limits,
+                mode=config.rpc_mode,
             )
             served = trio.Event()  # the listeners are closed and every connection too
 
@@ -322,7 +330,12 @@ async def _serve(config: ServerConfig, task_status: trio.TaskStatus[ServerInfo])
                 reloads = trio.CancelScope()
                 nursery.start_soon(_reload_on_request, config, handle, service, server, reloads)
                 task_status.started(
-                    ServerInfo(addresses=list(addresses), cgroup_driver=worker.cgroup_driver_name, handle=handle)
+                    ServerInfo(
+                        addresses=list(addresses),
+                        cgroup_driver=worker.cgroup_driver_name,
+                        rpc_mode=server.mode.describe(),
+                        handle=handle,
+                    )
                 )
                 if config.notify_systemd:
                     sdnotify.ready()

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..rpc._mode import RpcMode
 from ..security.errors import SecurityError
 from ..security.paths import state_home
 from .defaults import fill_serve_defaults
@@ -138,7 +137,7 @@ def _banner(info: ServerInfo, home: Path, data_dir: Path, pki: Path | None, driv
     lines = [f"trio-jobs listening on {shown_host}:{port}"]
     lines += [f"  also on {h}:{p}" for h, p in info.addresses[1:]]
     lines.append(f"cgroups: {driver}")
-    lines.append(f"rpc: {RpcMode.from_environ().describe()}")  # what the rpc Server resolved too
+    lines.append(f"rpc: {info.rpc_mode}")
     lines.append(f"data: {data_dir}" + (f"  pki: {pki}" if pki else ""))
     exports = []
     default_home = state_home({k: v for k, v in os.environ.items() if k != "TRIO_JOBS_HOME"})

@@ -12,6 +12,7 @@ from .._lazy import lazy_exports
 if TYPE_CHECKING:
     from ._blocking import BlockingChannel
     from ._client import Channel, ResponseStream, connect, open_channel
+    from ._mode import RpcMode
     from ._options import ChannelOptions, ServerLimits
     from ._server import Server
     from ._service import (
@@ -34,6 +35,7 @@ __getattr__ = lazy_exports(__name__, {
     "ResponseStream": "_client",
     "connect": "_client",
     "open_channel": "_client",
+    "RpcMode": "_mode",
     "ChannelOptions": "_options",
     "ServerLimits": "_options",
     "Server": "_server",
@@ -57,6 +59,7 @@ __all__ = [
     "Method",
     "ResponseStream",
     "RpcError",
+    "RpcMode",
     "Serialized",
     "Server",
     "ServerContext",

@@ -333,7 +333,7 @@ async def _serve(config: ServerConfig, task_status: trio.TaskStatus[ServerInfo])
                     ServerInfo(
                         addresses=list(addresses),
                         cgroup_driver=worker.cgroup_driver_name,
-                        rpc_mode=server.mode.describe(),
+                        rpc_mode=_mode_used(server.mode, config.listeners),
                         handle=handle,
                     )
                 )
@@ -386,6 +386,14 @@ def _bound_addresses(listeners: Sequence[trio.abc.Listener[Any]]) -> list[tuple[
         if isinstance(name, tuple) and len(name) >= 2 and isinstance(name[0], str):
             addresses.append((name[0], int(name[1])))
     return addresses
+
+
+def _mode_used(mode: RpcMode, listeners: Sequence[trio.abc.Listener[Any]] | None) -> str:
+    """What the connections really run: the caller's TLS listeners hand over trio.SSLStreams
+    (transport=ssl-stream whatever the mode says); else the server's mode."""
+    if listeners and all(isinstance(ln, trio.SSLListener) for ln in listeners):
+        mode = RpcMode(transport="ssl-stream", fast_paths=mode.fast_paths)
+    return mode.describe()
 
 
 async def _remove_cgroup_parent(driver: CgroupDriver) -> None:

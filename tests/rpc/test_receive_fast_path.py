@@ -1,6 +1,6 @@
 """The receive side's own paths do exactly what h2 does (``_h2/frames.py``, ``_h2/fast.py``).
 
-* Our :class:`~trio_jobs.rpc._frames.FrameBuffer` cuts any byte stream, however it is
+* Our :class:`~trio_jobs.rpc._h2.frames.FrameBuffer` cuts any byte stream, however it is
   split and however it arrives (copied in, or written in place), into the same frames as
   h2's own ``FrameBuffer``, and refuses the same things.
 * DATA and HEADERS frames that the protocol takes without h2's frame machinery

@@ -102,6 +102,7 @@ async def test_jobservice_on_ssl_listeners_sees_each_callers_identity(
             # The address the caller's listener is bound to, and nothing was bound besides.
             assert served.info.addresses == [("127.0.0.1", served.port)]
             assert served.info.cgroup_driver == "none"
+            assert served.info.rpc_mode.startswith("transport=ssl-stream fast-paths=")  # (theirs)
             async with served.client(dev_pki, "alice") as alice, served.client(dev_pki, "bob") as bob, \
                     served.client(dev_pki, "admin") as admin:
                 mine = await alice.start("sleep", ["600"])

@@ -319,23 +319,33 @@ async def open_channel(
 ) -> AsyncIterator[Channel]:
     """A channel over an established stream: a plain one (memory streams in tests), or a
     ``trio.SSLStream`` (its handshake is run here if not yet done; ALPN h2 is required).
-    ``mode``'s transport does not apply (the stream is given); its fast paths do."""
+    ``mode``'s transport does not apply (the stream is given); its fast paths do. The
+    handshake is bounded by ``options.connect_timeout``."""
+    opts = options or ChannelOptions()
     wire = open_transport(stream)
     try:
-        if wire.has_tls:
-            try:
-                await wire.do_handshake()
-            except trio.BrokenResourceError as exc:
-                raise RpcError(
-                    StatusCode.UNAVAILABLE, f"TLS handshake failed: {exc.__cause__ or exc}"
-                ) from exc
-            if wire.selected_alpn_protocol() != "h2":
-                raise RpcError(StatusCode.UNAVAILABLE, "the server did not negotiate ALPN h2")
+        with trio.move_on_after(opts.connect_timeout) as scope:
+            await _secure(wire, "the server")
+        if scope.cancelled_caught:
+            raise RpcError(StatusCode.UNAVAILABLE, "the TLS handshake timed out")
     except BaseException:
         await wire.aclose()
         raise
-    async with _run_channel(wire, authority, options or ChannelOptions(), mode) as channel:
+    async with _run_channel(wire, authority, opts, mode) as channel:
         yield channel
+
+
+async def _secure(wire: Transport, peer: str) -> None:
+    """The TLS handshake (if the transport has TLS) and ALPN h2; RpcError(UNAVAILABLE)."""
+    if not wire.has_tls:
+        return
+    try:
+        await wire.do_handshake()
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__ or exc
+        raise RpcError(StatusCode.UNAVAILABLE, f"TLS handshake with {peer} failed: {cause}") from exc
+    if wire.selected_alpn_protocol() != "h2":
+        raise RpcError(StatusCode.UNAVAILABLE, f"{peer} did not negotiate ALPN h2")
 
 
 @asynccontextmanager
@@ -385,18 +395,7 @@ async def connect(
             wire = open_transport(
                 tcp, ssl_context, server_hostname=hostname, lean=mode.transport == "lean"
             )
-            if wire.has_tls:
-                try:
-                    await wire.do_handshake()
-                except trio.BrokenResourceError as exc:
-                    cause = exc.__cause__ or exc
-                    raise RpcError(
-                        StatusCode.UNAVAILABLE, f"TLS handshake with {host}:{port} failed: {cause}"
-                    ) from exc
-                if wire.selected_alpn_protocol() != "h2":
-                    raise RpcError(
-                        StatusCode.UNAVAILABLE, f"{host}:{port} did not negotiate ALPN h2"
-                    )
+            await _secure(wire, f"{host}:{port}")
         if scope.cancelled_caught:
             raise RpcError(StatusCode.UNAVAILABLE, f"connecting to {host}:{port} timed out")
     except BaseException:
@@ -404,6 +403,6 @@ async def connect(
             await wire.aclose()
         raise
     assert wire is not None
-    authority = f"{server_hostname or host}:{port}"
+    authority = f"[{hostname}]:{port}" if ":" in hostname else f"{hostname}:{port}"  # (IPv6)
     async with _run_channel(wire, authority, opts, mode) as channel:
         yield channel

@@ -104,17 +104,15 @@ class Connection:
         self.transport = transport
         self.protocol = protocol
         self.read_size = read_size
+        # The calls on this connection: the protocol's own dictionary of records (made by
+        # ``new_stream``, removed by ``release``), seen with the I/O side's type.
+        self.states = cast("dict[int, CallState]", protocol.streams)
         self.lost: RpcError | None = None  # set once the connection is unusable
         self.peak_unsent = 0  # the most bytes ever waiting in the transport (for tests)
         self._want_write = trio.Event()
         self._sent = trio.Event()  # set (and replaced) when bytes left or the connection died
         self._sent_waiters = 0
         self._writer_scope = trio.CancelScope()
-
-    @property
-    def states(self) -> dict[int, CallState]:
-        """The calls on this connection: the protocol's records (``new_stream`` made them)."""
-        return cast("dict[int, CallState]", self.protocol.streams)
 
     def _pull(self) -> None:
         """Move the protocol's pending frames into the transport (encrypted at once)."""
@@ -298,16 +296,19 @@ class Connection:
         caller must reset the stream (all callers do, since cancellation ends the call).
         """
         if isinstance(payload, bytes):
-            parts = [memoryview(_prefix(len(payload))), memoryview(payload)]
+            size = len(payload)
+            parts = [memoryview(_prefix(size)), memoryview(payload)]
         else:
-            size = sum(len(p) for p in payload)
+            size = sum(map(len, payload))
             parts = [memoryview(_prefix(size)), *(memoryview(p) for p in payload if p)]
-        await self._send_parts(state, parts, end_stream)
+        await self._send_parts(state, parts, PREFIX_SIZE + size, end_stream)
         if kick:
             self.kick()
 
-    async def _send_parts(self, state: CallState, parts: list[memoryview], end_stream: bool) -> None:
-        left = sum(len(p) for p in parts)
+    async def _send_parts(
+        self, state: CallState, parts: list[memoryview], left: int, end_stream: bool
+    ) -> None:
+        """Send ``parts`` (``left`` bytes in all), as the windows and the writer allow."""
         while True:
             if state.error is not None:
                 raise state.error

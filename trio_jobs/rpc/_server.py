@@ -116,6 +116,9 @@ class _ServerConnection(Connection):
         )
         super().__init__(wire, protocol, limits.read_size)
         self.server = server
+        # The calls running on this connection: the protocol's records (all _Call: made by
+        # new_stream), the same dictionary as self.states.
+        self.calls = cast("dict[int, _Call]", protocol.streams)
         self.peer_certificate = peer_certificate
         self.peer_identity = peer_identity
         self.peer = peer  # "ip:port" of the client (ServerContext.peer)
@@ -223,11 +226,6 @@ class _ServerConnection(Connection):
             log.info("closing connection: %s (code %d)", event.reason, event.error_code)
         elif isinstance(event, ev.GoAwayReceived):
             pass  # a client going away just stops opening streams
-
-    @property
-    def calls(self) -> dict[int, _Call]:
-        """The calls running on this connection (the protocol's records of them)."""
-        return cast("dict[int, _Call]", self.protocol.streams)
 
     def _start_call(self, event: ev.RequestReceived) -> None:
         assert self.nursery is not None

@@ -64,8 +64,6 @@ _SOCKET_READ: Final = 256 * 1024
 _IOV_MAX: Final = 64  # pieces per sendmsg (Linux takes 1024)
 _CLOSE_NOTIFY_TIMEOUT: Final = 1.0  # for a close_notify over a stream that may block
 _LINGER_BYTES: Final = 4 * 1024 * 1024  # most input discarded by linger()
-_TLS_RECORD: Final = 16 * 1024  # the most plaintext one TLS record holds
-_SMALL_PIECE: Final = 4 * 1024  # pieces below this are gathered before encryption
 
 
 def open_transport(
@@ -215,14 +213,15 @@ class Transport:
         self._collect_tls_output()
 
     def write_pieces(self, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
-        """Queue ``pieces`` in order, none of them copied on the way to TLS but the small.
+        """Queue ``pieces`` in order (never awaits nor raises).
 
-        Small pieces (frame headers, gRPC prefixes, short messages) are gathered into one
-        TLS write, topped up from the next large piece to a whole record, so they do not
-        each cost a record; a large piece is encrypted from where it lies. Without TLS the
-        pieces are queued as they are. The pieces must not change afterwards (the rpc
-        layer's are immutable bytes, views of them, or buffers handed over). Never awaits
-        nor raises.
+        With TLS here they are gathered into one buffer and encrypted in one write: the
+        one copy of the bytes between the application's message and the cipher
+        (``SSLObject.write`` takes one buffer, and one write per piece cost more than the
+        copy: measured on a 64 KiB stream, three writes per message were slower than a
+        gather). Without TLS here they are queued as they are. The pieces must not change
+        afterwards (the rpc layer's are immutable bytes, views of them, or buffers handed
+        over).
         """
         if self._failed is not None or self._closed:
             return
@@ -232,27 +231,8 @@ class Transport:
                 if piece:
                     self._queue(piece)
             return
-        stage = bytearray()
         try:
-            for piece in pieces:
-                size = len(piece)
-                if size < _SMALL_PIECE:
-                    stage += piece
-                    if len(stage) >= _TLS_RECORD:
-                        tls.write(stage)
-                        stage.clear()
-                    continue
-                view = memoryview(piece)
-                if stage:
-                    top = max(0, min(size, _TLS_RECORD - len(stage)))
-                    stage += view[:top]
-                    tls.write(stage)
-                    stage.clear()
-                    view = view[top:]
-                if view:
-                    tls.write(view)
-            if stage:
-                tls.write(stage)
+            tls.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
         except ssl.SSLError as exc:  # the session is dead (an alert was received)
             self._failed = exc
             return

@@ -1,4 +1,5 @@
-"""The h2 seam: the only code in trio-jobs that touches h2.
+"""The h2 seam: the only code in trio-jobs that holds an h2 connection or touches h2's
+internals (the protocol modules use h2's public events, exceptions and ``ErrorCodes``).
 
 ``session.Session`` documents the interface the gRPC protocol uses (input as events,
 output as pieces, the sending and flow-control calls); it is implemented twice:

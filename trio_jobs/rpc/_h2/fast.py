@@ -18,7 +18,7 @@ used, with one warning).
   response, trailers), for a frame :func:`headers_fast_stream` accepted: h2's own
   decoding and stream logic, without the frame objects and the connection-level
   dispatch (about half of what a unary call's two response blocks cost a client).
-* :func:`send_data_fast`, :func:`send_headers_fast`, :func:`start_stream_fast`: h2's
+* :func:`data_frame_header`, :func:`send_headers_fast`, :func:`start_stream_fast`: h2's
   ``send_data`` and ``send_headers`` (a server's answer on an open stream, a client's new
   request stream), doing exactly h2's state-machine steps, checks and window accounting
   but writing the frame bytes directly (no frame objects, no header re-encoding, no
@@ -77,19 +77,6 @@ _SWEEP_EVERY: Final = 128  # client stream ids (odd): h2's full sweep every 64 s
 
 def _frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
     return _FRAME_HEADER.pack(length >> 8, length & 0xFF, kind, flags, stream_id)
-
-
-def send_data_fast(
-    conn: H2Connection, stream: H2Stream, data: bytes | memoryview, end_stream: bool
-) -> None:
-    """``conn.send_data(stream.stream_id, data, end_stream)`` without padding, same effects.
-
-    Raises what h2 raises (FlowControlError, FrameTooLargeError, a state-machine
-    ProtocolError), before changing anything, like h2.
-    """
-    out = conn._data_to_send
-    out += data_frame_header(conn, stream, len(data), end_stream)
-    out += data
 
 
 def data_frame_header(conn: H2Connection, stream: H2Stream, size: int, end_stream: bool) -> bytes:

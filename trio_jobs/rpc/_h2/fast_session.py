@@ -107,7 +107,7 @@ class FastSession(Session):
             conn.send_headers(stream_id, headers, end_stream=end_stream)
 
     def send_data(self, stream_id: int, parts: Sequence[memoryview], end_stream: bool) -> int:
-        total = sum(len(p) for p in parts)
+        total = sum(map(len, parts))
         n = min(total, self.send_window(stream_id))
         if n == 0 and total:
             return 0

@@ -1,12 +1,18 @@
 """The h2 seam's interface, and its pure implementation: h2's public API only.
 
-:class:`Session` is everything the gRPC protocol (``rpc/_protocol.py``) asks of HTTP/2;
-nothing outside ``rpc/_h2/`` touches h2 any other way. Subclass ``fast.FastSession`` does
-the same with h2's internals (faster); this one is what ``TRIO_JOBS_RPC_FAST_PATHS=0``
-and an h2 that failed the version guard use.
+:class:`Session` is everything the gRPC protocol (``rpc/_protocol.py``) asks of an HTTP/2
+connection; nothing outside ``rpc/_h2/`` holds an h2 connection or touches h2's internals
+(the protocol modules use h2's public event classes, exceptions and ``ErrorCodes``).
+Subclass ``fast_session.FastSession`` does the same with h2's internals (faster); this one is
+what ``TRIO_JOBS_RPC_FAST_PATHS=0`` and an h2 that failed the version guard use.
 
 Interface (both sessions)
 -------------------------
+Made with ``client_side``, our SETTINGS (``max_concurrent_streams``,
+``max_header_list_size``, ``stream_window``, ``connection_window``, ``max_frame_size``) and
+``frames_per_call`` (settable); ``fast`` says which session it is. ``initiate()`` queues the
+preface and SETTINGS and opens the connection window.
+
 Input:
 
 * ``receive_buffer(n)`` -> a writable view for up to ``n`` received bytes, then
@@ -28,7 +34,12 @@ Output (queued, never written: ``take_output()`` hands over the pieces):
   credit), ``forget(sid)`` (the protocol is done with a stream).
 * ``take_output()`` -> the bytes to send as a list of pieces (bytes or views of the
   caller's immutable bytes: the payload of ``send_data`` is not copied by the fast
-  session), ``output_bytes``.
+  session); ``has_output()``, ``pending_bytes()`` (queued, not taken yet).
+* ``check_headers(event)``: validate a received header event (the fast session turns h2's
+  own inbound validation off and does it here, memoised; the pure one has nothing to do).
+
+State: ``send_window(sid)``, ``next_stream_id()`` (client), ``peer_max_concurrent_streams``,
+``highest_inbound_stream_id``, ``input_pending``.
 
 h2's ``ProtocolError`` (and subclasses) is what the send methods raise for a stream that
 cannot take the frame.
@@ -227,7 +238,7 @@ class Session:
 
         ``end_stream`` applies only if everything was sent.
         """
-        total = sum(len(p) for p in parts)
+        total = sum(map(len, parts))
         n = min(total, self.send_window(stream_id))
         if n == 0 and total:
             return 0

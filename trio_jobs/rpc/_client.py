@@ -173,7 +173,7 @@ class Channel(Connection):
         self.protocol.release(state.stream_id)
         self._slot_freed.set()
         self._slot_freed = trio.Event()
-        return self.protocol.has_data_to_send
+        return self.protocol.has_output()
 
     async def _next_message(self, state: _CallState) -> bytes | None:
         """The next response message, or None after an OK status; raises RpcError."""

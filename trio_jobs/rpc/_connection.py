@@ -146,7 +146,7 @@ class Connection:
         """
         if self.lost is not None:
             return
-        if self.protocol.has_data_to_send:
+        if self.protocol.has_output():
             self._pull()
         transport = self.transport
         if not transport.buffered:
@@ -158,7 +158,7 @@ class Connection:
 
     def want_write(self) -> None:
         """Have the writer send what is queued at its next round (no write now)."""
-        if self.protocol.has_data_to_send or self.transport.buffered:
+        if self.protocol.has_output() or self.transport.buffered:
             self._want_write.set()
 
     async def flush(self) -> None:
@@ -169,7 +169,7 @@ class Connection:
         """
         if self.lost is not None:
             raise RpcError(StatusCode.UNAVAILABLE, self.lost.message)
-        if self.protocol.has_data_to_send:
+        if self.protocol.has_output():
             self._pull()
         transport = self.transport
         target = transport.queued_total
@@ -196,7 +196,7 @@ class Connection:
                     await self._want_write.wait()
                     self._want_write = trio.Event()
                     while True:
-                        if self.protocol.has_data_to_send:
+                        if self.protocol.has_output():
                             self._pull()
                         if not transport.buffered:
                             break
@@ -231,12 +231,12 @@ class Connection:
                         break
                     # A read of many small frames (a flood) is processed in slices of
                     # frames_per_call, letting every other task run between them.
-                    if self.protocol.has_data_to_send:
+                    if self.protocol.has_output():
                         await self.flush()
                     else:
                         await trio.lowlevel.checkpoint()
                     events = self.protocol.receive_data(b"")
-                if self.protocol.has_data_to_send or transport.buffered:
+                if self.protocol.has_output() or transport.buffered:
                     await self.flush()
             else:
                 reason = RpcError(StatusCode.UNAVAILABLE, "connection closed (protocol error)")
@@ -312,10 +312,10 @@ class Connection:
         while True:
             if state.error is not None:
                 raise state.error
-            room = SEND_HIGH_WATER - self.transport.buffered - self.protocol.bytes_to_send
+            room = SEND_HIGH_WATER - self.transport.buffered - self.protocol.pending_bytes()
             if room <= 0:  # the writer has enough to do: wait until the socket took some
                 self.kick()
-                if SEND_HIGH_WATER - self.transport.buffered - self.protocol.bytes_to_send <= 0:
+                if SEND_HIGH_WATER - self.transport.buffered - self.protocol.pending_bytes() <= 0:
                     self._want_write.set()
                     await self._wait_sent()
                     if self.lost is not None:

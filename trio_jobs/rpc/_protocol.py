@@ -135,6 +135,12 @@ class GrpcProtocol:
             max_frame_size=max_frame_size,
             frames_per_call=frames_per_call,
         )
+        # The session's output calls, bound once (the I/O layer calls them per frame batch):
+        # take_output() -> the frames queued so far as pieces (the queue empties),
+        # has_output(), pending_bytes().
+        self.take_output: Callable[[], list[Piece]] = self._h2.take_output
+        self.has_output: Callable[[], bool] = self._h2.has_output
+        self.pending_bytes: Callable[[], int] = self._h2.pending_bytes
         # Every stream's record, created by _open_stream and removed by release() only.
         self.streams: dict[int, Stream] = {}
         self._new_stream = new_stream
@@ -165,21 +171,11 @@ class GrpcProtocol:
         """Queue the preface/SETTINGS and open the connection receive window."""
         self._h2.initiate()
 
-    def take_output(self) -> list[Piece]:
-        """The frames queued so far, as pieces (see ``_h2.session``); the queue empties."""
-        return self._h2.take_output()
 
     def data_to_send(self) -> bytes:
         """The frames queued so far, joined (tests, simple drivers)."""
         return b"".join(self._h2.take_output())
 
-    @property
-    def has_data_to_send(self) -> bool:
-        return self._h2.has_output()
-
-    @property
-    def bytes_to_send(self) -> int:
-        return self._h2.pending_bytes()
 
     # -- input -------------------------------------------------------------------------
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[ev.Event]:

@@ -148,14 +148,19 @@ class GrpcioEcho:
             context.set_trailing_metadata(md)
             chunk = b"s" * request.size
             self.started.set()
+            # Cancelled at the `await`, grpcio raises CancelledError in the generator; while it
+            # waits at the `yield` (flow control) it closes the generator instead (GeneratorExit
+            # there). Either is the client's cancel reaching the server.
+            finished = False
             try:
                 for i in range(request.count):
                     yield EchoReply(payload=chunk, index=i)
                     if request.sleep:
                         await asyncio.sleep(request.sleep)
-            except asyncio.CancelledError:
-                self.cancelled.set()
-                raise
+                finished = True
+            finally:
+                if not finished:
+                    self.cancelled.set()
             if request.fail_code:
                 await context.abort(_grpc_code(request.fail_code), request.fail_message)
 

@@ -473,7 +473,9 @@ def test_client_goaway_keeps_streams_below_last_id() -> None:
 
 @pytest.mark.slow
 def test_100k_sequential_calls_leave_no_window_or_stream_state() -> None:
-    """Both cores, one connection, 100,000 unary calls: nothing accumulates."""
+    """Both cores, one connection, 100,000 unary calls: nothing accumulates. (With the pure
+    session, 20,000: still 20 times the closed streams remembered, at a fifth of its 105 s
+    under coverage; the fast session's run is the one past h2's own 65,536.)"""
     server = make_server(max_frame_size=1 * MiB)
     client = ClientProtocol(
         max_receive_message=4 * MiB,
@@ -490,7 +492,8 @@ def test_100k_sequential_calls_leave_no_window_or_stream_state() -> None:
     server.receive_data(client.data_to_send())
     request = encode_message(b"\n\x01p")
     completed = 0
-    for _ in range(100_000):
+    calls = 100_000 if client.fast_paths else 20_000
+    for _ in range(calls):
         sid = client.start_request("/test.echo.Echo/Unary", authority="localhost")
         client.send_data(sid, request, end_stream=True)
         for e in server.receive_data(client.data_to_send()):
@@ -507,7 +510,7 @@ def test_100k_sequential_calls_leave_no_window_or_stream_state() -> None:
                 completed += e.code == StatusCode.OK
         client.release(sid)
         server.receive_data(client.data_to_send())  # WINDOW_UPDATEs, if any
-    assert completed == 100_000
+    assert completed == calls
     for proto in (server, client):
         assert proto.open_streams == 0
         assert len(proto._h2.conn.streams) <= 2  # h2 drops closed streams lazily

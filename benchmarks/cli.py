@@ -52,14 +52,11 @@ stamp then names that checkout's commit.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import re
 import resource
 import signal
-import ssl
 import statistics
 import subprocess
 import sys
@@ -67,11 +64,10 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Final
 
+from benchmarks import docblock
 from benchmarks.e2e.harness import percentile, read_line, remove_cgroup_dirs
 
 ROOT: Final = Path(__file__).resolve().parents[1]
@@ -318,64 +314,13 @@ def tables(figs: dict[str, Figures], ratios: list[list[float]]) -> str:
     return "\n".join(lines)
 
 
-def _git(root: Path, *args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
+RESULTS: Final = docblock.Markers(RESULTS_BEGIN, RESULTS_END)
+DISTS: Final = ("trio", "grpcio", "protobuf")
 
 
-def commit_stamp(root: Path) -> str:
-    """The commit measured, and whether the code differed from it (the CLI's or this suite's)."""
-    head = _git(root, "rev-parse", "--short", "HEAD") or f"unknown commit ({root})"
-    dirty = [line for line in _git(root, "status", "--porcelain", "--", "trio_jobs", "benchmarks", "pyproject.toml").splitlines() if line]
-    return f"commit {head}" + (f" plus {len(dirty)} uncommitted file(s) in trio_jobs/ and benchmarks/" if dirty else "")
-
-
-def _load() -> str:
-    try:
-        return "/".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
-def machine() -> list[str]:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    versions = ", ".join(f"{name} {metadata.version(name)}" for name in ("trio", "grpcio", "protobuf"))
-    return [
-        f"- Machine: {cpu}, {os.cpu_count()} CPUs, {platform.platform()}",
-        f"- Software: Python {platform.python_version()}, {ssl.OPENSSL_VERSION}, {versions}",
-    ]
-
-
-def results_block(*, stamp: str, when: str, command: str, seconds: float, load: tuple[str, str], workload: str, body: str) -> str:
-    return "\n".join([
-        RESULTS_BEGIN,
-        f"Run {when} at {stamp} with `{command}` ({seconds:.0f} s).",
-        "",
-        *machine(),
-        f"- Load average (1/5/15 min) before: {load[0]}, after: {load[1]}",
-        f"- Workload: {workload}",
-        "",
-        body,
-        RESULTS_END,
-    ])
-
-
-def write_doc(block: str) -> None:
+def write_doc(block: str, doc: Path = DOC) -> None:
     """Replace our results block in docs/benchmarks.md; append a bare section if there is none."""
-    text = DOC.read_text()
-    if RESULTS_BEGIN in text and RESULTS_END in text:
-        pattern = re.escape(RESULTS_BEGIN) + r".*?" + re.escape(RESULTS_END)
-        text = re.sub(pattern, lambda _m: block, text, count=1, flags=re.DOTALL)
-    elif BEGIN not in text:
-        text = text.rstrip("\n") + f"\n\n{BEGIN}\n## One-shot CLI commands (`benchmarks/cli.py`)\n\n{block}\n{END}\n"
-    else:
-        raise RuntimeError(f"{DOC}: the cli section has no results markers; restore {RESULTS_BEGIN}")
-    DOC.write_text(text)
+    docblock.replace_block(doc, block, RESULTS, new_section=f"{BEGIN}\n## One-shot CLI commands (`benchmarks/cli.py`)\n\n{{results}}\n{END}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,10 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     if tree is not None and not (tree / "trio_jobs" / "__init__.py").is_file():
         parser.error(f"--tree {args.tree}: no trio_jobs package there")
     t0 = time.monotonic()
-    load_before = _load()
+    load_before = docblock.load()
     with tempfile.TemporaryDirectory(prefix="trio-jobs-bench-cli-") as tmp:
         procs, samples, ratios = measure(args.rounds, args.warmup, args.import_runs, Path(tmp), tree)
-    load_after = _load()
+    load_after = docblock.load()
     elapsed = time.monotonic() - t0
     figs = {p.key: Figures.of(p.label, samples[p.key], samples["base"]) for p in procs}
     body = tables(figs, ratios)
@@ -418,9 +363,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"policy, cgroups as the host has them); `list` answers with {1 + 2 * args.warmup} to "
                 f"{1 + 2 * (args.warmup + args.rounds)} jobs as `start` adds them.")
     command = f"python -m benchmarks.cli --rounds {args.rounds}" + (f" --tree {args.tree}" if tree else "")
-    block = results_block(stamp=commit_stamp(tree or ROOT), when=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                          command=command, seconds=elapsed,
-                          load=(load_before, load_after), workload=workload, body=body)
+    block = docblock.block(RESULTS, [
+        *docblock.stamp(command=command, seconds=elapsed, load=(load_before, load_after), workload=workload,
+                        commit=docblock.commit_stamp(tree or ROOT), dists=DISTS),
+        "",
+        body,
+    ])
     write_doc(block)
     print(f"wrote {DOC}", file=sys.stderr)
     return 0

@@ -21,6 +21,9 @@ Figures, per data directory, the median of ``--runs`` restarts of a real server 
 Goal: with history, listening < 1 s and the peak < +20 MiB over the empty directory.
 ``--server-tree DIR`` runs the server from another checkout (e.g. ``git archive HEAD``
 unpacked) for a before/after comparison on the same data.
+
+Writes the table, stamped, into docs/benchmarks.md between the markers of ``MARKERS``
+(``--no-doc``: print only, as a ``--server-tree`` run does; ``--doc FILE``: another file).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from typing import Final
 
 import trio
 
+from benchmarks import docblock
 from benchmarks.e2e.harness import read_line, remove_cgroup_dirs, status_bytes
 from trio_jobs.security.pki import init_dev_pki
 from trio_jobs.worker import JobState, JobStatus, Limits, Usage
@@ -50,6 +54,8 @@ from trio_jobs.worker.worker import DB_NAME, OUTPUT_DIR
 MiB: Final = 1 << 20
 CHUNK: Final = 10_000
 STARTUP_TIMEOUT: Final = 120.0
+DOC: Final = docblock.ROOT / "docs" / "benchmarks.md"
+MARKERS: Final = docblock.Markers.of("restart-bench", "benchmarks.restart")
 
 
 def _status(i: int, ended_at: datetime, args: tuple[str, ...], output: int) -> JobStatus:
@@ -142,16 +148,31 @@ def measure(home: Path, runs: int, settle: float, server_tree: Path | None, pyca
     return {key: statistics.median(s[key] for s in samples) for key in samples[0]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+def table(empty: dict[str, float], history: dict[str, float], settle: float) -> str:
+    lines = ["| median of the restarts | empty data directory | with the history | history - empty |", "|---|---:|---:|---:|"]
+    for key, label, unit in (("listening_s", "spawn -> listening", "s"),
+                             ("hwm_listening_mib", "VmHWM at listening", "MiB"),
+                             ("hwm_settled_mib", f"VmHWM {settle:g} s later", "MiB")):
+        lines.append(f"| {label} | {empty[key]:.2f} {unit} | {history[key]:.2f} {unit} | {history[key] - empty[key]:+.2f} {unit} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.restart", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--jobs", type=int, default=100_000, help="ended jobs of history (the default --retain-jobs)")
     parser.add_argument("--big-jobs", type=int, default=40, help="how many of them have big argument lists")
     parser.add_argument("--big-arg-bytes", type=int, default=900_000, help="argument bytes of each big job")
     parser.add_argument("--runs", type=int, default=5, help="restarts measured per data directory")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds before the second VmHWM reading")
     parser.add_argument("--dir", type=Path, help="work directory to keep (default: a temporary one)")
-    parser.add_argument("--server-tree", type=Path, help="run the server from this source tree")
-    args = parser.parse_args()
+    parser.add_argument("--server-tree", type=Path, help="run the server from this source tree (implies --no-doc)")
+    docblock.add_doc_arguments(parser, DOC)
+    args = parser.parse_args(argv)
+    writes_doc = not (args.no_doc or args.server_tree)
+    if writes_doc:
+        docblock.require_block(args.doc, MARKERS)
+    t0, load_before = time.monotonic(), docblock.load()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         work = Path(tmp)
         homes = {"empty": work / "empty", "history": work / "history"}
@@ -165,15 +186,22 @@ def main() -> None:
               f"(database {db_mib:.1f} MiB)", file=sys.stderr)
         figures = {name: measure(home, args.runs, args.settle, args.server_tree, work / "pycache")
                    for name, home in homes.items()}
+    load_after = docblock.load()
     empty, history = figures["empty"], figures["history"]
-    print(f"{'':28}{'empty':>10}{'history':>10}{'delta':>10}")
-    for key, label, unit in (("listening_s", "spawn -> listening", "s"),
-                             ("hwm_listening_mib", "VmHWM at listening", "MiB"),
-                             ("hwm_settled_mib", f"VmHWM {args.settle:g} s later", "MiB")):
-        print(f"{label + ' (' + unit + ')':28}{empty[key]:>10.2f}{history[key]:>10.2f}{history[key] - empty[key]:>+10.2f}")
+    body = table(empty, history, args.settle)
+    print(body)
     ok = history["listening_s"] < 1.0 and history["hwm_settled_mib"] - empty["hwm_settled_mib"] < 20
+    goal = f"Goal (with history: listening < 1 s, peak < +20 MiB over the empty directory): {'met' if ok else 'missed'}."
+    print(goal)
     print(json.dumps({"jobs": args.jobs, "big_jobs": args.big_jobs, "db_mib": round(db_mib, 1),
                       "empty": empty, "history": history, "goal_met": ok}))
+    if writes_doc:
+        workload = (f"a real `trio-jobs serve --port 0` (cgroups as the host has them), restarted {args.runs} times "
+                    f"(after one warm-up start) on an empty data directory and on one holding {args.jobs:,} ended jobs, "
+                    f"{args.big_jobs} of them with {args.big_arg_bytes:,} bytes of arguments (database "
+                    f"{db_mib:.1f} MiB, written through the store); medians of the restarts.")
+        docblock.write_results(args.doc, MARKERS, module="benchmarks.restart", argv=argv, seconds=time.monotonic() - t0,
+                               load=(load_before, load_after), workload=workload, body=[body, "", goal])
 
 
 if __name__ == "__main__":

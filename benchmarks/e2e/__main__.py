@@ -11,18 +11,17 @@ scenarios (with their ceilings) and writes nothing either. See docs/benchmarks.m
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import trio
 
+from benchmarks import docblock
 from trio_jobs.security.pki import init_dev_pki
 
 from . import ceilings, report, scenarios
@@ -59,10 +58,6 @@ class Sizes:
 
 
 Figures = dict[str, dict[str, float]]
-
-
-def _load() -> str:
-    return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 SCENARIOS: Final = ("start", "stream", "fanout", "isolation", "running", "history")
@@ -270,10 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     t0 = time.monotonic()
-    load_before = _load()
+    load_before = docblock.load()
     with tempfile.TemporaryDirectory(prefix="trio-jobs-bench-e2e-") as tmp:
         figs = trio.run(measure, sizes, Path(tmp), log, only)
-        load_after = _load()
+        load_after = docblock.load()
         profile = ""
         if not (args.quick or args.no_profile or partial):
             log(f"profiling one tail of {sizes.profile >> 20} MiB (server and client under cProfile)")
@@ -293,11 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     drew = report.charts(figs, sizes.fanout_counts)
     if not drew:
         print("charts skipped: matplotlib is not installed (./dev bench e2e installs it)", file=sys.stderr)
-    block = report.results_block(
-        when=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), stamp=report.commit_stamp(), command="python -m benchmarks.e2e",
-        seconds=elapsed, load=(load_before, load_after), workload=workload(sizes), rows=table_rows,
-        charts=drew, profile=profile,
-    )  # fmt: skip
+    stamp = docblock.stamp(command="python -m benchmarks.e2e", seconds=elapsed, load=(load_before, load_after),
+                           workload=workload(sizes))
+    block = report.results_block(stamp=stamp, rows=table_rows, charts=drew, profile=profile)
     report.write_doc(block, report.DEFAULT_SECTION)
     print(f"wrote {report.DOC}" + (f" and charts in {report.IMG}" if drew else ""), file=sys.stderr)
     return 0

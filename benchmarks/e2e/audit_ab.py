@@ -14,8 +14,9 @@ Figures per round: StartJob of ``/bin/true`` one at a time, p50 in µs (after a 
 GetJobStatus by 64 tasks on one connection, calls per second, and the server's CPU time per
 call (user + system, from ``/proc``: steadier than wall time on a busy machine). Medians
 over the rounds, and the median of each round's ratio to ``off`` (paired: on a shared
-machine the load changes between rounds more than within one). Prints a table; writes
-nothing.
+machine the load changes between rounds more than within one). Prints a table and writes
+it, stamped, into docs/benchmarks.md between the markers of ``MARKERS`` (``--no-doc``: print
+only; ``--doc FILE``: another file).
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ from typing import Final
 
 import trio
 
+from benchmarks import docblock
+
 from .harness import BenchServer, percentile
 
+DOC: Final = docblock.ROOT / "docs" / "benchmarks.md"
+MARKERS: Final = docblock.Markers.of("audit-ab", "benchmarks.e2e.audit_ab")
 VARIANTS: Final = ("off", "on", "reads")
 WARMUP: Final = 30
 CONCURRENCY: Final = 64
@@ -102,36 +107,60 @@ async def run(servers: dict[str, BenchServer], rounds: int, starts: int, calls: 
     return figures
 
 
+def table(figures: dict[str, dict[str, list[float]]]) -> str:
+    lines = ["| variant | StartJob p50 (µs) | vs off | GetJobStatus c=64 QPS | vs off | server CPU/call (µs) | vs off |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for variant in VARIANTS:
+        cells = []
+        for key, fmt in (("start_p50_us", "{:.0f}"), ("status_c64_qps", "{:,.0f}"), ("status_cpu_us", "{:.1f}")):
+            paired = statistics.median(v / o for v, o in zip(figures[variant][key], figures["off"][key], strict=True))
+            cells += [fmt.format(statistics.median(figures[variant][key])), f"{paired:.3f}x"]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    ratios = [v / o for v, o in zip(figures["on"]["start_p50_us"], figures["off"]["start_p50_us"], strict=True)]
+    lines += ["", f"(medians of {len(figures['off']['start_p50_us'])} rounds; 'vs off': the median of the rounds' "
+              f"ratios; StartJob on / off ranged {min(ratios):.2f}-{max(ratios):.2f}x over the rounds)"]
+    return "\n".join(lines)
+
+
+def workload(args: argparse.Namespace) -> str:
+    return (f"three `server_main` processes without cgroups (off: no audit log; on: `--audit-log`, as "
+            f"`trio-jobs serve` has it; reads: with `--audit-reads`), measured in turn, the order rotated "
+            f"each round, {args.rounds} rounds; per round and server: {args.starts} StartJob of `/bin/true` one "
+            f"at a time after {WARMUP}, then {args.calls // CONCURRENCY * CONCURRENCY:,} GetJobStatus by "
+            f"{CONCURRENCY} tasks on one connection (server CPU from /proc).")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks.e2e.audit_ab")
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e.audit_ab")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--starts", type=int, default=300)
     parser.add_argument("--calls", type=int, default=12800)
+    docblock.add_doc_arguments(parser, DOC)
     args = parser.parse_args(argv)
+    if not args.no_doc:
+        docblock.require_block(args.doc, MARKERS)
+    t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="audit-ab-") as tmp:
         workdir = Path(tmp)
         servers: dict[str, BenchServer] = {}
         try:
             for variant in VARIANTS:
                 servers[variant] = BenchServer(workdir, cgroups=False, server_args=_server_args(variant, workdir))
-            load_before = os.getloadavg()
+            load_before = docblock.load()
             figures = trio.run(run, servers, args.rounds, args.starts, args.calls)
-            load_after = os.getloadavg()
+            load_after = docblock.load()
         finally:
             for server in servers.values():
                 server.close()
         lines = {v: sum(1 for _ in (workdir / f"audit-{v}.jsonl").open()) for v in ("on", "reads")}
-    print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
-          f"audit lines written: on {lines['on']:,}, reads {lines['reads']:,}")  # fmt: skip
-    print("| variant | StartJob p50 (µs) | vs off | GetJobStatus c=64 QPS | vs off | server CPU/call (µs) | vs off |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for variant in VARIANTS:
-        cells = []
-        for key, fmt in (("start_p50_us", "{:.0f}"), ("status_c64_qps", "{:,.0f}"), ("status_cpu_us", "{:.1f}")):
-            paired = statistics.median(v / o for v, o in zip(figures[variant][key], figures["off"][key], strict=True))
-            cells += [fmt.format(statistics.median(figures[variant][key])), f"{paired:.3f}x"]
-        print(f"| {variant} | " + " | ".join(cells) + " |")
-    print(f"(medians of {len(figures['off']['start_p50_us'])} rounds; 'vs off': the median of the rounds' ratios)")
+    written = f"Audit lines written: on {lines['on']:,}, reads {lines['reads']:,}."
+    body = table(figures)
+    print(f"\nload average before {load_before}, after {load_after}; {written}")
+    print(body)
+    if not args.no_doc:
+        docblock.write_results(args.doc, MARKERS, module="benchmarks.e2e.audit_ab", argv=argv, seconds=time.monotonic() - t0,
+                               load=(load_before, load_after), workload=f"{workload(args)} {written}", body=[body])
     return 0
 
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import platform
-import re
-import ssl
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
+
+from benchmarks import docblock
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -76,75 +73,24 @@ def targets(rows: Sequence[Row]) -> str:
     )
 
 
-def _git(*args: str) -> str:
-    try:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout.strip()
+RESULTS: Final = docblock.Markers(RESULTS_BEGIN, RESULTS_END)
 
 
-def commit_stamp() -> str:
-    """The commit measured, and whether the code measured differed from it."""
-    head = _git("rev-parse", "--short", "HEAD") or "an unknown commit"
-    dirty = [line for line in _git("status", "--porcelain", "--", "trio_jobs", "benchmarks", "pyproject.toml").splitlines() if line]
-    return f"commit {head}" + (f" plus {len(dirty)} uncommitted file(s) in trio_jobs/, benchmarks/ or pyproject.toml" if dirty else "")
-
-
-def machine() -> list[str]:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import h2
-    import trio
-
-    return [
-        f"- Machine: {cpu}, {os.cpu_count()} CPUs, {platform.platform()}",
-        f"- Software: Python {platform.python_version()}, {ssl.OPENSSL_VERSION}, trio {trio.__version__}, h2 {h2.__version__}",
-    ]
-
-
-def results_block(*, when: str, stamp: str, command: str, seconds: float, load: tuple[str, str], workload: str,
-                  rows: Sequence[Row], charts: bool, profile: str) -> str:
-    parts = [
-        RESULTS_BEGIN,
-        f"Run {when} of {stamp}, with `{command}` ({seconds:.0f} s).",
-        "",
-        *machine(),
-        f"- Load average (1/5/15 min) before: {load[0]}, after: {load[1]}",
-        f"- Workload: {workload}",
-        "",
-        table(rows),
-        "",
-        targets(rows),
-        "",
-    ]
+def results_block(*, stamp: list[str], rows: Sequence[Row], charts: bool, profile: str) -> str:
+    """``stamp``: :func:`benchmarks.docblock.stamp`'s lines."""
+    parts = [*stamp, "", table(rows), "", targets(rows), ""]
     if charts:
         parts += [f"![{name[:-4]}](img/{name})" for name in CHARTS] + [""]
     else:
         parts += ["(charts skipped: matplotlib is not installed; `./dev bench e2e` installs it)", ""]
     if profile:
         parts += [profile, ""]
-    parts.append(RESULTS_END)
-    return "\n".join(parts)
+    return docblock.block(RESULTS, parts)
 
 
-def write_doc(block: str, default_section: str) -> None:
+def write_doc(block: str, default_section: str, doc: Path = DOC) -> None:
     """Replace our results block; add our whole section at the end if it is not there yet."""
-    text = DOC.read_text()
-    if RESULTS_BEGIN in text and RESULTS_END in text:
-        pattern = re.escape(RESULTS_BEGIN) + r".*?" + re.escape(RESULTS_END)
-        text = re.sub(pattern, lambda _m: block, text, count=1, flags=re.DOTALL)
-    elif BEGIN not in text:
-        text = text.rstrip("\n") + "\n\n" + default_section.replace("{results}", block) + "\n"
-    else:
-        raise RuntimeError(f"{DOC}: the e2e section has no results markers; restore {RESULTS_BEGIN}")
-    DOC.write_text(text)
+    docblock.replace_block(doc, block, RESULTS, new_section=default_section)
 
 
 def charts(figures: dict[str, dict[str, float]], fanout_counts: Sequence[int]) -> bool:

@@ -6,7 +6,9 @@ first parent of HEAD), one from this tree. ``/bin/true`` jobs are started back t
 each, alternating in rounds (the order swapped every round), with and without cgroups, as
 ``admin`` (jobs as root) and ``alice`` (jobs as another user: setpriv, checks as her user).
 Prints p50 of each side and the median of the per-round ratios, the figure that is robust
-to the machine's drift. Writes nothing in the repository (the worktree is temporary).
+to the machine's drift, and writes them, stamped, into docs/benchmarks.md between the
+markers of ``MARKERS`` (``--no-doc``: print only; ``--doc FILE``: another file). The
+worktree is temporary.
 """
 
 from __future__ import annotations
@@ -18,13 +20,43 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import trio
 
+from benchmarks import docblock
+
 from .harness import BenchServer
 
-REPO = Path(__file__).resolve().parents[2]
+REPO: Final = Path(__file__).resolve().parents[2]
+DOC: Final = REPO / "docs" / "benchmarks.md"
+MARKERS: Final = docblock.Markers.of("start-ab", "benchmarks.e2e.start_ab")
+WARMUP: Final = 10
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration: both sides' p50 over all their starts, and the per-round ratios."""
+
+    cgroups: str
+    identity: str
+    p50_before_ms: float
+    p50_after_ms: float
+    ratios: list[float]
+
+    def line(self) -> str:
+        return (f"| {self.cgroups} | {self.identity} | {self.p50_before_ms:.2f} ms | {self.p50_after_ms:.2f} ms "
+                f"| {statistics.median(self.ratios):.2f}x | {min(self.ratios):.2f}-{max(self.ratios):.2f}x |")
+
+
+def table(rows: list[Row], before: str) -> str:
+    return "\n".join([
+        f"| cgroups | identity | p50 before ({before}) | p50 after (this tree) | ratio (median of the rounds') | ratio per round |",
+        "|---|---|---:|---:|---:|---:|",
+        *(row.line() for row in rows),
+    ])
 
 
 def _server(tree: Path, workdir: Path, cgroups: bool) -> BenchServer:
@@ -49,7 +81,7 @@ async def _measure(servers: dict[str, BenchServer], identity: str, rounds: int, 
     async with servers["before"].client(identity) as before, servers["after"].client(identity) as after:
         clients = {"before": before, "after": after}
         for client in clients.values():
-            for _ in range(10):  # warm-up: the first starts load code
+            for _ in range(WARMUP):  # the first starts load code
                 await client.start("/bin/true")
         for r in range(rounds):
             medians = {}
@@ -66,12 +98,28 @@ async def _measure(servers: dict[str, BenchServer], identity: str, rounds: int, 
     return latencies, ratios
 
 
+def workload(args: argparse.Namespace, before: str) -> str:
+    return (f"two servers side by side, commit {before}'s (a git worktree) and this tree's; `/bin/true` "
+            f"started back to back on each, {WARMUP} warm-up starts, then {args.rounds} rounds of "
+            f"{args.per_round} per side, the order swapped every round; as admin (jobs as root) and alice "
+            f"(setpriv, checks as her user), without and with cgroups. p50: over all of a side's starts; "
+            f"ratio: after / before, the median of the rounds' ratios of p50s.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e.start_ab",
+                                     description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--before", default="HEAD^", help="the commit to compare with (default HEAD^)")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--per-round", type=int, default=40)
+    docblock.add_doc_arguments(parser, DOC)
     args = parser.parse_args(argv)
+    if not args.no_doc:
+        docblock.require_block(args.doc, MARKERS)
+    before = docblock.git(REPO, "rev-parse", "--short", f"{args.before}^{{commit}}") or args.before
+    t0, load_before = time.monotonic(), docblock.load()
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="trio-jobs-start-ab-") as tmp:
         tree = Path(tmp) / "before"
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(tree), args.before],
@@ -88,11 +136,18 @@ def main(argv: list[str] | None = None) -> int:
                         for server in servers.values():
                             server.close()
                     p50 = {name: statistics.median(xs) * 1e3 for name, xs in latencies.items()}
+                    rows.append(Row(servers["after"].driver if cgroups else "no", identity, p50["before"], p50["after"], ratios))
                     print(f"cgroups={'yes' if cgroups else 'no ':3} {identity:5} {args.rounds}x{args.per_round}: "
                           f"p50 before {p50['before']:.2f} ms, after {p50['after']:.2f} ms; "
                           f"median per-round ratio {statistics.median(ratios):.2f}x", flush=True)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
+    load_after = docblock.load()
+    body = table(rows, before)
+    print(body)
+    if not args.no_doc:
+        docblock.write_results(args.doc, MARKERS, module="benchmarks.e2e.start_ab", argv=argv, seconds=time.monotonic() - t0,
+                               load=(load_before, load_after), workload=workload(args, before), body=[body])
     return 0
 
 

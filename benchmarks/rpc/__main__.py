@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"wrote the status section of {DOC}", file=sys.stderr)
     if writes_doc and results:
-        from benchmarks.cli import commit_stamp  # only when writing the docs
+        from benchmarks.docblock import commit_stamp
 
         before = None
         if args.ab is not None:

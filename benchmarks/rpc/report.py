@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import platform
-import ssl
 import statistics
-from importlib import metadata
 from typing import TYPE_CHECKING, Final
 
+from benchmarks import docblock
 from benchmarks.rpc.common import Result
 from benchmarks.rpc.variants import OURS
 
@@ -25,6 +22,12 @@ STATUS_BEGIN: Final = "<!-- rpc-status-bench:begin (written by python -m benchma
 STATUS_END: Final = "<!-- rpc-status-bench:end -->"
 STATUS_TARGET: Final = "<=1.0"  # issue 19: GetJobStatus of an ended job <= grpcio's trivial unary
 NO_MODE: Final = "no RpcMode (lean, fast paths: its only mode)"
+MAIN: Final = docblock.Markers(BEGIN, END)
+DISTS: Final = ("trio", "h2", "protobuf", "grpcio", "grpclib")
+
+
+def _load(load: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.2f}" for x in load)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -182,40 +185,19 @@ def render_status_section(
     table: str, *, work: Workload, load_before: tuple[float, float, float],
     load_after: tuple[float, float, float], command: str, rounds: int,
 ) -> str:
-    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    when = docblock.now()
     return "\n".join(
         [
             STATUS_BEGIN,
             f"Run {when} with `{command}`: {rounds} round(s), each {work.status_calls} calls of each "
             f"kind after {work.status_warmup} of each, alternated in blocks of {work.status_block}; "
             f"medians over the rounds. Load average (1/5/15 min) before: "
-            f"{'/'.join(f'{x:.2f}' for x in load_before)}, after: {'/'.join(f'{x:.2f}' for x in load_after)}.",
+            f"{_load(load_before)}, after: {_load(load_after)}.",
             "",
             table,
             STATUS_END,
         ]
     )
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _versions() -> str:
-    parts = [f"Python {platform.python_version()}", ssl.OPENSSL_VERSION]
-    for dist in ("trio", "h2", "protobuf", "grpcio", "grpclib"):
-        try:
-            parts.append(f"{dist} {metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            parts.append(f"{dist} (not installed)")
-    return ", ".join(parts)
 
 
 def render_doc_section(
@@ -234,40 +216,24 @@ def render_doc_section(
     """The docs section: when, at which commit (``stamp``), on what, the workload, the tables,
     and what our rows' processes ran (``ran``, from :func:`render_ran`). ``before``: the
     ``--ab`` checkout's commit stamp and path, if any."""
-    import os
-
-    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [
-        BEGIN,
-        f"Run {when} at {stamp} with `{command}` ({seconds:.0f} s).",
-        "",
-        f"- Machine: {_cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}",
-        f"- Software: {_versions()}",
-        f"- Load average (1/5/15 min) before: {'/'.join(f'{x:.2f}' for x in load_before)}, "
-        f"after: {'/'.join(f'{x:.2f}' for x in load_after)}",
-        f"- Workload: {work.unary_calls} sequential unary calls of {work.unary_size} B "
+    workload = (
+        f"{work.unary_calls} sequential unary calls of {work.unary_size} B "
         f"(after {work.unary_warmup} warm-up), {work.c64_calls} calls by "
         f"{work.concurrency} tasks on one connection, median of {work.stream_rounds} "
         f"streaming calls of {work.stream_count} x {work.stream_size // 1024} KiB (the server's "
         f"CPU time over all of them, per GiB of payload); "
-        f"{rounds} interleaved round(s) of every peer, medians.",
-    ]
+        f"{rounds} interleaved round(s) of every peer, medians."
+    )
+    lines = docblock.stamp(command=command, seconds=seconds, load=(_load(load_before), _load(load_after)),
+                           workload=workload, commit=stamp, dists=DISTS)
     if before is not None:
         lines.append(f"- Before/after: the row `{OURS} at ...` runs {before}.")
     lines += ["", table]
     if ran:
         lines += ["", "What the processes of our rows reported running (checked by the runner):", "", ran]
-    lines.append(END)
-    return "\n".join(lines)
+    return docblock.block(MAIN, lines)
 
 
 def replace_doc_section(doc: Path, section: str, *, begin: str = BEGIN, end: str = END) -> None:
     """Put ``section`` between the markers of ``doc`` (appended if the markers are missing)."""
-    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        tail = rest.split(end, 1)[1]
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    doc.write_text(text, encoding="utf-8")
+    docblock.replace_block(doc, section, docblock.Markers(begin, end), new_section=section)

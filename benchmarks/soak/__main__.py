@@ -5,6 +5,13 @@
     python -m benchmarks.soak --quick              # a few seconds (the test suite's smoke run)
     python -m benchmarks.soak --heap tracemalloc   # and what grew in the server's Python heap
     python -m benchmarks.soak --fuzz-minutes 10    # then the input fuzzer for 10 minutes
+    python -m benchmarks.soak --no-doc             # print the report only
+
+A run writes its report into docs/reliability.md between the markers of ``MARKERS``,
+stamped (when, commit, command line, machine, load before and after, duration), unless
+``--no-doc``, ``--quick`` (a smoke run) or ``--heap tracemalloc`` (a profiled server is
+slower than it should be, as the rpc benchmark's ``--profile``); ``--doc FILE`` writes into
+another file (the smoke test's copy).
 
 The load runs ``--rounds`` times (default 3) against the same server, which settles after
 each round (no job running, file descriptors, processes and threads back where they were).
@@ -30,6 +37,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from benchmarks import docblock
 from trio_jobs.client import JobsClient
 
 from ._load import Stats, run_load
@@ -47,6 +55,8 @@ SETTLE_TIMEOUT: Final = 60.0  # after the load: running jobs end, connections cl
 CLIENTS_PER_IDENTITY: Final = 10
 REPO: Final = Path(__file__).resolve().parents[2]
 FUZZ_EXAMPLES_PER_RUN: Final = 500
+DOC: Final = REPO / "docs" / "reliability.md"
+MARKERS: Final = docblock.Markers.of("soak", "benchmarks.soak")
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -62,6 +72,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    "RSS before/after malloc_trim(0); 'tracemalloc' also the Python heap (the server runs "
                    "much slower) and what grew in it; 'none' runs plain 'trio-jobs serve'")
     p.add_argument("--fuzz-minutes", type=float, default=0.0, help="then run the input fuzzer this long")
+    docblock.add_doc_arguments(p, DOC)
     args = p.parse_args(argv)
     if args.minutes is not None:
         args.seconds = args.minutes * 60
@@ -228,8 +239,13 @@ async def _warm_up(server: SoakServer) -> None:
         raise RuntimeError("warm-up failed: " + "; ".join(stats.unexpected[:5]))
 
 
-async def soak(args: argparse.Namespace, home: Path) -> int:
-    identities = max(1, -(-args.clients // CLIENTS_PER_IDENTITY))
+def _identities(clients: int) -> int:
+    return max(1, -(-clients // CLIENTS_PER_IDENTITY))
+
+
+async def soak(args: argparse.Namespace, home: Path) -> tuple[int, str]:
+    """Run the load; (exit status, the report with its verdict line)."""
+    identities = _identities(args.clients)
     # Every client connects from 127.0.0.1, all at once: lift the per-source caps (a real
     # deployment's clients come from many addresses; tests/hostile/test_lockout.py).
     per_source = str(args.clients + 8)
@@ -270,10 +286,20 @@ async def soak(args: argparse.Namespace, home: Path) -> int:
         left = job_cgroups(server.cgroup_parent)
         if left:
             failures.append(f"{left} job cgroups left after the server stopped")
-        print(text)
-        print("verdict: " + ("OK" if not failures else "FAIL\n  " + "\n  ".join(failures)), flush=True)
+        text += "\nverdict: " + ("OK" if not failures else "FAIL\n  " + "\n  ".join(failures))
+        print(text, flush=True)
         nursery.cancel_scope.cancel()
-    return 0 if not failures else 1
+    return (0 if not failures else 1), text
+
+
+def writes_doc(args: argparse.Namespace) -> bool:
+    """A smoke run and a run whose server is slowed by tracemalloc stay out of the docs."""
+    return not (args.no_doc or args.quick or args.heap == "tracemalloc")
+
+
+def soak_workload(args: argparse.Namespace) -> str:
+    return (f"{args.clients} clients ({_identities(args.clients)} identities) x {args.seconds:g} s x {args.rounds} "
+            f"round(s) against one `trio-jobs serve`, pauses of up to {args.think * 1000:g} ms, heap probe `{args.heap}`")
 
 
 def fuzz(minutes: float) -> int:
@@ -293,9 +319,17 @@ def fuzz(minutes: float) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parse(argv)
+    if writes_doc(args):
+        docblock.require_block(args.doc, MARKERS)
+    t0, load_before = time.monotonic(), docblock.load()
     with tempfile.TemporaryDirectory(prefix="trio-jobs-soak-") as tmp:
-        code = trio.run(soak, args, Path(tmp) / "home")
+        code, text = trio.run(soak, args, Path(tmp) / "home")
+    if writes_doc(args):
+        docblock.write_results(args.doc, MARKERS, module="benchmarks.soak", argv=argv, seconds=time.monotonic() - t0,
+                               load=(load_before, docblock.load()), workload=soak_workload(args),
+                               body=["```", text, "```"])
     if args.fuzz_minutes and code == 0:
         code = fuzz(args.fuzz_minutes)
     return code

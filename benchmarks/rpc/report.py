@@ -189,7 +189,8 @@ def render_status_section(
     return "\n".join(
         [
             STATUS_BEGIN,
-            f"Run {when} with `{command}`: {rounds} round(s), each {work.status_calls} calls of each "
+            f"Run {when} at {docblock.commit_stamp()} with `{command}` on {docblock.cpu_model()}: "
+            f"{rounds} round(s), each {work.status_calls} calls of each "
             f"kind after {work.status_warmup} of each, alternated in blocks of {work.status_block}; "
             f"medians over the rounds. Load average (1/5/15 min) before: "
             f"{_load(load_before)}, after: {_load(load_after)}.",

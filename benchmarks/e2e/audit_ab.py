@@ -113,10 +113,12 @@ def table(figures: dict[str, dict[str, list[float]]]) -> str:
     for variant in VARIANTS:
         cells = []
         for key, fmt in (("start_p50_us", "{:.0f}"), ("status_c64_qps", "{:,.0f}"), ("status_cpu_us", "{:.1f}")):
-            paired = statistics.median(v / o for v, o in zip(figures[variant][key], figures["off"][key], strict=True))
-            cells += [fmt.format(statistics.median(figures[variant][key])), f"{paired:.3f}x"]
+            # (a tiny run can measure 0 CPU time: /proc counts in ticks; such rounds have no ratio)
+            pairs = [v / o for v, o in zip(figures[variant][key], figures["off"][key], strict=True) if o]
+            ratio = f"{statistics.median(pairs):.3f}x" if pairs else "n/a"
+            cells += [fmt.format(statistics.median(figures[variant][key])), ratio]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    ratios = [v / o for v, o in zip(figures["on"]["start_p50_us"], figures["off"]["start_p50_us"], strict=True)]
+    ratios = [v / o for v, o in zip(figures["on"]["start_p50_us"], figures["off"]["start_p50_us"], strict=True) if o]
     lines += ["", f"(medians of {len(figures['off']['start_p50_us'])} rounds; 'vs off': the median of the rounds' "
               f"ratios; StartJob on / off ranged {min(ratios):.2f}-{max(ratios):.2f}x over the rounds)"]
     return "\n".join(lines)

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Final, cast, final
 import trio
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
 _SOCKET_READ: Final = 256 * 1024
 _IOV_MAX: Final = 64  # pieces per sendmsg (Linux takes 1024)
@@ -263,10 +263,7 @@ class Transport:
         One scheduler round per call. Raises BrokenResourceError (a transport or TLS
         failure, an EOF without close_notify) or ClosedResourceError (we closed).
         """
-        if self._closed:
-            raise trio.ClosedResourceError("the connection was closed")
-        if self._failed is not None:
-            raise trio.BrokenResourceError(self._failed) from self._failed
+        self._check_usable()
         tls = self._tls
         if tls is None:
             data = await self._receive_raw()
@@ -364,6 +361,17 @@ class Transport:
         self._out.clear()
         self._out_bytes = 0
 
+    def _check_open(self) -> None:
+        """ClosedResourceError once we closed the transport."""
+        if self._closed:
+            raise trio.ClosedResourceError("the connection was closed")
+
+    def _check_usable(self) -> None:
+        """ClosedResourceError once we closed it, BrokenResourceError once it failed."""
+        self._check_open()
+        if self._failed is not None:
+            raise trio.BrokenResourceError(self._failed) from self._failed
+
     def _tls_closing(self) -> bool:
         """A close_notify is due: the session is healthy and none was sent."""
         return (
@@ -428,10 +436,7 @@ class SocketTransport(Transport):
         Writer task only. Not a checkpoint when the socket takes bytes at once (the
         writer loops only while it has bytes, so it cannot spin).
         """
-        if self._closed:
-            raise trio.ClosedResourceError("the connection was closed")
-        if self._failed is not None:
-            raise trio.BrokenResourceError(self._failed) from self._failed
+        self._check_usable()
         if not self._out:
             return
         before = self.sent_total
@@ -443,8 +448,7 @@ class SocketTransport(Transport):
 
     async def _receive_raw(self) -> bytes | bytearray:
         """One read from the socket: exactly one scheduler round. b'' = EOF."""
-        if self._closed:
-            raise trio.ClosedResourceError("the connection was closed")
+        self._check_open()
         sock = self._sock
         await trio.lowlevel.checkpoint_if_cancelled()
         # Read at once only if the last read filled its buffer (a bulk stream: more is
@@ -569,10 +573,7 @@ class StreamTransport(Transport):
         return not self._out and self._in_flight == 0
 
     async def send_some(self) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("the connection was closed")
-        if self._failed is not None:
-            raise trio.BrokenResourceError(self._failed) from self._failed
+        self._check_usable()
         if not self._out:
             return
         chunk = self._take()
@@ -584,29 +585,33 @@ class StreamTransport(Transport):
         self.sent_total += len(chunk)
 
     async def _receive_raw(self) -> bytes | bytearray:
-        if self._closed:
-            raise trio.ClosedResourceError("the connection was closed")
+        self._check_open()
         return await self._stream.receive_some(_SOCKET_READ)
 
     async def aclose(self) -> None:
         if self._closed:
             return
         try:
-            quiet = (
-                trio.move_on_after(_CLOSE_NOTIFY_TIMEOUT, shield=True),
-                contextlib.suppress(
-                    trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError
-                ),
-            )
             if self._tls_closing():
                 self._send_close_notify()
                 if self._in_flight == 0 and self._out:
-                    with quiet[0], quiet[1]:
+                    with _bounded_and_quiet():
                         await self._stream.send_all(self._take())
             elif self._ssl_stream is not None and self._handshaken and self._in_flight == 0:
                 # trio sends close_notify without waiting for the peer's; bounded anyway.
-                with quiet[0], quiet[1]:
+                with _bounded_and_quiet():
                     await self._ssl_stream.aclose()
         finally:
             self.close()
             await trio.aclose_forcefully(self._stream)
+
+
+@contextlib.contextmanager
+def _bounded_and_quiet() -> Iterator[None]:
+    """A best-effort close step: shielded, at most _CLOSE_NOTIFY_TIMEOUT, its failures
+    ignored (the transport is closed right after anyway)."""
+    with (
+        trio.move_on_after(_CLOSE_NOTIFY_TIMEOUT, shield=True),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError),
+    ):
+        yield

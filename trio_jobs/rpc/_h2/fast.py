@@ -29,7 +29,6 @@ used, with one warning).
 
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING, Final
 
 import h2.connection
@@ -57,26 +56,22 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
+from .session import frame_header
+
 if TYPE_CHECKING:
     from h2.connection import H2Connection
     from h2.stream import H2Stream
 
-_FRAME_HEADER: Final = struct.Struct(">HBBBI")  # 24-bit length (as H + B), type, flags, id
 _DATA: Final = 0x0
 _HEADERS: Final = 0x1
 _END_STREAM: Final = 0x1
 _END_HEADERS: Final = 0x4
 _PADDED: Final = 0x8
 _PRIORITY: Final = 0x20
-_STREAM_ID_MASK: Final = 0x7FFF_FFFF  # the reserved bit is ignored on receipt (RFC 9113 4.1)
 _CONN_OPEN: Final = frozenset({ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN})
 _STREAM_RECEIVES: Final = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL})
 _HPACK_WORST: Final = 4  # Huffman codes are at most 30 bits per byte
 _SWEEP_EVERY: Final = 128  # client stream ids (odd): h2's full sweep every 64 streams
-
-
-def _frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
-    return _FRAME_HEADER.pack(length >> 8, length & 0xFF, kind, flags, stream_id)
 
 
 def data_frame_header(conn: H2Connection, stream: H2Stream, size: int, end_stream: bool) -> bytes:
@@ -98,13 +93,7 @@ def data_frame_header(conn: H2Connection, stream: H2Stream, size: int, end_strea
         flags = _END_STREAM
     stream.outbound_flow_control_window -= size
     conn.outbound_flow_control_window -= size
-    return _frame_header(size, _DATA, flags, stream.stream_id)
-
-
-def peek_frame_header(data: bytearray, at: int) -> tuple[int, int, int, int]:
-    """``(length, type, flags, stream_id)`` of the frame header at ``data[at:at + 9]``."""
-    hi, lo, kind, flags, sid = _FRAME_HEADER.unpack_from(data, at)
-    return (hi << 8) | lo, kind, flags, sid & _STREAM_ID_MASK
+    return frame_header(size, _DATA, flags, stream.stream_id)
 
 
 def data_fast_stream(conn: H2Connection, flags: int, stream_id: int, length: int) -> H2Stream | None:
@@ -232,7 +221,7 @@ def send_headers_fast(
     if stream.state_machine.trailers_sent and not end_stream:
         raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
     out = conn._data_to_send
-    out += _frame_header(len(block), _HEADERS, flags, stream_id)
+    out += frame_header(len(block), _HEADERS, flags, stream_id)
     out += block
     return True
 
@@ -262,7 +251,7 @@ def start_stream_fast(
     stream._authority = authority_from_headers(headers)
     stream.request_method = extract_method_header(headers)
     out = conn._data_to_send
-    out += _frame_header(len(block), _HEADERS, _END_HEADERS, stream_id)
+    out += frame_header(len(block), _HEADERS, _END_HEADERS, stream_id)
     out += block
     return True
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Final
 
-import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
@@ -41,7 +40,7 @@ from .fast import (
 )
 from .frames import FrameBuffer
 from .hpack import HeaderChecker, MemoDecoder, MemoEncoder
-from .session import BoundedH2Connection, Data, Event, Failed, Piece, Session, stream_ended
+from .session import BoundedH2Connection, Data, Event, Failed, Session, h2_config, stream_ended
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -58,16 +57,8 @@ class FastSession(Session):
     fast: ClassVar[bool] = True
 
     def _new_connection(self, client_side: bool, max_header_list_size: int) -> h2.connection.H2Connection:
-        config = h2.config.H2Configuration(
-            client_side=client_side,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-            # h2's inbound checks run in check_headers() instead, memoised (HeaderChecker).
-            validate_inbound_headers=False,
-            normalize_inbound_headers=False,
-        )
-        conn = BoundedH2Connection(config)
+        # h2's inbound checks run in check_headers() instead, memoised (HeaderChecker).
+        conn = BoundedH2Connection(h2_config(client_side, inbound_checks=False))
         conn.state_machine = _GoAwayTolerantStateMachine()
         conn.encoder = MemoEncoder()
         conn.decoder = MemoDecoder(conn.DEFAULT_MAX_HEADER_LIST_SIZE)
@@ -252,8 +243,3 @@ class FastSession(Session):
         buffer.consume(9 + length)
         if ended:
             out.append(stream_ended(sid))
-
-
-def output_of(pieces: list[Piece]) -> bytes:
-    """The pieces joined (for tests and the blocking driver)."""
-    return b"".join(pieces)

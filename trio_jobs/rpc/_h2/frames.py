@@ -36,7 +36,8 @@ import h2.frame_buffer
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import Frame
 
-from .fast import _QUIET, peek_frame_header
+from .fast import _QUIET
+from .session import parse_frame_header
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -149,7 +150,7 @@ class FrameBuffer(h2.frame_buffer.FrameBuffer):
         its 9 header bytes are in."""
         if self.end - self.start < 9:
             return None
-        return peek_frame_header(self.buf, self.start)
+        return parse_frame_header(self.buf, self.start)
 
     def __next__(self) -> Frame:
         head = self.head()

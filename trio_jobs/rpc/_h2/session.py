@@ -89,6 +89,19 @@ class BoundedH2Connection(h2.connection.H2Connection):
     MAX_CLOSED_STREAMS = CLOSED_STREAMS_KEPT
 
 
+def h2_config(client_side: bool, *, inbound_checks: bool) -> h2.config.H2Configuration:
+    """h2's configuration for gRPC: bytes headers; ours are valid as built, so no outbound
+    checks; inbound checks by h2 (the pure session) or by ``check_headers`` (fast)."""
+    return h2.config.H2Configuration(
+        client_side=client_side,
+        header_encoding=None,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+        validate_inbound_headers=inbound_checks,
+        normalize_inbound_headers=inbound_checks,
+    )
+
+
 class Data:
     """A DATA frame's payload for ``stream_id`` (``flow_controlled_length`` counts its
     padding too). ``data`` may be a view of the receive buffer: use it before the next
@@ -179,13 +192,7 @@ class Session:
         self._in_header_block = False
 
     def _new_connection(self, client_side: bool, max_header_list_size: int) -> h2.connection.H2Connection:
-        config = h2.config.H2Configuration(
-            client_side=client_side,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-        return BoundedH2Connection(config)
+        return BoundedH2Connection(h2_config(client_side, inbound_checks=True))
 
     def check_headers(self, event: h2.events.Event) -> None:
         """Validate a received header event's headers (h2 did it already here)."""

@@ -9,6 +9,8 @@
   environment variables the server, the clients and the CLI processes read. A module marked
   ``sans_io`` (protocol objects, no transport) runs with fast paths on and off only; one
   marked ``one_rpc_mode`` (it sets the modes it compares itself, or uses no protocol) once.
+  A module elsewhere opts in with ``pytest.mark.rpc_modes`` (the hostile-connection and
+  fuzzing tests of tests/reliability).
 """
 
 from __future__ import annotations
@@ -44,10 +46,14 @@ def _runs_in_every_mode(path: Path) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sans_io: rpc protocol objects only (fast paths on/off)")
     config.addinivalue_line("markers", "one_rpc_mode: sets its rpc modes itself (runs once)")
+    config.addinivalue_line("markers", "rpc_modes: runs in every rpc mode, outside tests/rpc|e2e|interop")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "rpc_mode" not in metafunc.fixturenames or not _runs_in_every_mode(metafunc.definition.path):
+    if "rpc_mode" not in metafunc.fixturenames:
+        return
+    opted_in = metafunc.definition.get_closest_marker("rpc_modes") is not None
+    if not (opted_in or _runs_in_every_mode(metafunc.definition.path)):
         return
     sans_io = metafunc.definition.get_closest_marker("sans_io") is not None
     ids = [m for m in RPC_MODES if not (sans_io and m.startswith("sslstream"))]

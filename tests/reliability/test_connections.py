@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
     from e2e.conftest import Host
 
-pytestmark = pytest.mark.slow
+# Hostile connections against a real server, in each transport and with the fast paths on and off.
+pytestmark = [pytest.mark.slow, pytest.mark.rpc_modes]
 
 BOUND: Final = 60.0  # every test's wall-clock safety bound, never a way of waiting
 STREAM_OUTPUT: Final = "/trio_jobs.v1.JobService/StreamOutput"

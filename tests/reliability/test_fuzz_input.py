@@ -57,6 +57,10 @@ from trio_jobs.service import JobService
 from trio_jobs.v1 import jobs_pb2 as pb
 from trio_jobs.worker import JobSpec, open_worker
 
+# The fuzzed server runs with the fast paths on and off (its connections are memory streams,
+# where the transport choice does not apply: sans_io's two modes).
+pytestmark = [pytest.mark.rpc_modes, pytest.mark.sans_io]
+
 if TYPE_CHECKING:
     import ssl
     from collections.abc import AsyncIterator, Callable

@@ -8,7 +8,9 @@ reported in one line as an internal error (set ``TRIO_JOBS_DEBUG=1`` for the tra
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import gc
 import os
 import sys
 from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
@@ -26,7 +28,7 @@ from .errors import (
 from .escape import terminal_safe
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
 PROG = "trio-jobs"
 
@@ -256,18 +258,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def dispatch(args: argparse.Namespace) -> int:
+def command_of(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
+    """The function that runs ``args.command``, its modules imported."""
     if args.command == "serve":
         from .serve import cmd_serve
 
-        return cmd_serve(args)
+        return cmd_serve
     if args.command == "tail" or (args.command == "start" and args.follow):
         import trio
 
         from . import commands
 
         follow = commands.cmd_tail if args.command == "tail" else commands.cmd_start_follow
-        return trio.run(follow, args)
+        return lambda args: trio.run(follow, args)
     # One request and its answer: no event loop (see oneshot.py).
     from . import oneshot
 
@@ -277,7 +280,21 @@ def dispatch(args: argparse.Namespace) -> int:
         "status": oneshot.cmd_status,
         "list": oneshot.cmd_list,
     }
-    return handlers[args.command](args)
+    return handlers[args.command]
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a command starts: its imports allocate tens of
+    thousands of objects that all live on, so the ~20 collections they trigger free nothing
+    and cost a one-shot command ~4% of its time (``benchmarks/cli.py``)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -328,9 +345,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ..security.certs_cli import main as certs_main
 
             return certs_main(argv[1:], prog=f"{PROG} certs")
-        args = build_parser(argv[0] if argv[:1] and argv[0] in _COMMANDS else None).parse_args(argv)
-        _check_rpc_mode()
-        return dispatch(args)
+        with _collector_paused():
+            args = build_parser(argv[0] if argv[:1] and argv[0] in _COMMANDS else None).parse_args(argv)
+            _check_rpc_mode()
+            command = command_of(args)
+        return command(args)
     except BaseException as exc:
         if isinstance(exc, SystemExit):
             raise
@@ -359,3 +378,49 @@ def main(argv: Sequence[str] | None = None) -> int:
             "set TRIO_JOBS_DEBUG=1 for details and report it\n"
         )
         return EXIT_ERROR
+
+
+def run() -> NoReturn:
+    """The ``trio-jobs`` console script: :func:`main`, then the process exits.
+
+    A command other than ``serve`` skips the interpreter's teardown of its ~220 modules
+    (~10 ms, a tenth of a one-shot command: ``benchmarks/cli.py``): what an exit must do
+    is done here instead -- the exit handlers registered with :mod:`atexit` run (coverage's
+    among them, under the tests) and stdout and stderr are flushed -- and then
+    :func:`os._exit`. The sockets and files a command opened are closed by then (each is
+    used in a ``with``); the kernel releases anything else. ``serve`` exits the usual way.
+    """
+    argv = sys.argv[1:]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse's exit
+        code = _exit_status(exc.code)
+    if argv[:1] == ["serve"]:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    os._exit(_flushed(code))
+
+
+def _exit_status(code: object) -> int:
+    """What ``sys.exit(code)`` makes the process's status: None is 0, a non-int is printed
+    and gives 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    sys.stderr.write(f"{code}\n")
+    return 1
+
+
+def _flushed(code: int) -> int:
+    """``code`` once stdout and stderr are written out; a reader of stdout that went away
+    (``trio-jobs list | head -1``) gives the status :func:`main` gives it."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = EXIT_BROKEN_PIPE
+    except (OSError, ValueError):  # a stdout closed or failing on its own: as Python does
+        code = code or 120
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    return code

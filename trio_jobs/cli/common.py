@@ -7,11 +7,10 @@ from __future__ import annotations
 import os
 import re
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from ..calls import DEFAULT_SERVER, JobLimits, parse_server
-from ..security.paths import state_home
+from ..security.paths import state_home_name
 from .errors import EXIT_CONFIG, EXIT_USAGE, CliError
 
 if TYPE_CHECKING:
@@ -32,16 +31,18 @@ def server_of(args: argparse.Namespace) -> str:
     return server
 
 
-def credentials(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+def credentials(args: argparse.Namespace) -> tuple[str, str, str]:
+    """The paths of the client certificate, its key and the CA certificate (strings: the
+    one-shot commands do not import pathlib)."""
     identity = args.identity or os.environ.get("TRIO_JOBS_IDENTITY") or DEFAULT_IDENTITY
     if not _IDENTITY_RE.fullmatch(identity):
         raise CliError(f"invalid identity {identity!r}: use a name like admin, alice or bob", EXIT_USAGE)
-    pki = state_home() / "pki"
-    cert = Path(args.cert) if args.cert else pki / f"{identity}.crt"
-    key = Path(args.key) if args.key else pki / f"{identity}.key"
-    ca = Path(args.ca) if args.ca else pki / "ca.crt"
+    pki = os.path.join(state_home_name(), "pki")
+    cert = args.cert or os.path.join(pki, f"{identity}.crt")
+    key = args.key or os.path.join(pki, f"{identity}.key")
+    ca = args.ca or os.path.join(pki, "ca.crt")
     for what, path in (("client certificate", cert), ("client key", key), ("CA certificate", ca)):
-        if not path.is_file():
+        if not os.path.isfile(path):
             raise CliError(
                 f"no {what} at {path}: run 'trio-jobs serve' once (it creates the development PKI "
                 "in TRIO_JOBS_HOME), set TRIO_JOBS_HOME/--identity, or pass --cert/--key/--ca",

@@ -18,10 +18,12 @@ import re
 from typing import Final
 
 _NUMBER: Final = r"(\d+(?:\.\d*)?|\.\d+)"
-_SIZE_RE: Final = re.compile(_NUMBER + r"\s*([kmgt]?)(?:i?b|i)?", re.IGNORECASE)
-_COUNT_RE: Final = re.compile(_NUMBER + r"\s*([km]?)", re.IGNORECASE)
-_CPU_RE: Final = re.compile(_NUMBER + r"\s*(m?)", re.IGNORECASE)
-_DURATION_RE: Final = re.compile(_NUMBER + r"\s*(ms|s|m|h|)", re.IGNORECASE)
+# Patterns, compiled by re (and cached) when first used: a command that parses no size
+# should not compile four patterns at start (~1 ms).
+_SIZE: Final = _NUMBER + r"\s*([kmgt]?)(?:i?b|i)?"
+_COUNT: Final = _NUMBER + r"\s*([km]?)"
+_CPU: Final = _NUMBER + r"\s*(m?)"
+_DURATION: Final = _NUMBER + r"\s*(ms|s|m|h|)"
 
 _BINARY: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _DECIMAL: Final = {"": 1, "k": 1000, "m": 1_000_000}
@@ -42,7 +44,7 @@ def _whole(value: float, text: str, what: str) -> int:
 
 def parse_size(text: str) -> int:
     """``512M`` -> 536870912. Raises ValueError."""
-    m = _SIZE_RE.fullmatch(text.strip())
+    m = re.fullmatch(_SIZE, text.strip(), re.IGNORECASE)
     if m is None:
         raise ValueError(f"invalid size {text!r}: use a number of bytes or a suffix K, M, G, T (e.g. 512M, 1.5G)")
     return _whole(float(m.group(1)) * _BINARY[m.group(2).lower()], text, "size")
@@ -50,7 +52,7 @@ def parse_size(text: str) -> int:
 
 def parse_count(text: str) -> int:
     """``10k`` -> 10000. Raises ValueError."""
-    m = _COUNT_RE.fullmatch(text.strip())
+    m = re.fullmatch(_COUNT, text.strip(), re.IGNORECASE)
     if m is None:
         raise ValueError(f"invalid count {text!r}: use a whole number, optionally with k or M (e.g. 4096, 10k)")
     return _whole(float(m.group(1)) * _DECIMAL[m.group(2).lower()], text, "count")
@@ -58,7 +60,7 @@ def parse_count(text: str) -> int:
 
 def parse_cpus(text: str) -> int:
     """CPUs as milli-CPUs: ``1.5`` -> 1500, ``500m`` -> 500. Raises ValueError."""
-    m = _CPU_RE.fullmatch(text.strip())
+    m = re.fullmatch(_CPU, text.strip(), re.IGNORECASE)
     if m is None:
         raise ValueError(f"invalid CPU amount {text!r}: use a number of CPUs (1.5) or milli-CPUs (500m)")
     value = float(m.group(1))
@@ -67,9 +69,9 @@ def parse_cpus(text: str) -> int:
 
 def parse_duration(text: str) -> float:
     """Seconds: ``5s`` -> 5.0, ``500ms`` -> 0.5, ``0`` -> 0.0. Raises ValueError."""
-    m = _DURATION_RE.fullmatch(text.strip())
+    m = re.fullmatch(_DURATION, text.strip(), re.IGNORECASE)
     if m is None:
-        if text.strip().startswith("-") and _DURATION_RE.fullmatch(text.strip()[1:]):
+        if text.strip().startswith("-") and re.fullmatch(_DURATION, text.strip()[1:], re.IGNORECASE):
             raise ValueError(f"duration {text!r} is negative: give 0 or more, e.g. 0 or 5s")
         raise ValueError(f"invalid duration {text!r}: use e.g. 5s, 500ms, 2m, 0 or 1.5 (seconds)")
     seconds = float(m.group(1)) * _SECONDS[m.group(2).lower()]

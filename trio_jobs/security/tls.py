@@ -18,13 +18,14 @@ The TLS handshake itself belongs to the connection's own task, under a timeout
 
 from __future__ import annotations
 
+import os
 import ssl
 from typing import TYPE_CHECKING, Final, Protocol
 
 from trio_jobs.security.errors import HandshakeRefused, TlsConfigError
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    StrPath = str | os.PathLike[str]
 
 ALPN_H2: Final = "h2"
 HANDSHAKE_TIMEOUT: Final = 10.0  # seconds; a peer that takes longer is dropped
@@ -37,7 +38,7 @@ class _AlpnCarrier(Protocol):
 
 
 def _common(
-    ctx: ssl.SSLContext, *, cert: Path, key: Path, ca: Path, strict: bool
+    ctx: ssl.SSLContext, *, cert: StrPath, key: StrPath, ca: StrPath, strict: bool
 ) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.options |= ssl.OP_NO_COMPRESSION
@@ -46,7 +47,7 @@ def _common(
         # RFC 5280 conformance checks (e.g. key identifiers present, CA bit consistent).
         ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     for label, path in (("CA certificate", ca), ("certificate", cert), ("private key", key)):
-        if not path.is_file():
+        if not os.path.isfile(path):
             raise TlsConfigError(f"{label} file {path} does not exist (or is not a file)")
     try:
         ctx.load_verify_locations(cafile=str(ca))
@@ -63,14 +64,14 @@ def _common(
     return ctx
 
 
-def server_ssl_context(*, cert: Path, key: Path, ca: Path, strict: bool = True) -> ssl.SSLContext:
+def server_ssl_context(*, cert: StrPath, key: StrPath, ca: StrPath, strict: bool = True) -> ssl.SSLContext:
     """A server context: TLS 1.3 only, client certificate required and verified, ALPN h2."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.num_tickets = 0  # no resumption: re-verify every client certificate (see module doc)
     return _common(ctx, cert=cert, key=key, ca=ca, strict=strict)
 
 
-def client_ssl_context(*, cert: Path, key: Path, ca: Path, strict: bool = True) -> ssl.SSLContext:
+def client_ssl_context(*, cert: StrPath, key: StrPath, ca: StrPath, strict: bool = True) -> ssl.SSLContext:
     """A client context: TLS 1.3 only, server host name verified, ALPN h2, our certificate."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname=True, CERT_REQUIRED
     ctx.check_hostname = True

@@ -18,7 +18,9 @@ if TYPE_CHECKING:
 
 JOB = "00000000-0000-4000-8000-000000000000"
 HEAVY = ("trio", "cryptography", "trio_jobs.server", "trio_jobs.service", "trio_jobs.worker",
-         "trio_jobs.rpc._server", "trio_jobs.client", "asyncio")
+         "trio_jobs.rpc._server", "trio_jobs.client", "asyncio",
+         # what a one-shot command uses only on some paths (#19: each costs ~1-2 ms at start)
+         "pathlib", "google.protobuf.json_format", "encodings.idna")
 PROBE = f"""
 import json, sys
 from trio_jobs.cli.main import main
@@ -62,3 +64,10 @@ def test_following_commands_run_on_trio(dev_pki: Path) -> None:
     heavy = got["heavy"]
     assert isinstance(heavy, list)
     assert "trio" in heavy  # the probe sees what it claims to see
+    assert "pathlib" in heavy
+
+
+def test_json_flag_imports_nothing_before_there_is_an_answer(dev_pki: Path) -> None:
+    got = _run(dev_pki, "status", "--json", JOB)
+    assert got["code"] == 3, got["stderr"]
+    assert got["heavy"] == [], got["stderr"]  # not before it has something to print

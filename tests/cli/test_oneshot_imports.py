@@ -20,7 +20,7 @@ JOB = "00000000-0000-4000-8000-000000000000"
 HEAVY = ("trio", "cryptography", "trio_jobs.server", "trio_jobs.service", "trio_jobs.worker",
          "trio_jobs.rpc._server", "trio_jobs.client", "asyncio",
          # what a one-shot command uses only on some paths (#19: each costs ~1-2 ms at start)
-         "pathlib", "google.protobuf.json_format", "encodings.idna")
+         "pathlib", "google.protobuf.json_format", "encodings.idna", "signal")
 PROBE = f"""
 import json, sys
 from trio_jobs.cli.main import main

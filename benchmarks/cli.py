@@ -45,8 +45,9 @@ job id where one is expected), so a broken command cannot look fast.
 
 ``--tree DIR`` runs every process (server, CLI, the scripts' ``trio_jobs.v1`` messages) on
 the ``trio_jobs`` of another checkout (``PYTHONPATH=DIR``, ahead of the editable install),
-e.g. ``git clone --shared . /tmp/before`` for a before/after on the same machine; the docs
-stamp then names that checkout's commit.
+e.g. ``git clone --shared . /tmp/before`` for a before/after on the same machine, through a
+console script written as pip writes it for the entry point that checkout's pyproject
+declares; the docs stamp then names that checkout's commit.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,8 +109,19 @@ class Samples:
     top_level: list[str] = field(default_factory=list)
 
 
-def trio_jobs_bin() -> str:
-    """The console script of this interpreter's environment: what a user types."""
+def trio_jobs_bin(tree: Path | None = None, work: Path | None = None) -> str:
+    """The console script of this interpreter's environment: what a user types. With
+    ``tree``, the one that checkout's pyproject declares, written into ``work`` as pip
+    writes it (the installed script names this checkout's entry point, which an older tree
+    may not have)."""
+    if tree is not None and work is not None:
+        entry = tomllib.loads((tree / "pyproject.toml").read_text())["project"]["scripts"]["trio-jobs"]
+        module, _, function = entry.partition(":")
+        script = work / "trio-jobs"
+        script.write_text(f"#!{PYTHON}\nimport sys\nfrom {module} import {function}\n"
+                          f"if __name__ == '__main__':\n    sys.exit({function}())\n")
+        script.chmod(0o755)
+        return str(script)
     script = Path(PYTHON).with_name("trio-jobs")
     if not script.exists():
         raise SystemExit(f"no {script}: install trio-jobs into this environment (./dev setup)")
@@ -129,10 +142,10 @@ def child_env(home: Path, pycache: Path, tree: Path | None) -> dict[str, str]:
 class Server:
     """``trio-jobs serve --port 0`` in its own session and cgroup parent; SIGTERM at the end."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, script: str) -> None:
         self.cgroup_parent = f"trio-jobs-bench-cli-{uuid.uuid4().hex[:12]}"
         self.log = log
-        argv = [trio_jobs_bin(), "serve", "--port", "0", "--cgroup-parent", self.cgroup_parent]
+        argv = [script, "serve", "--port", "0", "--cgroup-parent", self.cgroup_parent]
         with log.open("wb") as err:
             self.proc = subprocess.Popen(argv, env=env, cwd=env["TRIO_JOBS_HOME"], stdout=subprocess.PIPE, stderr=err,
                                          start_new_session=True)
@@ -206,8 +219,8 @@ def measure(
     """Start a server, then warm-up, timed rounds and import runs; per-round ratios too."""
     env = child_env(work / "home", work / "pycache", tree)
     (work / "home").mkdir(mode=0o700)
-    tj = trio_jobs_bin()
-    server = Server(env, work / "serve.stderr")
+    tj = trio_jobs_bin(tree, work)
+    server = Server(env, work / "serve.stderr", tj)
     try:
         env["TRIO_JOBS_SERVER"] = server.address
         _, _, started = run(Proc("setup", "trio-jobs start -- /bin/true", (tj, "start", "--", "/bin/true")), env)

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from trio_jobs.cli.errors import EXIT_BROKEN_PIPE, EXIT_CONFIG, EXIT_USAGE
+from trio_jobs.cli.common import print_line
+from trio_jobs.cli.errors import EXIT_BROKEN_PIPE, EXIT_CONFIG, EXIT_ERROR, EXIT_USAGE, CliError
 from trio_jobs.cli.main import _exit_status, _flushed
 
 if TYPE_CHECKING:
@@ -70,6 +71,16 @@ def test_serve_exits_the_usual_way() -> None:
     assert "module teardown ran" in done.stderr
 
 
+@pytest.mark.parametrize("closed", [1, 2])
+def test_a_stream_closed_at_start_is_no_traceback(closed: int) -> None:
+    # `trio-jobs --version >&-`: Python starts with sys.stdout (or stderr) None
+    done = subprocess.run(["sh", "-c", f'exec "$0" -c "$1" --version {closed}>&-', sys.executable, PROBE],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "trio-jobs " in done.stdout + done.stderr  # argparse prints to the one left
+
+
 class _Stdout:
     def __init__(self, error: Exception | None) -> None:
         self.error = error
@@ -105,3 +116,10 @@ def test_exit_status_is_what_sys_exit_would_give(
 ) -> None:
     assert _exit_status(code) == status
     assert capsys.readouterr().err == printed
+
+
+def test_printing_to_a_closed_stdout_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdout", None)
+    with pytest.raises(CliError, match="standard output is closed") as caught:
+        print_line("job-id")
+    assert caught.value.exit_code == EXIT_ERROR

@@ -14,7 +14,7 @@ import trio
 
 from ..client import JobsClient, JobsError
 from ..rpc import RpcError
-from .common import client_context, job_id_of, limits_of, server_of, start_request_of
+from .common import client_context, job_id_of, limits_of, server_of, start_request_of, stdout
 from .errors import (
     EXIT_BROKEN_PIPE,
     EXIT_ERROR,
@@ -69,7 +69,7 @@ async def cmd_tail(args: argparse.Namespace) -> int:
 
 
 async def _follow(client: JobsClient, job_id: str, *, offset: int, follow: bool) -> int:
-    writer = StdoutWriter(sys.stdout.fileno())
+    writer = StdoutWriter(stdout().fileno())
     try:
         final = await client.tail(job_id, writer.write, offset=offset, follow=follow)
     except BrokenPipeError:

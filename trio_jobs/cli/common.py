@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TextIO
 
 from ..calls import DEFAULT_SERVER, JobLimits, parse_server
 from ..security.paths import state_home_name
-from .errors import EXIT_CONFIG, EXIT_USAGE, CliError
+from .errors import EXIT_CONFIG, EXIT_ERROR, EXIT_USAGE, CliError
 
 if TYPE_CHECKING:
     import argparse
@@ -90,9 +90,18 @@ def utf8_text(what: str, value: str) -> str:
     return value
 
 
+def stdout() -> TextIO:
+    """``sys.stdout``; a clear error when the command was started with it closed (``>&-``),
+    where Python leaves it None."""
+    if sys.stdout is None:
+        raise CliError("standard output is closed: nowhere to print the answer", EXIT_ERROR)
+    return sys.stdout
+
+
 def print_line(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
+    out = stdout()
+    out.write(text + "\n")
+    out.flush()
 
 
 def limits_of(args: argparse.Namespace) -> JobLimits:

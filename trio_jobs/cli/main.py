@@ -408,19 +408,22 @@ def _exit_status(code: object) -> int:
         return 0
     if isinstance(code, int):
         return code
-    sys.stderr.write(f"{code}\n")
+    if sys.stderr is not None:
+        sys.stderr.write(f"{code}\n")
     return 1
 
 
 def _flushed(code: int) -> int:
     """``code`` once stdout and stderr are written out; a reader of stdout that went away
     (``trio-jobs list | head -1``) gives the status :func:`main` gives it."""
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        code = EXIT_BROKEN_PIPE
-    except (OSError, ValueError):  # a stdout closed or failing on its own: as Python does
-        code = code or 120
-    with contextlib.suppress(OSError, ValueError):
-        sys.stderr.flush()
+    if sys.stdout is not None:  # None: started with stdout closed (`trio-jobs ... >&-`)
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            code = EXIT_BROKEN_PIPE
+        except (OSError, ValueError):  # a stdout closed or failing on its own: as Python does
+            code = code or 120
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
     return code

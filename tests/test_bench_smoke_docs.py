@@ -131,7 +131,9 @@ def test_restart_writes_its_table_into_a_copy_of_benchmarks_md(tmp_path: Path) -
 @pytest.mark.slow
 def test_audit_ab_writes_its_table_into_a_copy_of_benchmarks_md(tmp_path: Path) -> None:
     block, _ = write_block(tmp_path, "benchmarks.e2e.audit_ab", "benchmarks.md", audit_ab.MARKERS,
-                           "--rounds", "1", "--starts", "5", "--calls", "128")
+                           # 1,024 calls: ~0.1 s of server CPU, some ticks of /proc's 10 ms each
+                           # (128 took ~12 ms, and a round could read 0 CPU time)
+                           "--rounds", "1", "--starts", "5", "--calls", "1024")
     for variant in audit_ab.VARIANTS:
         row = re.search(rf"^\| {variant} \| ({NUMBER}) \| ({NUMBER})x \| ({NUMBER}) \| ({NUMBER})x \| ({NUMBER}) "
                         rf"\| ({NUMBER})x \|$", block, re.MULTILINE)

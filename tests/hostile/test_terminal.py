@@ -116,3 +116,19 @@ def test_error_lines_cannot_spoof_the_terminal(served: Host) -> None:
     # nothing a client sent reaches the server's own stderr raw either
     log = served.server_stderr()
     assert not [c for c in log.replace("\n", "") if dangerous(c)], log
+
+
+@pytest.mark.parametrize(("number", "shown"), [(15, "SIGTERM"), (39, "signal 39")])
+def test_a_job_choosing_the_signal_that_ends_it_gets_one_plain_state_line(
+    served: Host, number: int, shown: str
+) -> None:
+    # the signal's name is looked up only when such a status is printed (cli/output.py): a
+    # real-time signal has no name in Python's table and is shown by number
+    job_id = served.start("python3", "-c", f"import os; os.kill(os.getpid(), {number})", identity="alice")
+    served.run("tail", job_id, identity="alice", check=False)  # until it has ended
+    done = served.run("status", job_id, identity="admin")
+    status = done.stdout.decode()
+    visible(status)
+    state = next(line for line in status.split("\n") if line.startswith("state "))
+    assert state.removeprefix("state").strip().startswith(f"killed {shown}"), status
+    assert done.stderr == b""
